@@ -41,4 +41,17 @@ inline const TensorTypeTraits& tensor_type_traits(TensorType type) {
 
 const char* tensor_type_name(TensorType type);
 
+// A (rows, cols) matrix stored row by row in `type`: row r holds the cols input
+// weights of output r, so y = W x is one dot product per row.
+struct WeightMatrix {
+  TensorType type = TensorType::kF32;
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t row_bytes = 0;
+
+  const uint8_t* row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
+  size_t bytes() const { return row_bytes * static_cast<size_t>(rows); }
+};
+
 }  // namespace xq

@@ -10,7 +10,7 @@ namespace xq::testing {
 
 inline std::string shared_path(const std::string& relative) {
   const char* env = std::getenv("XQ_SHARED_DIR");
-  std::string root = env ? env : std::string(XQ_SOURCE_DIR) + "/../shared";
+  std::string root = env ? env : std::string(XQ_DEFAULT_SHARED_DIR);
   return root + "/" + relative;
 }
 

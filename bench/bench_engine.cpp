@@ -1,0 +1,161 @@
+// Engine speed: prefill and decode tokens/s for each model at 1 and 2 threads,
+// decode measured against this machine's memory bandwidth (a STREAM-style copy
+// run here), and prefill GEMMs against OpenBLAS sgemm alone on the same shapes.
+//
+//   build/bench/bench_engine [--models a.gguf,b.bin] [--prefill 256] [--decode 64]
+#include <cblas.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/engine.h"
+#include "runtime/error.h"
+#include "runtime/model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+// STREAM "copy": bytes read + bytes written per second, best of several runs,
+// on a buffer far larger than the last-level cache.
+double copy_bandwidth(int threads) {
+  const size_t n = size_t{64} << 20;  // 64 Mi floats = 256 MiB per array
+  std::vector<float> a(n, 1.0f), b(n, 0.0f);
+  xq::cpu::set_thread_count(threads);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto start = Clock::now();
+    xq::cpu::parallel_for(static_cast<int64_t>(n), [&](int64_t begin, int64_t end) {
+      std::memcpy(b.data() + begin, a.data() + begin, (end - begin) * sizeof(float));
+    }, 1 << 20);
+    double s = seconds_since(start);
+    best = std::max(best, 2.0 * n * sizeof(float) / s);
+  }
+  if (b[n / 2] != 1.0f) std::printf("copy check failed\n");
+  return best;
+}
+
+struct Speeds {
+  double prefill_tps, decode_tps, decode_bytes_per_token;
+};
+
+Speeds measure(const xq::Model& model, int threads, int prefill_tokens, int decode_tokens) {
+  const auto& c = model.config();
+  xq::EngineOptions options;
+  options.threads = threads;
+  options.max_tokens = prefill_tokens + decode_tokens + 1;
+  xq::Engine engine(model, options);
+  std::vector<int32_t> tokens(prefill_tokens);
+  for (int i = 0; i < prefill_tokens; ++i) tokens[i] = (i * 7919 + 13) % c.vocab_size;
+  std::vector<float> logits(c.vocab_size);
+  engine.forward(0, tokens.data(), prefill_tokens, 0, logits.data(), prefill_tokens - 1);  // warm-up
+  double best_prefill = 1e30;
+  for (int rep = 0; rep < 2; ++rep) {
+    engine.cache().truncate(0, 0);
+    auto start = Clock::now();
+    engine.forward(0, tokens.data(), prefill_tokens, 0, logits.data(), prefill_tokens - 1);
+    best_prefill = std::min(best_prefill, seconds_since(start));
+  }
+  auto start = Clock::now();
+  int32_t token = 1;
+  for (int i = 0; i < decode_tokens; ++i) {
+    engine.forward(0, &token, 1, prefill_tokens + i, logits.data(), 0);
+    token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  double decode_s = seconds_since(start);
+  // Each decode step reads every weight once and the cache of the tokens so far.
+  double mean_context = prefill_tokens + decode_tokens / 2.0;
+  double bytes = static_cast<double>(model.weight_bytes()) + engine.cache().bytes_per_token() * mean_context;
+  return {prefill_tokens / best_prefill, decode_tokens / decode_s, bytes};
+}
+
+// Engine matmul (dequantize + sgemm) against sgemm alone on fp32 copies of the
+// same weights, summed over one layer's shapes plus the output head.
+double prefill_gemm_efficiency(const xq::Model& model, int threads, int n) {
+  xq::cpu::set_thread_count(threads);
+  const auto& layer = model.layers()[0];
+  std::vector<xq::WeightMatrix> shapes = {layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down};
+  double ours = 0, reference = 0;
+  for (const auto& w : shapes) {
+    std::vector<float> x(static_cast<size_t>(n) * w.cols, 0.5f), y(static_cast<size_t>(n) * w.rows);
+    std::vector<float> wf(static_cast<size_t>(w.rows) * w.cols);
+    for (int64_t r = 0; r < w.rows; ++r) xq::cpu::matrix_row_to_float(w, r, wf.data() + r * w.cols);
+    xq::cpu::matmul(w, x.data(), n, y.data());
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, w.rows, w.cols, 1, x.data(), w.cols, wf.data(), w.cols, 0,
+                y.data(), w.rows);
+    double best_ours = 1e30, best_ref = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto s = Clock::now();
+      xq::cpu::matmul(w, x.data(), n, y.data());
+      best_ours = std::min(best_ours, seconds_since(s));
+      s = Clock::now();
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, w.rows, w.cols, 1, x.data(), w.cols, wf.data(), w.cols, 0,
+                  y.data(), w.rows);
+      best_ref = std::min(best_ref, seconds_since(s));
+    }
+    ours += best_ours;
+    reference += best_ref;
+  }
+  return reference / ours;
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t comma = s.find(',', start);
+    if (comma == std::string::npos) comma = s.size();
+    if (comma > start) out.push_back(s.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string models = "../shared/models/stories260K.bin,models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  int prefill = 256, decode = 64;
+  std::string command = argv[0];
+  for (int i = 1; i < argc; ++i) {
+    command += std::string(" ") + argv[i];
+    std::string arg = argv[i];
+    if (i + 1 < argc && arg == "--models") models = argv[++i], command += std::string(" ") + argv[i];
+    else if (i + 1 < argc && arg == "--prefill") prefill = std::atoi(argv[++i]), command += std::string(" ") + argv[i];
+    else if (i + 1 < argc && arg == "--decode") decode = std::atoi(argv[++i]), command += std::string(" ") + argv[i];
+    else {
+      std::fprintf(stderr, "usage: %s [--models a,b] [--prefill N] [--decode N]\n", argv[0]);
+      return 2;
+    }
+  }
+  std::printf("command: %s\n", command.c_str());
+  double bandwidth[3] = {0, copy_bandwidth(1), copy_bandwidth(2)};
+  std::printf("STREAM-style copy bandwidth: %.2f GB/s (1 thread), %.2f GB/s (2 threads)\n\n", bandwidth[1] / 1e9,
+              bandwidth[2] / 1e9);
+  std::printf("| model | threads | prefill tok/s | decode tok/s | decode bytes/token | decode GB/s | of copy bandwidth | prefill GEMM vs sgemm |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  for (const std::string& path : split(models)) {
+    try {
+      auto model = xq::Model::load(path);
+      for (int threads : {1, 2}) {
+        Speeds s = measure(*model, threads, prefill, decode);
+        double efficiency = prefill_gemm_efficiency(*model, threads, prefill);
+        double achieved = s.decode_bytes_per_token * s.decode_tps;
+        std::printf("| %s | %d | %.1f | %.1f | %.2f MB | %.2f | %.0f%% | %.0f%% |\n", path.c_str(), threads,
+                    s.prefill_tps, s.decode_tps, s.decode_bytes_per_token / 1e6, achieved / 1e9,
+                    100.0 * achieved / bandwidth[threads], 100.0 * efficiency);
+        std::fflush(stdout);
+      }
+    } catch (const xq::Error& e) {
+      std::printf("| %s | skipped: %s |\n", path.c_str(), e.what());
+    }
+  }
+  return 0;
+}

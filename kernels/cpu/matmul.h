@@ -1,0 +1,19 @@
+// y = x W^T for a weight matrix in any supported type, CPU backend.
+// Few rows of x (decode): integer dot products straight from the quantized
+// weights, rows of W split across threads; the weights stream once from memory.
+// Many rows (prefill): W dequantized to fp32 and multiplied by OpenBLAS sgemm.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/tensor_type.h"
+
+namespace xq::cpu {
+
+// x: (n, w.cols) fp32; y: (n, w.rows) fp32.
+void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y);
+
+// Copies row `r` of w into dst as fp32 (w.cols values): embedding lookup.
+void matrix_row_to_float(const WeightMatrix& w, int64_t r, float* dst);
+
+}  // namespace xq::cpu

@@ -1,0 +1,107 @@
+#include "kernels/cpu/ops.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cpu/quant.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace xq::cpu {
+
+void rmsnorm(const float* x, const float* gamma, float* out, int64_t rows, int64_t dim, float eps) {
+  parallel_for(rows, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = x + r * dim;
+      double sum_sq = 0;  // double: a long row of large activations must not lose the small ones
+      for (int64_t i = 0; i < dim; ++i) sum_sq += static_cast<double>(row[i]) * row[i];
+      float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq / dim) + eps);
+      float* dst = out + r * dim;
+      for (int64_t i = 0; i < dim; ++i) dst[i] = row[i] * scale * gamma[i];
+    }
+  }, 16);
+}
+
+void rope_table(float* cos_sin, int64_t max_position, int64_t rope_dim, float theta) {
+  for (int64_t p = 0; p < max_position; ++p) {
+    for (int64_t i = 0; i < rope_dim / 2; ++i) {
+      // double for the angle: positions up to 10^5 times frequencies near 1 lose
+      // digits in float before the cosine is taken.
+      double inv_freq = std::pow(static_cast<double>(theta), -2.0 * i / rope_dim);
+      double angle = static_cast<double>(p) * inv_freq;
+      cos_sin[(p * (rope_dim / 2) + i) * 2] = static_cast<float>(std::cos(angle));
+      cos_sin[(p * (rope_dim / 2) + i) * 2 + 1] = static_cast<float>(std::sin(angle));
+    }
+  }
+}
+
+void rope(float* x, const int32_t* positions, int64_t rows, int64_t heads, int64_t head_dim,
+          int64_t rope_dim, RopeLayout layout, const float* cos_sin) {
+  const int64_t pairs = rope_dim / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* table = cos_sin + static_cast<int64_t>(positions[r]) * pairs * 2;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* head = x + (r * heads + h) * head_dim;
+      for (int64_t i = 0; i < pairs; ++i) {
+        float c = table[2 * i], s = table[2 * i + 1];
+        if (layout == RopeLayout::kInterleaved) {
+          rope_rotate(head[2 * i], head[2 * i + 1], c, s);
+        } else {
+          rope_rotate(head[i], head[i + pairs], c, s);
+        }
+      }
+    }
+  }
+}
+
+void swiglu(const float* gate, float* x, int64_t n) {
+  parallel_for(n, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) x[i] *= silu(gate[i]);
+  }, 4096);
+}
+
+float softmax(float* x, int64_t n) {
+  float max_value = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - max_value);
+    sum += x[i];
+  }
+  float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+  return static_cast<float>(std::log(sum)) + max_value;
+}
+
+void add(float* y, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+}  // namespace xq::cpu
+
+namespace xq::cpu {
+
+void fp16_to_fp32_row(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp16_to_fp32(src[i]);
+}
+
+void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = fp32_to_fp16(src[i]);
+}
+
+}  // namespace xq::cpu

@@ -1,0 +1,119 @@
+#include "kernels/cpu/thread_pool.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace xq::cpu {
+namespace {
+
+class ThreadPool {
+ public:
+  ~ThreadPool() { resize(1); }
+
+  void resize(int threads) {
+    threads = std::max(1, threads);
+    if (threads == static_cast<int>(workers_.size()) + 1) return;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      ++generation_;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+    stop_ = false;
+    // A worker must count generations from now, not from when it first runs:
+    // a run started before the thread is scheduled would otherwise be missed.
+    const uint64_t start = generation_.load();
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i, start] { worker_loop(i, start); });
+  }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t grain) {
+    int parts = static_cast<int>(std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1))));
+    if (parts <= 1) {
+      body(0, n);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      body_ = &body;
+      n_ = n;
+      parts_ = parts;
+      pending_.store(parts - 1);
+      ++generation_;
+    }
+    wake_.notify_all();
+    body(0, n / parts);  // the caller takes part 0
+    // Workers finish within microseconds in the decode loop; spin before blocking.
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin > 1000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  void worker_loop(int index, uint64_t seen) {
+    while (true) {
+      const std::function<void(int64_t, int64_t)>* body;
+      int64_t n;
+      int parts;
+      // Spin a little first: in decode the next loop starts within microseconds.
+      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
+#if defined(__x86_64__)
+        __builtin_ia32_pause();
+#endif
+      }
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        seen = generation_.load();
+        if (stop_) return;
+        body = body_;
+        n = n_;
+        parts = parts_;
+      }
+      if (index < parts) {
+        (*body)(n * index / parts, n * (index + 1) / parts);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  bool stop_ = false;
+  const std::function<void(int64_t, int64_t)>* body_ = nullptr;
+  int64_t n_ = 0;
+  int parts_ = 0;
+  std::atomic<int> pending_{0};
+};
+
+ThreadPool& pool() {
+  static ThreadPool instance;
+  return instance;
+}
+
+}  // namespace
+
+void set_thread_count(int threads) {
+  pool().resize(threads);
+  openblas_set_num_threads(std::max(1, threads));
+}
+
+int thread_count() { return pool().size(); }
+
+void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t grain) {
+  if (n <= 0) return;
+  pool().run(n, body, grain);
+}
+
+}  // namespace xq::cpu

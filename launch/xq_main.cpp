@@ -1,0 +1,291 @@
+// xq: the command-line entry point. One binary, one subcommand per job:
+//   xq perplexity   perplexity of a text file (llama.cpp's protocol)
+//   xq generate     stream a completion of a prompt
+// Every subcommand answers --help. Errors print one line and exit non-zero.
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "runtime/error.h"
+#include "runtime/model.h"
+#include "runtime/perplexity.h"
+#include "runtime/sampler.h"
+
+namespace xq {
+namespace {
+
+// Parses "--name value" and "--flag" arguments against a declared set.
+class Arguments {
+ public:
+  Arguments(std::string command, std::string summary) : command_(std::move(command)), summary_(std::move(summary)) {}
+
+  void option(const std::string& name, const std::string& fallback, const std::string& help) {
+    values_[name] = fallback;
+    order_.push_back({name, help, false});
+  }
+  void flag(const std::string& name, const std::string& help) {
+    values_[name] = "";
+    order_.push_back({name, help, true});
+  }
+
+  // Returns false when --help was asked for (usage already printed).
+  bool parse(int argc, char** argv) {
+    for (int i = 0; i < argc; ++i) {
+      std::string arg = argv[i];
+      if (arg == "--help" || arg == "-h") {
+        print_usage();
+        return false;
+      }
+      if (arg.rfind("--", 0) != 0) throw Error(command_ + ": unexpected argument '" + arg + "' (see --help)");
+      std::string name = arg.substr(2);
+      auto it = values_.find(name);
+      if (it == values_.end()) throw Error(command_ + ": unknown option '" + arg + "' (see --help)");
+      if (is_flag(name)) {
+        it->second = "1";
+      } else {
+        if (i + 1 >= argc) throw Error(command_ + ": option '" + arg + "' needs a value");
+        it->second = argv[++i];
+      }
+    }
+    return true;
+  }
+
+  std::string get(const std::string& name) const { return values_.at(name); }
+  bool has(const std::string& name) const { return !values_.at(name).empty(); }
+  int64_t get_int(const std::string& name) const {
+    const std::string& v = values_.at(name);
+    char* end = nullptr;
+    errno = 0;
+    long long parsed = std::strtoll(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || errno != 0) throw Error(command_ + ": --" + name + " wants an integer, got '" + v + "'");
+    return parsed;
+  }
+  double get_float(const std::string& name) const {
+    const std::string& v = values_.at(name);
+    char* end = nullptr;
+    double parsed = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0' || !std::isfinite(parsed))
+      throw Error(command_ + ": --" + name + " wants a number, got '" + v + "'");
+    return parsed;
+  }
+
+ private:
+  struct Entry {
+    std::string name, help;
+    bool is_flag;
+  };
+  bool is_flag(const std::string& name) const {
+    for (const Entry& e : order_)
+      if (e.name == name) return e.is_flag;
+    return false;
+  }
+  void print_usage() const {
+    std::printf("usage: xq %s [options]\n\n%s\n\noptions:\n", command_.c_str(), summary_.c_str());
+    for (const Entry& e : order_) {
+      std::string left = "--" + e.name + (e.is_flag ? "" : " V");
+      std::string fallback = values_.at(e.name);
+      std::printf("  %-22s %s%s\n", left.c_str(), e.help.c_str(),
+                  (!e.is_flag && !fallback.empty()) ? (" (default: " + fallback + ")").c_str() : "");
+    }
+  }
+
+  std::string command_, summary_;
+  std::map<std::string, std::string> values_;
+  std::vector<Entry> order_;
+};
+
+std::string default_model_path() {
+  const char* dir = std::getenv("XQ_MODELS_DIR");
+  return std::string(dir ? dir : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+void add_model_options(Arguments& args) {
+  args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
+  args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
+  args.option("threads", "2", "CPU threads");
+  args.option("cache", "fp16", "attention cache mode");
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot read text file: " + std::strerror(errno));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  if (in.bad()) throw Error(path + ": read error");
+  std::string text = buffer.str();
+  if (text.empty()) throw Error(path + ": text file is empty");
+  return text;
+}
+
+int run_perplexity(int argc, char** argv) {
+  Arguments args("perplexity",
+                 "Perplexity of a text file: chunks of --ctx tokens, each starting with BOS, the second half of "
+                 "each chunk scored (llama.cpp's protocol).");
+  add_model_options(args);
+  args.option("file", "", "text file to score (required)");
+  args.option("ctx", "512", "tokens per chunk");
+  args.option("chunks", "0", "score at most this many chunks (0 = all)");
+  args.option("score", "half", "'half' (second half of each chunk) or 'all'");
+  args.option("bos", "on", "'on': BOS starts every chunk; 'auto': only where the model file asks for BOS");
+  if (!args.parse(argc, argv)) return 0;
+  if (!args.has("file")) throw Error("perplexity: --file is required (see --help)");
+  if (args.get("score") != "half" && args.get("score") != "all")
+    throw Error("perplexity: --score must be 'half' or 'all'");
+  if (args.get("bos") != "on" && args.get("bos") != "auto") throw Error("perplexity: --bos must be 'on' or 'auto'");
+  const std::string text = read_text_file(args.get("file"));
+  auto model = Model::load(args.get("model"), args.get("tokenizer"));
+
+  PerplexityOptions options;
+  options.ctx = static_cast<int32_t>(args.get_int("ctx"));
+  options.score_all = args.get("score") == "all";
+  options.bos_first = args.get("bos") == "on" || model->tokenizer().add_bos();
+  options.max_chunks = static_cast<int32_t>(args.get_int("chunks"));
+  if (options.ctx < 2 || options.ctx > model->config().max_seq_len)
+    throw Error("perplexity: --ctx must be between 2 and the model's context of " +
+                std::to_string(model->config().max_seq_len));
+
+  EngineOptions engine_options;
+  engine_options.threads = static_cast<int>(args.get_int("threads"));
+  engine_options.max_tokens = options.ctx;
+  engine_options.cache_mode = args.get("cache");
+  Engine engine(*model, engine_options);
+
+  const auto tokenize_start = std::chrono::steady_clock::now();
+  std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
+  const double tokenize_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - tokenize_start).count();
+  std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n", args.get("file").c_str(),
+               tokens.size(), tokenize_seconds, options.ctx, args.get("cache").c_str(), engine_options.threads);
+
+  const bool terminal = isatty(STDERR_FILENO);
+  auto progress = [&](int32_t done, int32_t total, double running) {
+    if (!terminal) return;
+    const int width = 30;
+    int filled = static_cast<int>(static_cast<int64_t>(width) * done / total);
+    std::fprintf(stderr, "\r[%s%s] %d/%d chunks, ppl %.4f", std::string(filled, '#').c_str(),
+                 std::string(width - filled, ' ').c_str(), done, total, running);
+    if (done == total) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  };
+  PerplexityResult result = evaluate_perplexity(engine, tokens, options, progress);
+  std::printf("perplexity %.4f +/- %.4f  (%lld tokens scored in %d chunks of %d, %.1f tokens/s evaluated)\n",
+              result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored), result.chunks,
+              options.ctx, result.tokens_evaluated / result.seconds);
+  return 0;
+}
+
+int run_generate(int argc, char** argv) {
+  Arguments args("generate", "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
+  add_model_options(args);
+  args.option("prompt", "", "prompt text (required)");
+  args.option("max-tokens", "128", "tokens to generate at most");
+  args.option("temperature", "0", "sampling temperature; 0 = greedy");
+  args.option("top-k", "0", "sample from the k most likely tokens (0 = all)");
+  args.option("top-p", "1", "sample from the smallest set with this probability mass");
+  args.option("seed", "0", "random seed");
+  args.flag("ids", "print token ids instead of text");
+  if (!args.parse(argc, argv)) return 0;
+  if (!args.has("prompt")) throw Error("generate: --prompt is required (see --help)");
+  auto model = Model::load(args.get("model"), args.get("tokenizer"));
+  const Tokenizer& tokenizer = model->tokenizer();
+  std::vector<int32_t> prompt = tokenizer.encode(args.get("prompt"), tokenizer.add_bos());
+  const int64_t max_new = args.get_int("max-tokens");
+  if (max_new < 0) throw Error("generate: --max-tokens must be >= 0");
+  if (prompt.empty()) throw Error("generate: the prompt has no tokens");
+  const int64_t needed = static_cast<int64_t>(prompt.size()) + max_new;
+  if (static_cast<int64_t>(prompt.size()) >= model->config().max_seq_len)
+    throw Error("generate: the prompt has " + std::to_string(prompt.size()) + " tokens; the model's context is " +
+                std::to_string(model->config().max_seq_len));
+
+  EngineOptions engine_options;
+  engine_options.threads = static_cast<int>(args.get_int("threads"));
+  engine_options.max_tokens = static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
+  engine_options.cache_mode = args.get("cache");
+  Engine engine(*model, engine_options);
+
+  SamplerOptions sampler_options;
+  sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
+  sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k"));
+  sampler_options.top_p = static_cast<float>(args.get_float("top-p"));
+  sampler_options.seed = static_cast<uint64_t>(args.get_int("seed"));
+  Sampler sampler(sampler_options);
+  const bool print_ids = args.has("ids");
+
+  std::vector<float> logits(model->config().vocab_size);
+  const auto start = std::chrono::steady_clock::now();
+  const int32_t n_prompt = static_cast<int32_t>(prompt.size());
+  engine.forward(0, prompt.data(), n_prompt, 0, logits.data(), n_prompt - 1);
+  const auto prefill_done = std::chrono::steady_clock::now();
+  int32_t position = n_prompt;
+  int64_t generated = 0;
+  if (!print_ids) std::fputs(args.get("prompt").c_str(), stdout);
+  while (generated < max_new && position < engine.max_tokens()) {
+    int32_t next = sampler.sample(logits.data(), model->config().vocab_size);
+    if (next == tokenizer.eos_id()) break;
+    ++generated;
+    if (print_ids) {
+      std::printf("%d\n", next);
+    } else {
+      std::fputs(tokenizer.token_to_piece(next).c_str(), stdout);
+    }
+    std::fflush(stdout);
+    if (generated == max_new) break;
+    engine.forward(0, &next, 1, position, logits.data(), 0);
+    ++position;
+  }
+  const auto end = std::chrono::steady_clock::now();
+  if (!print_ids) std::printf("\n");
+  const double prefill_s = std::chrono::duration<double>(prefill_done - start).count();
+  const double decode_s = std::chrono::duration<double>(end - prefill_done).count();
+  std::fprintf(stderr, "prompt %d tokens in %.3f s (%.1f tokens/s); generated %lld tokens in %.3f s (%.1f tokens/s)\n",
+               n_prompt, prefill_s, n_prompt / prefill_s, static_cast<long long>(generated), decode_s,
+               generated > 0 ? generated / decode_s : 0.0);
+  return 0;
+}
+
+int usage(FILE* out) {
+  std::fprintf(out,
+               "usage: xq <command> [options]\n\n"
+               "commands:\n"
+               "  perplexity   perplexity of a text file (llama.cpp's protocol)\n"
+               "  generate     complete a prompt, streamed to stdout\n\n"
+               "'xq <command> --help' lists a command's options.\n");
+  return out == stdout ? 0 : 2;
+}
+
+}  // namespace
+}  // namespace xq
+
+int main(int argc, char** argv) {
+  if (argc < 2) return xq::usage(stderr);
+  const std::string command = argv[1];
+  std::map<std::string, std::function<int(int, char**)>> commands = {
+      {"perplexity", xq::run_perplexity},
+      {"generate", xq::run_generate},
+  };
+  if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
+  auto it = commands.find(command);
+  if (it == commands.end()) {
+    std::fprintf(stderr, "xq: unknown command '%s'\n", command.c_str());
+    return xq::usage(stderr);
+  }
+  try {
+    return it->second(argc - 2, argv + 2);
+  } catch (const xq::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
+    return 1;
+  }
+}

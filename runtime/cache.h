@@ -1,0 +1,56 @@
+// The attention cache interface. The forward pass hands each layer's inputs to
+// the cache and asks it for "attention of these queries over your tokens";
+// whether K and V are read back or rebuilt from a quantized X is the mode's
+// business. Every mode states its exact bytes per token, so a scheduler can
+// admit work against a byte budget, and holds several sequences (slots) so
+// continuous batching and sequence sharding can sit on the same interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "runtime/model.h"
+
+namespace xq {
+
+struct CacheOptions {
+  std::string mode = "fp16";
+  int32_t max_tokens = 0;  // per sequence
+  int32_t sequences = 1;
+};
+
+class AttentionCache {
+ public:
+  virtual ~AttentionCache() = default;
+
+  virtual std::string mode() const = 0;
+
+  // Hands the cache the inputs of layer `layer` for n new tokens of sequence
+  // `seq` at positions [pos0, pos0 + n):
+  //   x (n, dim): the post-RMSNorm layer input (what XQuant modes keep);
+  //   k, v (n, kv_dim): keys after RoPE and values (what KV modes keep).
+  virtual void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x,
+                      const float* k, const float* v) = 0;
+
+  // Causal attention of n queries q (n, n_heads, head_dim) at positions
+  // [pos0, pos0 + n) over tokens [0, pos0 + n) of `seq`, which must all have
+  // been appended. Writes out (n, n_heads * head_dim), before the output projection.
+  virtual void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                      float* out) = 0;
+
+  // Drops the tokens of `seq` from position `from` on.
+  virtual void truncate(int32_t seq, int32_t from) = 0;
+  virtual int32_t length(int32_t seq) const = 0;
+
+  // Bytes per cached token over all layers, from the mode's formula.
+  virtual double bytes_per_token() const = 0;
+  // Bytes the cache's stored tokens really occupy now, counted from its buffers.
+  virtual size_t bytes_in_use() const = 0;
+};
+
+// Makes a cache of the named mode for `model`. Throws xq::Error on an unknown mode.
+std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOptions& options);
+
+}  // namespace xq

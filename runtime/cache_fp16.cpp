@@ -1,0 +1,134 @@
+#include "runtime/cache_fp16.h"
+
+#include <cblas.h>
+
+#include <cmath>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/error.h"
+
+namespace xq {
+namespace {
+
+// From this many queries on, attention runs as two sgemm calls per head
+// (prefill); below it, as dot products over the cached rows (decode).
+constexpr int32_t kMinQueriesForGemm = 16;
+
+}  // namespace
+
+Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
+    : config_(config), max_tokens_(options.max_tokens), sequences_(options.sequences) {
+  if (max_tokens_ <= 0 || sequences_ <= 0) throw Error("fp16 cache: capacity must be positive");
+  block_elems_ = static_cast<size_t>(config.n_kv_heads) * max_tokens_ * config.head_dim;
+  storage_.resize(block_elems_ * 2 * config.n_layers * sequences_);
+  lengths_.assign(sequences_, 0);
+}
+
+uint16_t* Fp16KvCache::keys(int32_t seq, int32_t layer) {
+  return storage_.data() + (static_cast<size_t>(seq) * config_.n_layers + layer) * 2 * block_elems_;
+}
+
+uint16_t* Fp16KvCache::values(int32_t seq, int32_t layer) { return keys(seq, layer) + block_elems_; }
+
+void Fp16KvCache::check(int32_t seq, int32_t pos0, int32_t n) const {
+  if (seq < 0 || seq >= sequences_) throw Error("cache: sequence " + std::to_string(seq) + " out of range");
+  if (pos0 < 0 || n < 0 || pos0 + n > max_tokens_)
+    throw Error("cache: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
+                ") exceed the cache capacity of " + std::to_string(max_tokens_) + " tokens");
+}
+
+void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float*, const float* k,
+                         const float* v) {
+  check(seq, pos0, n);
+  const int32_t hd = config_.head_dim, kv_dim = config_.kv_dim();
+  uint16_t* key_block = keys(seq, layer);
+  uint16_t* value_block = values(seq, layer);
+  for (int32_t i = 0; i < n; ++i) {
+    for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+      size_t at = (static_cast<size_t>(g) * max_tokens_ + pos0 + i) * hd;
+      cpu::fp32_to_fp16_row(k + static_cast<size_t>(i) * kv_dim + g * hd, key_block + at, hd);
+      cpu::fp32_to_fp16_row(v + static_cast<size_t>(i) * kv_dim + g * hd, value_block + at, hd);
+    }
+  }
+  if (layer == config_.n_layers - 1) lengths_[seq] = std::max(lengths_[seq], pos0 + n);
+}
+
+void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) {
+  check(seq, pos0, n);
+  const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
+  const int32_t total = pos0 + n;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const uint16_t* key_block = keys(seq, layer);
+  const uint16_t* value_block = values(seq, layer);
+  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+
+  if (n < kMinQueriesForGemm) {
+    cpu::parallel_for(static_cast<int64_t>(n) * heads, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(total), row(hd), acc(hd);
+      for (int64_t job = begin; job < end; ++job) {
+        const int32_t i = static_cast<int32_t>(job / heads), h = static_cast<int32_t>(job % heads);
+        const int32_t g = h / group, visible = pos0 + i + 1;
+        const float* query = q + i * q_stride + h * hd;
+        const uint16_t* k_head = key_block + static_cast<size_t>(g) * max_tokens_ * hd;
+        const uint16_t* v_head = value_block + static_cast<size_t>(g) * max_tokens_ * hd;
+        for (int32_t t = 0; t < visible; ++t) {
+          cpu::fp16_to_fp32_row(k_head + static_cast<size_t>(t) * hd, row.data(), hd);
+          float dot = 0;
+          for (int32_t c = 0; c < hd; ++c) dot += query[c] * row[c];
+          scores[t] = dot * scale;
+        }
+        cpu::softmax(scores.data(), visible);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int32_t t = 0; t < visible; ++t) {
+          cpu::fp16_to_fp32_row(v_head + static_cast<size_t>(t) * hd, row.data(), hd);
+          const float a = scores[t];
+          for (int32_t c = 0; c < hd; ++c) acc[c] += a * row[c];
+        }
+        std::copy(acc.begin(), acc.end(), out + i * q_stride + h * hd);
+      }
+    });
+    return;
+  }
+
+  // Prefill: per KV head, widen its keys and values once, then per query head
+  // scores = Q K^T (sgemm), causal mask + softmax, out = P V (sgemm).
+  std::vector<float> k_float(static_cast<size_t>(total) * hd), v_float(static_cast<size_t>(total) * hd);
+  std::vector<float> scores(static_cast<size_t>(n) * total);
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
+    const size_t head_at = static_cast<size_t>(g) * max_tokens_ * hd;
+    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data(), static_cast<int64_t>(total) * hd);
+    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data(), static_cast<int64_t>(total) * hd);
+    for (int32_t h = g * group; h < (g + 1) * group; ++h) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
+                  static_cast<int>(q_stride), k_float.data(), hd, 0.0f, scores.data(), total);
+      cpu::parallel_for(n, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          float* row = scores.data() + i * total;
+          const int32_t visible = pos0 + static_cast<int32_t>(i) + 1;
+          cpu::softmax(row, visible);
+          std::fill(row + visible, row + total, 0.0f);
+        }
+      }, 32);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total,
+                  v_float.data(), hd, 0.0f, out + h * hd, static_cast<int>(q_stride));
+    }
+  }
+}
+
+void Fp16KvCache::truncate(int32_t seq, int32_t from) {
+  check(seq, 0, 0);
+  lengths_[seq] = std::min(lengths_[seq], std::max(0, from));
+}
+
+double Fp16KvCache::bytes_per_token() const {
+  return 2.0 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
+}
+
+size_t Fp16KvCache::bytes_in_use() const {
+  size_t tokens = 0;
+  for (int32_t len : lengths_) tokens += static_cast<size_t>(len);
+  return tokens * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
+}
+
+}  // namespace xq

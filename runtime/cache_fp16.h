@@ -1,0 +1,38 @@
+// The reference KV cache: K (after RoPE) and V stored in fp16, per KV head
+// contiguous over positions so a decode step reads each head as one stream.
+#pragma once
+
+#include <vector>
+
+#include "runtime/cache.h"
+
+namespace xq {
+
+class Fp16KvCache : public AttentionCache {
+ public:
+  Fp16KvCache(const ModelConfig& config, const CacheOptions& options);
+
+  std::string mode() const override { return "fp16"; }
+  void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x, const float* k,
+              const float* v) override;
+  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) override;
+  void truncate(int32_t seq, int32_t from) override;
+  int32_t length(int32_t seq) const override { return lengths_.at(seq); }
+  double bytes_per_token() const override;
+  size_t bytes_in_use() const override;
+
+ private:
+  // (kv_heads, max_tokens, head_dim) block of one sequence's layer.
+  uint16_t* keys(int32_t seq, int32_t layer);
+  uint16_t* values(int32_t seq, int32_t layer);
+  void check(int32_t seq, int32_t pos0, int32_t n) const;
+
+  ModelConfig config_;
+  int32_t max_tokens_;
+  int32_t sequences_;
+  size_t block_elems_;  // kv_heads * max_tokens * head_dim
+  std::vector<uint16_t> storage_;
+  std::vector<int32_t> lengths_;
+};
+
+}  // namespace xq

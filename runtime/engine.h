@@ -1,0 +1,48 @@
+// The single-process forward pass: batched prefill and single-token decode of
+// a Llama-architecture model over an AttentionCache. fp32 activations; GEMMs
+// through OpenBLAS, the rest on the CPU thread pool.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "runtime/cache.h"
+#include "runtime/model.h"
+
+namespace xq {
+
+struct EngineOptions {
+  int threads = 1;
+  int32_t max_tokens = 0;  // cache capacity per sequence; 0 = the model's context length
+  int32_t sequences = 1;
+  std::string cache_mode = "fp16";
+};
+
+class Engine {
+ public:
+  Engine(const Model& model, const EngineOptions& options);
+
+  // Runs n tokens of sequence `seq` at positions [pos0, pos0 + n) and writes the
+  // logits of rows [first_logit_row, n) to `logits` ((n - first_logit_row), vocab).
+  // Throws xq::Error for a token id out of range or positions beyond capacity.
+  void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+               int32_t first_logit_row);
+
+  AttentionCache& cache() { return *cache_; }
+  const Model& model() const { return model_; }
+  int32_t max_tokens() const { return max_tokens_; }
+
+ private:
+  void ensure_scratch(int32_t n);
+
+  const Model& model_;
+  int32_t max_tokens_;
+  std::unique_ptr<AttentionCache> cache_;
+  std::vector<float> rope_cos_sin_;
+  // Activations of the current batch, (n, width) each.
+  std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_;
+  std::vector<int32_t> positions_;
+};
+
+}  // namespace xq

@@ -1,0 +1,62 @@
+#include "runtime/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "runtime/error.h"
+
+namespace xq {
+
+int32_t argmax(const float* logits, int32_t n) {
+  int32_t best = 0;
+  for (int32_t i = 1; i < n; ++i) {
+    if (logits[i] > logits[best]) best = i;
+  }
+  return best;
+}
+
+Sampler::Sampler(const SamplerOptions& options) : options_(options), rng_(options.seed) {
+  if (!(options.temperature >= 0) || !std::isfinite(options.temperature))
+    throw Error("sampler: temperature must be a finite number >= 0");
+  if (options.top_k < 0) throw Error("sampler: top-k must be >= 0");
+  if (!(options.top_p > 0 && options.top_p <= 1)) throw Error("sampler: top-p must be in (0, 1]");
+}
+
+int32_t Sampler::sample(const float* logits, int32_t vocab_size) {
+  if (options_.temperature == 0.0f) return argmax(logits, vocab_size);
+  candidates_.resize(vocab_size);
+  for (int32_t i = 0; i < vocab_size; ++i) candidates_[i] = {logits[i], i};
+  int32_t keep = vocab_size;
+  if (options_.top_k > 0 && options_.top_k < vocab_size) keep = options_.top_k;
+  std::partial_sort(candidates_.begin(), candidates_.begin() + keep, candidates_.end(),
+                    [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+  candidates_.resize(keep);
+  // Softmax at temperature T over the kept candidates (sorted, so [0] is the max).
+  const float max_logit = candidates_[0].first;
+  double total = 0;
+  for (auto& c : candidates_) {
+    c.first = static_cast<float>(std::exp((c.first - max_logit) / options_.temperature));
+    total += c.first;
+  }
+  // Nucleus: the smallest prefix whose probability mass reaches top_p.
+  double mass = 0;
+  size_t nucleus = candidates_.size();
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    mass += candidates_[i].first / total;
+    if (mass >= options_.top_p) {
+      nucleus = i + 1;
+      break;
+    }
+  }
+  double nucleus_total = 0;
+  for (size_t i = 0; i < nucleus; ++i) nucleus_total += candidates_[i].first;
+  std::uniform_real_distribution<double> uniform(0.0, nucleus_total);
+  double r = uniform(rng_);
+  for (size_t i = 0; i < nucleus; ++i) {
+    r -= candidates_[i].first;
+    if (r <= 0) return candidates_[i].second;
+  }
+  return candidates_[nucleus - 1].second;
+}
+
+}  // namespace xq

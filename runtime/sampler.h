@@ -1,0 +1,32 @@
+// Picks the next token from logits: greedy at temperature 0, otherwise
+// softmax(logits / T) restricted to the top-k tokens and the top-p mass.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace xq {
+
+struct SamplerOptions {
+  float temperature = 0.0f;  // 0 = greedy
+  int32_t top_k = 0;         // 0 = no limit
+  float top_p = 1.0f;        // 1 = no limit
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerOptions& options);
+  int32_t sample(const float* logits, int32_t vocab_size);
+
+ private:
+  SamplerOptions options_;
+  std::mt19937_64 rng_;
+  std::vector<std::pair<float, int32_t>> candidates_;
+};
+
+// Index of the largest logit; ties go to the lowest id.
+int32_t argmax(const float* logits, int32_t n);
+
+}  // namespace xq
