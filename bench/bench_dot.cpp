@@ -4,9 +4,11 @@
 //   bench_dot [--seconds S] [--cold-mb MB]
 //
 // "hot" runs repeat one matrix, which then sits in L2/L3 (1536x576 Q4_1 is
-// 0.55 MB, 49152x576 Q8_0 is 30 MB): that measures the kernel. "cold" runs cycle
-// through copies totalling --cold-mb (default 512), far beyond the caches, as
-// decode does across a model's layers: that measures memory streaming.
+// 0.55 MB; 49152x576 Q8_0 is 30 MB, about the L3 size, so it is mostly not
+// hot): that measures the kernel. "cold" runs cycle through copies totalling
+// --cold-mb (default 512), far beyond the caches, as decode does across a
+// model's layers: that measures memory streaming. Rates are medians over
+// chunks of at most 1024 rows, robust to other processes on the machine.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -90,50 +92,62 @@ void bench_matrix(const Options& options, TensorType type, int64_t rows, int64_t
   xq::cpu::quantize_activations(type, x.data(), cols, prepared);
   std::vector<float> out(static_cast<size_t>(rows));
 
-  // Hot: the whole matrix again and again (it stays in L2/L3).
-  const auto bytes = static_cast<double>(matrix.size());
-  const char* name = xq::tensor_type_name(type);
-  const Rate hot = measure(options.seconds, 1, bytes, [&](size_t) {
-    xq::cpu::dot_rows(type, matrix.data(), row_bytes, rows, prepared, cols, out.data());
+  // Rows are timed in chunks of at most 1024 (see measure); `hot` cycles
+  // through one matrix, which then stays in L2/L3 if it fits.
+  int64_t chunk_rows = rows;
+  while (chunk_rows > 1024 && chunk_rows % 2 == 0) chunk_rows /= 2;
+  const size_t chunks_per_copy = static_cast<size_t>(rows / chunk_rows);
+  const size_t chunk_stride = row_bytes * static_cast<size_t>(chunk_rows);
+  const auto chunk_bytes = static_cast<double>(chunk_stride);
+  const Rate hot = measure(options.seconds, chunks_per_copy, chunk_bytes, [&](size_t i) {
+    xq::cpu::dot_rows(type, matrix.data() + i * chunk_stride, row_bytes, chunk_rows, prepared, cols,
+                      out.data());
     g_sink = out[0];
   });
-  const Rate hot_single = measure(options.seconds, 1, bytes, [&](size_t) {
-    for (int64_t r = 0; r < rows; ++r) {
-      out[r] = xq::cpu::dot_row(type, matrix.data() + row_bytes * r, prepared, cols);
+  const Rate hot_single = measure(options.seconds, chunks_per_copy, chunk_bytes, [&](size_t i) {
+    const uint8_t* start = matrix.data() + i * chunk_stride;
+    for (int64_t r = 0; r < chunk_rows; ++r) {
+      out[r] = xq::cpu::dot_row(type, start + row_bytes * r, prepared, cols);
     }
     g_sink = out[0];
   });
-  // With the activation quantization, done once per product as decode does.
-  const Rate hot_with_x = measure(options.seconds, 1, bytes, [&](size_t) {
-    xq::cpu::quantize_activations(type, x.data(), cols, prepared);
-    xq::cpu::dot_rows(type, matrix.data(), row_bytes, rows, prepared, cols, out.data());
-    g_sink = out[0];
-  });
 
-  // Cold: copies totalling cold_bytes, swept in order in chunks of rows, so
-  // every byte comes from DRAM as it does across a model's layers.
+  // Cold: copies totalling cold_bytes, swept in order, so every byte comes
+  // from DRAM as it does across a model's layers.
   const size_t copies = std::max<size_t>(2, options.cold_bytes / matrix.size());
   std::vector<uint8_t> cold(matrix.size() * copies);
   for (size_t c = 0; c < copies; ++c) {
     std::memcpy(cold.data() + c * matrix.size(), matrix.data(), matrix.size());
   }
-  const int64_t chunk_rows = std::min<int64_t>(rows, 1024);
-  const size_t chunks_per_copy = static_cast<size_t>(rows / chunk_rows);
-  const auto chunk_bytes = static_cast<double>(row_bytes * static_cast<size_t>(chunk_rows));
   const Rate cold_rate =
       measure(options.seconds, copies * chunks_per_copy, chunk_bytes, [&](size_t i) {
-        const uint8_t* rows_start = cold.data() + (i / chunks_per_copy) * matrix.size() +
-                                    (i % chunks_per_copy) * row_bytes * chunk_rows;
-        xq::cpu::dot_rows(type, rows_start, row_bytes, chunk_rows, prepared, cols, out.data());
+        xq::cpu::dot_rows(type, cold.data() + i * chunk_stride, row_bytes, chunk_rows, prepared,
+                          cols, out.data());
         g_sink = out[0];
       });
 
   std::printf(
-      "%-5s %6lldx%-5lld %6.2f MB | hot: dot_rows %6.2f (best %6.2f), dot_row loop %6.2f, "
-      "+quantize x %6.2f | cold (%.0f MB): dot_rows %6.2f (best %6.2f) GB/s\n",
-      name, static_cast<long long>(rows), static_cast<long long>(cols), bytes / 1e6, hot.median,
-      hot.best, hot_single.median, hot_with_x.median, static_cast<double>(cold.size()) / 1e6,
-      cold_rate.median, cold_rate.best);
+      "%-5s %5lldx%-5lld %6.2f MB | hot: dot_rows %6.2f (best %6.2f), dot_row loop %6.2f "
+      "| cold (%.0f MB): dot_rows %6.2f (best %6.2f) GB/s\n",
+      xq::tensor_type_name(type), static_cast<long long>(rows), static_cast<long long>(cols),
+      static_cast<double>(matrix.size()) / 1e6, hot.median, hot.best, hot_single.median,
+      static_cast<double>(cold.size()) / 1e6, cold_rate.median, cold_rate.best);
+}
+
+// quantize_activations runs once per matrix-vector product; its cost next to
+// the product's.
+void bench_activations(const Options& options, TensorType type, int64_t n) {
+  std::vector<float> x(static_cast<size_t>(n));
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0, 1);
+  for (auto& v : x) v = normal(rng);
+  xq::cpu::QuantizedActivations prepared;
+  const Rate rate = measure(options.seconds / 4, 1, 1.0, [&](size_t) {
+    xq::cpu::quantize_activations(type, x.data(), n, prepared);
+    g_sink = prepared.block_terms()[0];
+  });
+  std::printf("quantize_activations(%s, n=%lld): %.0f ns (median)\n", xq::tensor_type_name(type),
+              static_cast<long long>(n), 1.0 / rate.median);
 }
 
 float read_sum(const float* a, size_t n) {
@@ -213,5 +227,7 @@ int main(int argc, char** argv) {
   bench_matrix(options, TensorType::kQ8_0, 49152, 576);
   bench_matrix(options, TensorType::kQ4_0, 1536, 576);
   bench_matrix(options, TensorType::kF32, 1536, 576);
+  bench_activations(options, TensorType::kQ4_1, 576);
+  bench_activations(options, TensorType::kQ4_1, 1536);
   return 0;
 }

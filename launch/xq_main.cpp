@@ -8,8 +8,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -62,12 +64,17 @@ class Arguments {
 
   std::string get(const std::string& name) const { return values_.at(name); }
   bool has(const std::string& name) const { return !values_.at(name).empty(); }
-  int64_t get_int(const std::string& name) const {
+  // The default bounds are int32's: callers store most values in int32_t, and
+  // a value that wrapped on the way there would be silently wrong.
+  int64_t get_int(const std::string& name, int64_t min = std::numeric_limits<int32_t>::min(),
+                  int64_t max = std::numeric_limits<int32_t>::max()) const {
     const std::string& v = values_.at(name);
     char* end = nullptr;
     errno = 0;
     long long parsed = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || errno != 0) throw Error(command_ + ": --" + name + " wants an integer, got '" + v + "'");
+    if (v.empty() || *end != '\0' || errno != 0 || parsed < min || parsed > max)
+      throw Error(command_ + ": --" + name + " wants an integer from " + std::to_string(min) + " to " +
+                  std::to_string(max) + ", got '" + v + "'");
     return parsed;
   }
   double get_float(const std::string& name) const {
@@ -109,6 +116,9 @@ std::string default_model_path() {
   return std::string(dir ? dir : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
 }
 
+// More threads than this is a typo, and the thread pool would fail to create them.
+constexpr int64_t kMaxThreads = 1024;
+
 void add_model_options(Arguments& args) {
   args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
   args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
@@ -117,6 +127,10 @@ void add_model_options(Arguments& args) {
 }
 
 std::string read_text_file(const std::string& path) {
+  // An ifstream opens a directory without complaint and then reads nothing,
+  // which would be reported as an empty file.
+  std::error_code ignored;
+  if (std::filesystem::is_directory(path, ignored)) throw Error(path + ": cannot read text file: it is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot read text file: " + std::strerror(errno));
   std::stringstream buffer;
@@ -142,20 +156,23 @@ int run_perplexity(int argc, char** argv) {
   if (args.get("score") != "half" && args.get("score") != "all")
     throw Error("perplexity: --score must be 'half' or 'all'");
   if (args.get("bos") != "on" && args.get("bos") != "auto") throw Error("perplexity: --bos must be 'on' or 'auto'");
+  // Numbers are checked before the text is read and the model loaded, so a
+  // typo fails at once.
+  PerplexityOptions options;
+  options.ctx = static_cast<int32_t>(args.get_int("ctx", 2));
+  options.max_chunks = static_cast<int32_t>(args.get_int("chunks", 0));
+  const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
   const std::string text = read_text_file(args.get("file"));
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
 
-  PerplexityOptions options;
-  options.ctx = static_cast<int32_t>(args.get_int("ctx"));
   options.score_all = args.get("score") == "all";
   options.bos_first = args.get("bos") == "on" || model->tokenizer().add_bos();
-  options.max_chunks = static_cast<int32_t>(args.get_int("chunks"));
-  if (options.ctx < 2 || options.ctx > model->config().max_seq_len)
+  if (options.ctx > model->config().max_seq_len)
     throw Error("perplexity: --ctx must be between 2 and the model's context of " +
                 std::to_string(model->config().max_seq_len));
 
   EngineOptions engine_options;
-  engine_options.threads = static_cast<int>(args.get_int("threads"));
+  engine_options.threads = threads;
   engine_options.max_tokens = options.ctx;
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
@@ -199,8 +216,7 @@ int run_generate(int argc, char** argv) {
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   const Tokenizer& tokenizer = model->tokenizer();
   std::vector<int32_t> prompt = tokenizer.encode(args.get("prompt"), tokenizer.add_bos());
-  const int64_t max_new = args.get_int("max-tokens");
-  if (max_new < 0) throw Error("generate: --max-tokens must be >= 0");
+  const int64_t max_new = args.get_int("max-tokens", 0);
   if (prompt.empty()) throw Error("generate: the prompt has no tokens");
   const int64_t needed = static_cast<int64_t>(prompt.size()) + max_new;
   if (static_cast<int64_t>(prompt.size()) >= model->config().max_seq_len)
@@ -208,16 +224,17 @@ int run_generate(int argc, char** argv) {
                 std::to_string(model->config().max_seq_len));
 
   EngineOptions engine_options;
-  engine_options.threads = static_cast<int>(args.get_int("threads"));
+  engine_options.threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
   engine_options.max_tokens = static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
 
   SamplerOptions sampler_options;
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
-  sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k"));
+  sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
   sampler_options.top_p = static_cast<float>(args.get_float("top-p"));
-  sampler_options.seed = static_cast<uint64_t>(args.get_int("seed"));
+  sampler_options.seed = static_cast<uint64_t>(
+      args.get_int("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   Sampler sampler(sampler_options);
   const bool print_ids = args.has("ids");
 
@@ -253,12 +270,31 @@ int run_generate(int argc, char** argv) {
   return 0;
 }
 
+int run_tokenize(int argc, char** argv) {
+  Arguments args("tokenize", "Print the token ids of a text (comma-separated), with BOS where the model asks for it.");
+  args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
+  args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
+  args.option("prompt", "", "text to tokenize (required)");
+  args.option("bos", "auto", "'auto' (as the model file says), 'on' or 'off'");
+  if (!args.parse(argc, argv)) return 0;
+  if (!args.has("prompt")) throw Error("tokenize: --prompt is required (see --help)");
+  const std::string bos = args.get("bos");
+  if (bos != "auto" && bos != "on" && bos != "off") throw Error("tokenize: --bos must be 'auto', 'on' or 'off'");
+  auto model = Model::load(args.get("model"), args.get("tokenizer"));
+  const bool add_bos = bos == "on" || (bos == "auto" && model->tokenizer().add_bos());
+  std::vector<int32_t> ids = model->tokenizer().encode(args.get("prompt"), add_bos);
+  for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? ",%d" : "%d", ids[i]);
+  std::printf("\n");
+  return 0;
+}
+
 int usage(FILE* out) {
   std::fprintf(out,
                "usage: xq <command> [options]\n\n"
                "commands:\n"
                "  perplexity   perplexity of a text file (llama.cpp's protocol)\n"
-               "  generate     complete a prompt, streamed to stdout\n\n"
+               "  generate     complete a prompt, streamed to stdout\n"
+               "  tokenize     print the token ids of a text\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -272,12 +308,13 @@ int main(int argc, char** argv) {
   std::map<std::string, std::function<int(int, char**)>> commands = {
       {"perplexity", xq::run_perplexity},
       {"generate", xq::run_generate},
+      {"tokenize", xq::run_tokenize},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);
   if (it == commands.end()) {
-    std::fprintf(stderr, "xq: unknown command '%s'\n", command.c_str());
-    return xq::usage(stderr);
+    std::fprintf(stderr, "error: unknown command '%s' (see xq --help)\n", command.c_str());
+    return 2;
   }
   try {
     return it->second(argc - 2, argv + 2);
@@ -286,6 +323,11 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "error: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    // Not an xq::Error, so a bug or a resource limit, but still one line and
+    // an exit code rather than std::terminate's abort.
+    std::fprintf(stderr, "error: %s: internal error: %s\n", command.c_str(), e.what());
     return 1;
   }
 }

@@ -91,29 +91,32 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
     return;
   }
 
-  // Prefill: per KV head, widen its keys and values once, then per query head
-  // scores = Q K^T (sgemm), causal mask + softmax, out = P V (sgemm).
-  std::vector<float> k_float(static_cast<size_t>(total) * hd), v_float(static_cast<size_t>(total) * hd);
-  std::vector<float> scores(static_cast<size_t>(n) * total);
+  // Prefill: widen every KV head's keys and values once, then per query head
+  // (in parallel) scores = Q K^T (sgemm), causal mask + softmax, out = P V (sgemm).
+  const size_t head_elems = static_cast<size_t>(total) * hd;
+  std::vector<float> k_float(head_elems * config_.n_kv_heads), v_float(head_elems * config_.n_kv_heads);
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
     const size_t head_at = static_cast<size_t>(g) * max_tokens_ * hd;
-    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data(), static_cast<int64_t>(total) * hd);
-    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data(), static_cast<int64_t>(total) * hd);
-    for (int32_t h = g * group; h < (g + 1) * group; ++h) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
-                  static_cast<int>(q_stride), k_float.data(), hd, 0.0f, scores.data(), total);
-      cpu::parallel_for(n, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          float* row = scores.data() + i * total;
-          const int32_t visible = pos0 + static_cast<int32_t>(i) + 1;
-          cpu::softmax(row, visible);
-          std::fill(row + visible, row + total, 0.0f);
-        }
-      }, 32);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total,
-                  v_float.data(), hd, 0.0f, out + h * hd, static_cast<int>(q_stride));
-    }
+    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data() + g * head_elems, static_cast<int64_t>(head_elems));
+    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems, static_cast<int64_t>(head_elems));
   }
+  cpu::parallel_for(heads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(n) * total);
+    for (int64_t h = begin; h < end; ++h) {
+      const float* k_head = k_float.data() + (h / group) * head_elems;
+      const float* v_head = v_float.data() + (h / group) * head_elems;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
+                  static_cast<int>(q_stride), k_head, hd, 0.0f, scores.data(), total);
+      for (int32_t i = 0; i < n; ++i) {
+        float* row = scores.data() + static_cast<size_t>(i) * total;
+        const int32_t visible = pos0 + i + 1;
+        cpu::softmax(row, visible);
+        std::fill(row + visible, row + total, 0.0f);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total, v_head, hd,
+                  0.0f, out + h * hd, static_cast<int>(q_stride));
+    }
+  });
 }
 
 void Fp16KvCache::truncate(int32_t seq, int32_t from) {

@@ -22,9 +22,16 @@ std::string describe(const ModelConfig& c) {
 
 bool in_range(int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; }
 
+// "8 x 4": a GGUF shape as the error messages print it, contiguous dimension first.
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text;
+  for (int64_t d : shape) text += (text.empty() ? "" : " x ") + std::to_string(d);
+  return text;
+}
+
 }  // namespace
 
-void Model::validate_config() const {
+std::string Model::config_problem() const {
   const ModelConfig& c = config_;
   std::string problem;
   if (!in_range(c.dim, 1, kMaxDim)) problem = "embedding width";
@@ -37,7 +44,7 @@ void Model::validate_config() const {
   else if (!in_range(c.vocab_size, 1, kMaxVocab)) problem = "vocabulary size";
   else if (!in_range(c.max_seq_len, 1, kMaxContext)) problem = "context length";
   else if (!(c.rope_theta > 0) || !(c.rms_eps > 0) || !(c.rms_eps < 1)) problem = "RoPE theta or RMS epsilon";
-  if (!problem.empty()) throw Error(path_ + ": absurd " + problem + " (" + describe(c) + ")");
+  return problem.empty() ? "" : "absurd " + problem + " (" + describe(c) + ")";
 }
 
 std::unique_ptr<Model> Model::load(const std::string& path, const std::string& tokenizer_path) {
@@ -95,14 +102,14 @@ void Model::load_gguf(const std::string& path) {
 
   tokenizer_ = std::make_unique<Tokenizer>(vocabulary_from_gguf(f));
   c.vocab_size = tokenizer_->vocab_size();
-  validate_config();
+  if (const std::string problem = config_problem(); !problem.empty()) throw Error(path + ": " + problem);
 
   auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
     const GgufTensor* t = f.find_tensor(name);
     if (!t) throw Error(path + ": missing tensor '" + name + "'");
     if (t->shape.size() != 2 || t->shape[0] != cols || t->shape[1] != rows)
-      throw Error(path + ": tensor '" + name + "' has the wrong shape (expected " + std::to_string(cols) +
-                  " x " + std::to_string(rows) + ")");
+      throw Error(path + ": tensor '" + name + "' has shape " + shape_text(t->shape) + ", expected " +
+                  std::to_string(cols) + " x " + std::to_string(rows));
     WeightMatrix m;
     m.type = t->type;
     m.data = t->data;
@@ -115,7 +122,8 @@ void Model::load_gguf(const std::string& path) {
     const GgufTensor* t = f.find_tensor(name);
     if (!t) throw Error(path + ": missing tensor '" + name + "'");
     if (t->type != TensorType::kF32 || t->elements() != n)
-      throw Error(path + ": tensor '" + name + "' must be F32 with " + std::to_string(n) + " values");
+      throw Error(path + ": tensor '" + name + "' must be F32 with " + std::to_string(n) + " values, not " +
+                  tensor_type_name(t->type) + " with " + std::to_string(t->elements()));
     if (reinterpret_cast<uintptr_t>(t->data) % alignof(float) != 0)
       throw Error(path + ": tensor '" + name + "' is misaligned");
     return reinterpret_cast<const float*>(t->data);
@@ -148,8 +156,11 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   llama2c_map_ = MappedFile(path);
   const MappedFile& map = llama2c_map_;
   constexpr size_t kHeaderInts = 7;
+  // A llama2.c checkpoint has no magic number: any file without the GGUF magic
+  // ends up here, so a header that makes no sense says the file is neither.
+  const std::string neither = path + ": neither a GGUF file (no 'GGUF' magic) nor a llama2.c checkpoint";
   if (map.size() < kHeaderInts * sizeof(int32_t))
-    throw Error(path + ": too short for a llama2.c checkpoint header (" + std::to_string(map.size()) + " bytes)");
+    throw Error(neither + " (only " + std::to_string(map.size()) + " bytes, shorter than a llama2.c header)");
   int32_t header[kHeaderInts];
   std::memcpy(header, map.data(), sizeof(header));
   ModelConfig& c = config_;
@@ -168,7 +179,8 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   c.rope_theta = 10000.0f;
   c.rms_eps = 1e-5f;
   c.rope_layout = RopeLayout::kInterleaved;
-  validate_config();
+  if (const std::string problem = config_problem(); !problem.empty())
+    throw Error(neither + " (as a llama2.c header: " + problem + ")");
   if (c.dim % c.n_heads != 0) throw Error(path + ": width " + std::to_string(c.dim) + " is not a multiple of the head count");
 
   // Count the floats the header promises before touching them.

@@ -64,7 +64,8 @@ class Model {
  private:
   void load_gguf(const std::string& path);
   void load_llama2c(const std::string& path, const std::string& tokenizer_path);
-  void validate_config() const;
+  // "" when every dimension is in range, else what is wrong (for an error message).
+  std::string config_problem() const;
 
   std::string path_;
   std::string format_;

@@ -24,6 +24,9 @@ PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>&
   // Positions whose prediction of the next token is scored.
   const int32_t first_scored = options.score_all ? 0 : ctx / 2;
   const int32_t scored_per_chunk = ctx - 1 - first_scored;
+  // Nothing scored would make the perplexity exp(0/0) = NaN.
+  if (scored_per_chunk < 1)
+    throw Error("perplexity: --ctx " + std::to_string(ctx) + " leaves no token to score (use at least 3, or --score all)");
 
   std::vector<float> logits(static_cast<size_t>(ctx - first_scored) * vocab);
   std::vector<int32_t> chunk(ctx);

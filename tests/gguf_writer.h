@@ -12,28 +12,50 @@ namespace xq::testing {
 
 class GgufWriter {
  public:
+  // GGUF metadata value type ids.
+  static constexpr uint32_t kUint8 = 0, kInt8 = 1, kUint16 = 2, kInt16 = 3, kUint32 = 4,
+                            kInt32 = 5, kFloat32 = 6, kBool = 7, kString = 8, kArray = 9,
+                            kUint64 = 10, kInt64 = 11, kFloat64 = 12;
+
   explicit GgufWriter(uint32_t version = 3) : version_(version) {}
 
-  void add_uint32(const std::string& key, uint32_t v) {
-    kv_key(key, 4);
-    pod(kv_, v);
-    ++kv_count_;
-  }
-  void add_float32(const std::string& key, float v) {
-    kv_key(key, 6);
+  void add_uint32(const std::string& key, uint32_t v) { add_scalar(key, kUint32, v); }
+  void add_float32(const std::string& key, float v) { add_scalar(key, kFloat32, v); }
+  void add_int32(const std::string& key, int32_t v) { add_scalar(key, kInt32, v); }
+  void add_bool(const std::string& key, bool v) { add_scalar(key, kBool, uint8_t{v}); }
+  // Any scalar under an explicit GGUF type id, so tests can write every type
+  // (and, on purpose, a value whose size does not match its type).
+  template <typename T>
+  void add_scalar(const std::string& key, uint32_t type, T v) {
+    kv_key(key, type);
     pod(kv_, v);
     ++kv_count_;
   }
   void add_string(const std::string& key, const std::string& v) {
-    kv_key(key, 8);
+    kv_key(key, kString);
     str(kv_, v);
     ++kv_count_;
   }
   void add_string_array(const std::string& key, const std::vector<std::string>& v) {
-    kv_key(key, 9);
-    pod(kv_, uint32_t{8});
+    kv_key(key, kArray);
+    pod(kv_, kString);
     pod(kv_, uint64_t{v.size()});
     for (const auto& s : v) str(kv_, s);
+    ++kv_count_;
+  }
+  void add_float32_array(const std::string& key, const std::vector<float>& v) {
+    add_array(key, kFloat32, v);
+  }
+  void add_int32_array(const std::string& key, const std::vector<int32_t>& v) {
+    add_array(key, kInt32, v);
+  }
+  // An array of scalars under an explicit element type id.
+  template <typename T>
+  void add_array(const std::string& key, uint32_t element_type, const std::vector<T>& v) {
+    kv_key(key, kArray);
+    pod(kv_, element_type);
+    pod(kv_, uint64_t{v.size()});
+    for (const T& x : v) pod(kv_, x);
     ++kv_count_;
   }
   // Adds a tensor whose data is `bytes`; offsets are assigned with 32-byte alignment.

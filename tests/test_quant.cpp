@@ -501,7 +501,7 @@ std::vector<int64_t> row_lengths(TensorType type) {
     case 32:
       return {32, 64, 96, 160, 224, 576, 1536};
     default:
-      return {256, 768, 1536};
+      return {256, 768, 1536, 2560};  // 2560: more than one dequantized piece
   }
 }
 
@@ -697,6 +697,11 @@ TEST(Quant, ActivationsReuseTheirBuffer) {
   many.resize(4);
   quantize_activations(TensorType::kQ8_0, x.data(), 64, many[3]);
   EXPECT_EQ(many[3].size(), 64);
+  EXPECT_EQ(many[0].size(), 576);
+  EXPECT_EQ(static_cast<const void*>(many[0].quants()), static_cast<const void*>(first));
+  quantize_activations(TensorType::kQ4_1, x.data(), 64, a);  // a was moved from
+  EXPECT_EQ(a.size(), 64);
+  EXPECT_EQ(a.quants()[0], 127);
 }
 
 }  // namespace

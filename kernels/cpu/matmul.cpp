@@ -34,19 +34,22 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
     }, 16);
     return;
   }
-  const float* weights = reinterpret_cast<const float*>(w.data);
+  // OpenBLAS runs single-threaded (see thread_pool.cpp); each of our threads
+  // dequantizes its own slice of W's rows and multiplies it, so one pool owns
+  // the cores and no two sets of threads spin against each other.
   static thread_local std::vector<float> dequantized_by_caller;
   std::vector<float>& dequantized = dequantized_by_caller;
-  if (w.type != TensorType::kF32) {
-    dequantized.resize(static_cast<size_t>(w.rows * w.cols));
-    parallel_for(w.rows, [&](int64_t begin, int64_t end) {
+  if (w.type != TensorType::kF32) dequantized.resize(static_cast<size_t>(w.rows * w.cols));
+  parallel_for(w.rows, [&](int64_t begin, int64_t end) {
+    const float* slice = reinterpret_cast<const float*>(w.row(begin));
+    if (w.type != TensorType::kF32) {
       for (int64_t r = begin; r < end; ++r) dequantize_row(w.type, w.row(r), dequantized.data() + r * w.cols, w.cols);
-    }, 64);
-    weights = dequantized.data();
-  }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(w.rows),
-              static_cast<int>(w.cols), 1.0f, x, static_cast<int>(w.cols), weights,
-              static_cast<int>(w.cols), 0.0f, y, static_cast<int>(w.rows));
+      slice = dequantized.data() + begin * w.cols;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(end - begin),
+                static_cast<int>(w.cols), 1.0f, x, static_cast<int>(w.cols), slice, static_cast<int>(w.cols), 0.0f,
+                y + begin, static_cast<int>(w.rows));
+  }, 64);
 }
 
 }  // namespace xq::cpu

@@ -124,21 +124,22 @@ ActivationEncoding activation_encoding(TensorType weight_type);
 //
 // kQ8 layout, per 32-element block b: quants()[32b .. 32b+31] = round(x / d_b)
 // with d_b = max|x| / 127, and block_terms()[2b .. 2b+1] = {d_b, c * d_b *
-// sum(quants of b)}. The second term lets a weight block with values
-// d_w * q + m_w be summed as d_w * d_b * sum(q * quants) + m_w * that term, so
-// the integer loop never sees the offset: c is 1 for Q4_1/Q5_1 (m_w = m),
-// -8 for Q4_0 and -16 for Q5_0 (m_w = d_w), 0 for Q8_0/Q8_1.
+// sum(quants of b)}. A weight block is read as integers q (nibbles unsigned)
+// with values d_w * q + c * m_w; its dot with x's block is then
+// d_w * d_b * sum(q * quants) + m_w * block_terms()[2b + 1], so the integer
+// loop never sees the offset. c is 1 for Q4_1/Q5_1 (m_w = m), -8 for Q4_0 and
+// -16 for Q5_0 (m_w = d_w), 0 for Q8_0/Q8_1.
 class QuantizedActivations {
  public:
   QuantizedActivations() = default;
-  QuantizedActivations(QuantizedActivations&&) noexcept = default;
-  QuantizedActivations& operator=(QuantizedActivations&&) noexcept = default;
+  QuantizedActivations(QuantizedActivations&& other) noexcept;
+  QuantizedActivations& operator=(QuantizedActivations&& other) noexcept;
 
   TensorType weight_type() const { return weight_type_; }
   ActivationEncoding encoding() const { return encoding_; }
   int64_t size() const { return n_; }
 
-  // kF32: n values, 32-byte aligned.
+  // kF32: n values, 64-byte aligned.
   const float* values() const { return reinterpret_cast<const float*>(buffer_.get()); }
   // kQ8: n quants and 2 floats per block, both 64-byte aligned.
   const int8_t* quants() const { return reinterpret_cast<const int8_t*>(buffer_.get()); }
@@ -176,10 +177,13 @@ void quantize_activations(TensorType weight_type, const float* x, int64_t n,
 float dot_row(TensorType weight_type, const void* weight_row, const QuantizedActivations& x,
               int64_t n);
 
-// out[r] = dot_row(row r) for `rows` rows that start `row_bytes` apart. Rows are
-// taken four at a time so each x block is loaded once for four weight blocks
-// and the four sums share one horizontal reduction; callers split a matrix into
-// row ranges across threads.
+// out[r] = dot_row(row r) for `rows` rows that start `row_bytes` apart: the
+// matrix-vector product over a range of rows (callers split a matrix into row
+// ranges across threads). Rows are taken four at a time, so each x block is
+// loaded once for four weight blocks and four sums share one reduction, and
+// the weights are prefetched ahead of use, which several rows walked side by
+// side need to stream at memory bandwidth. Results may differ from dot_row's
+// in the last bits (summation order).
 void dot_rows(TensorType weight_type, const void* weights, size_t row_bytes, int64_t rows,
               const QuantizedActivations& x, int64_t n, float* out);
 

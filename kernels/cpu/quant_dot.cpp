@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "kernels/cpu/quant.h"
 
@@ -151,17 +152,18 @@ float dot_float_scalar(const uint8_t* row, const float* x, int64_t n) {
   return sum;
 }
 
-// Types without a direct path (K-quants, Q8_K): one super-block at a time is
-// dequantized to a small buffer that stays in L1, then dotted in fp32.
+// Types without a direct path (K-quants, Q8_K): the row is dequantized in
+// pieces to a buffer that stays in L1, then dotted in fp32.
 template <float (*kDot)(const float*, const float*, int64_t)>
 float dot_dequantized(TensorType type, const uint8_t* row, const float* x, int64_t n) {
   const TensorTypeTraits& traits = tensor_type_traits(type);
-  alignas(32) float buffer[256];
+  constexpr int64_t kBufferElems = 2048;  // a multiple of every block size
+  alignas(64) float buffer[kBufferElems];
   float sum = 0;
-  for (int64_t start = 0; start < n; start += traits.block_elems) {
-    dequantize_row(type, row + start / traits.block_elems * traits.block_bytes, buffer,
-                   traits.block_elems);
-    sum += kDot(buffer, x + start, traits.block_elems);
+  for (int64_t start = 0; start < n; start += kBufferElems) {
+    const int64_t count = std::min(kBufferElems, n - start);
+    dequantize_row(type, row + start / traits.block_elems * traits.block_bytes, buffer, count);
+    sum += kDot(buffer, x + start, count);
   }
   return sum;
 }
@@ -220,7 +222,7 @@ inline int horizontal_sum_i32(__m256i v) {
 // were read linearly; consecutive row groups are contiguous, so this runs
 // smoothly from one call to the next. (Prefetches never fault, so reaching
 // past the last row is harmless.)
-constexpr int64_t kPrefetchDistance = 4096;
+constexpr int64_t kPrefetchDistance = 4096;  // best of 1-16 KB measured on Zen 3
 
 template <int64_t kStepBytes>
 inline void prefetch_step(const uint8_t* cursor) {
@@ -676,6 +678,21 @@ ActivationEncoding activation_encoding(TensorType weight_type) {
     default:
       return ActivationEncoding::kF32;
   }
+}
+
+QuantizedActivations::QuantizedActivations(QuantizedActivations&& other) noexcept {
+  *this = std::move(other);
+}
+
+QuantizedActivations& QuantizedActivations::operator=(QuantizedActivations&& other) noexcept {
+  // The moved-from object must not keep a capacity without its buffer.
+  weight_type_ = other.weight_type_;
+  encoding_ = std::exchange(other.encoding_, ActivationEncoding::kNone);
+  n_ = std::exchange(other.n_, 0);
+  terms_offset_ = std::exchange(other.terms_offset_, 0);
+  capacity_ = std::exchange(other.capacity_, 0);
+  buffer_ = std::move(other.buffer_);
+  return *this;
 }
 
 void QuantizedActivations::prepare(TensorType weight_type, int64_t n) {

@@ -106,7 +106,9 @@ ThreadPool& pool() {
 
 void set_thread_count(int threads) {
   pool().resize(threads);
-  openblas_set_num_threads(std::max(1, threads));
+  // BLAS calls are made from inside our own parallel loops; a second set of
+  // OpenBLAS threads would only contend with ours for the same cores.
+  openblas_set_num_threads(1);
 }
 
 int thread_count() { return pool().size(); }
