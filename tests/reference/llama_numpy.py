@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """An independent reference for the engine: a Llama forward pass in numpy over a
-GGUF file, with the weights dequantized by the `gguf` package (PyPI), not by our
-kernels. Prints the greedy continuation of the given token ids and, per step,
-the margin between the best and second-best logit (to explain any divergence).
+GGUF file (weights dequantized by the `gguf` package from PyPI, not by our
+kernels) or a llama2.c checkpoint. Two jobs:
 
-    python3 tests/reference/llama_numpy.py MODEL.gguf --ids 1,2,3 --steps 16
+  greedy: the greedy continuation of the given token ids and, per step, the
+  margin between the best and second-best logit (to explain any divergence);
+      llama_numpy.py MODEL --ids 1,2,3 --steps 16
+  perplexity: llama.cpp's protocol (chunks of CTX tokens, BOS first, second
+  half scored) over token ids read from a file (one comma-separated line, as
+  `xq tokenize` prints them);
+      llama_numpy.py MODEL --perplexity IDS_FILE --ctx 256 [--chunks N]
 """
 import argparse
 import sys
@@ -20,7 +25,40 @@ def field(reader, key, default=None):
     return f.contents()
 
 
+def load_llama2c(path):
+    raw = np.fromfile(path, dtype=np.int32, count=7)
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = (int(v) for v in raw)
+    floats = np.fromfile(path, dtype=np.float32, offset=28).astype(np.float64)
+    hd = dim // heads
+    kv = kv_heads * hd
+    cfg = {"dim": dim, "layers": layers, "heads": heads, "kv_heads": kv_heads, "theta": 10000.0, "eps": 1e-5}
+    at = 0
+
+    def take(*shape):
+        nonlocal at
+        n = int(np.prod(shape))
+        out = floats[at:at + n].reshape(shape)
+        at += n
+        return out
+    w = {"token_embd.weight": take(abs(vocab), dim)}
+    parts = [("attn_norm.weight", (dim,)), ("attn_q.weight", (dim, dim)), ("attn_k.weight", (kv, dim)),
+             ("attn_v.weight", (kv, dim)), ("attn_output.weight", (dim, dim)), ("ffn_norm.weight", (dim,)),
+             ("ffn_gate.weight", (hidden, dim)), ("ffn_down.weight", (dim, hidden)), ("ffn_up.weight", (hidden, dim))]
+    for name, shape in parts:
+        block = take(layers, *shape)
+        for layer in range(layers):
+            w[f"blk.{layer}.{name}"] = block[layer]
+    w["output_norm.weight"] = take(dim)
+    take(seq_len * hd)  # RoPE tables, recomputed here
+    if vocab < 0:
+        w["output.weight"] = take(-vocab, dim)
+    return cfg, w
+
+
 def load(path):
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return load_llama2c(path)
     reader = GGUFReader(path)
     arch = field(reader, "general.architecture")
     cfg = {
@@ -55,7 +93,7 @@ def rope(x, heads, head_dim, theta):
     return out.reshape(n, heads * head_dim)
 
 
-def forward(cfg, w, ids):
+def forward(cfg, w, ids, all_rows=False):
     d, H, G = cfg["dim"], cfg["heads"], cfg["kv_heads"]
     hd = d // H
     x = w["token_embd.weight"][ids]
@@ -79,18 +117,47 @@ def forward(cfg, w, ids):
         gate = xn @ w[p + "ffn_gate.weight"].T
         up = xn @ w[p + "ffn_up.weight"].T
         x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T
-    x = rmsnorm(x[-1:], w["output_norm.weight"], cfg["eps"])
+    x = rmsnorm(x if all_rows else x[-1:], w["output_norm.weight"], cfg["eps"])
     head = w.get("output.weight", w["token_embd.weight"])
-    return (x @ head.T)[0]
+    logits = x @ head.T
+    return logits if all_rows else logits[0]
+
+
+def perplexity(cfg, w, ids, ctx, max_chunks, bos):
+    chunks = len(ids) // ctx
+    if max_chunks:
+        chunks = min(chunks, max_chunks)
+    nll = []
+    first = ctx // 2
+    for c in range(chunks):
+        chunk = list(ids[c * ctx:(c + 1) * ctx])
+        chunk[0] = bos
+        logits = forward(cfg, w, chunk, all_rows=True)[first:ctx - 1]
+        top = logits.max(axis=1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        targets = np.array(chunk[first + 1:ctx])
+        nll.extend(logz - logits[np.arange(len(targets)), targets])
+    nll = np.array(nll)
+    ppl = np.exp(nll.mean())
+    err = ppl * np.sqrt(nll.var() / (len(nll) - 1))
+    print(f"perplexity {ppl:.4f} +/- {err:.4f} ({len(nll)} tokens scored in {chunks} chunks of {ctx})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
-    ap.add_argument("--ids", required=True, help="comma-separated prompt token ids")
+    ap.add_argument("--ids", help="comma-separated prompt token ids")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--perplexity", help="file with the text's token ids, comma-separated")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=0)
+    ap.add_argument("--bos", type=int, default=1)
     args = ap.parse_args()
     cfg, w = load(args.model)
+    if args.perplexity:
+        ids = [int(t) for t in open(args.perplexity).read().strip().split(",")]
+        perplexity(cfg, w, ids, args.ctx, args.chunks, args.bos)
+        return
     ids = [int(t) for t in args.ids.split(",")]
     for _ in range(args.steps):
         logits = forward(cfg, w, ids)
