@@ -95,10 +95,13 @@ double prefill_gemm_efficiency(const xq::Model& model, int threads, int n) {
       auto s = Clock::now();
       xq::cpu::matmul(w, x.data(), n, y.data());
       best_ours = std::min(best_ours, seconds_since(s));
+      // The reference is OpenBLAS on its own, with its own threads.
+      openblas_set_num_threads(threads);
       s = Clock::now();
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, w.rows, w.cols, 1, x.data(), w.cols, wf.data(), w.cols, 0,
                   y.data(), w.rows);
       best_ref = std::min(best_ref, seconds_since(s));
+      openblas_set_num_threads(1);
     }
     ours += best_ours;
     reference += best_ref;

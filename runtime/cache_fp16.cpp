@@ -65,27 +65,20 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
 
   if (n < kMinQueriesForGemm) {
     cpu::parallel_for(static_cast<int64_t>(n) * heads, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(total), row(hd), acc(hd);
+      thread_local std::vector<float> scores;  // each thread's own
+      scores.resize(total);
       for (int64_t job = begin; job < end; ++job) {
         const int32_t i = static_cast<int32_t>(job / heads), h = static_cast<int32_t>(job % heads);
         const int32_t g = h / group, visible = pos0 + i + 1;
         const float* query = q + i * q_stride + h * hd;
         const uint16_t* k_head = key_block + static_cast<size_t>(g) * max_tokens_ * hd;
         const uint16_t* v_head = value_block + static_cast<size_t>(g) * max_tokens_ * hd;
-        for (int32_t t = 0; t < visible; ++t) {
-          cpu::fp16_to_fp32_row(k_head + static_cast<size_t>(t) * hd, row.data(), hd);
-          float dot = 0;
-          for (int32_t c = 0; c < hd; ++c) dot += query[c] * row[c];
-          scores[t] = dot * scale;
-        }
+        for (int32_t t = 0; t < visible; ++t)
+          scores[t] = cpu::dot_fp16(query, k_head + static_cast<size_t>(t) * hd, hd) * scale;
         cpu::softmax(scores.data(), visible);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int32_t t = 0; t < visible; ++t) {
-          cpu::fp16_to_fp32_row(v_head + static_cast<size_t>(t) * hd, row.data(), hd);
-          const float a = scores[t];
-          for (int32_t c = 0; c < hd; ++c) acc[c] += a * row[c];
-        }
-        std::copy(acc.begin(), acc.end(), out + i * q_stride + h * hd);
+        float* acc = out + i * q_stride + h * hd;
+        std::fill(acc, acc + hd, 0.0f);
+        for (int32_t t = 0; t < visible; ++t) cpu::axpy_fp16(scores[t], v_head + static_cast<size_t>(t) * hd, acc, hd);
       }
     });
     return;

@@ -145,3 +145,44 @@ void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t n) {
 }
 
 }  // namespace xq::cpu
+
+namespace xq::cpu {
+
+float dot_fp16(const float* x, const uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  float sum = 0;
+#if defined(__F16C__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m256 y0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
+    __m256 y1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i + 8)));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), y0, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), y1, acc1);
+  }
+  for (; i + 8 <= n; i += 8) {
+    __m256 y0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), y0, acc0);
+  }
+  __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  half = _mm_add_ss(half, _mm_movehdup_ps(half));
+  sum = _mm_cvtss_f32(half);
+#endif
+  for (; i < n; ++i) sum += x[i] * fp16_to_fp32(y[i]);
+  return sum;
+}
+
+void axpy_fp16(float a, const uint16_t* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__FMA__)
+  const __m256 scale = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) {
+    __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, x0, _mm256_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += a * fp16_to_fp32(x[i]);
+}
+
+}  // namespace xq::cpu

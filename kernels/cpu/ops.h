@@ -36,3 +36,12 @@ void fp16_to_fp32_row(const uint16_t* src, float* dst, int64_t n);
 void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t n);
 
 }  // namespace xq::cpu
+
+namespace xq::cpu {
+
+// sum_i x[i] * y[i] with y in fp16 (attention scores over an fp16 key row).
+float dot_fp16(const float* x, const uint16_t* y, int64_t n);
+// y[i] += a * x[i] with x in fp16 (the attention-weighted sum of fp16 values).
+void axpy_fp16(float a, const uint16_t* x, float* y, int64_t n);
+
+}  // namespace xq::cpu

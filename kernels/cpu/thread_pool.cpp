@@ -12,6 +12,16 @@
 namespace xq::cpu {
 namespace {
 
+// About 50 microseconds of pause instructions: longer than the gaps between
+// the loops of one decode step, short enough not to starve a shared core.
+constexpr int kSpinIterations = 2000;
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#endif
+}
+
 class ThreadPool {
  public:
   ~ThreadPool() { resize(1); }
@@ -52,10 +62,14 @@ class ThreadPool {
     }
     wake_.notify_all();
     body(0, n / parts);  // the caller takes part 0
-    // Workers finish within microseconds in the decode loop; spin before blocking.
-    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
-      if (spin > 1000) std::this_thread::yield();
+    // Workers usually finish within microseconds in decode: spin briefly, then
+    // sleep on the counter so an oversubscribed core is handed back.
+    for (int spin = 0; spin < kSpinIterations; ++spin) {
+      if (pending_.load(std::memory_order_acquire) == 0) return;
+      cpu_relax();
     }
+    for (int left = pending_.load(std::memory_order_acquire); left != 0; left = pending_.load(std::memory_order_acquire))
+      pending_.wait(left, std::memory_order_acquire);
   }
 
  private:
@@ -65,11 +79,8 @@ class ThreadPool {
       int64_t n;
       int parts;
       // Spin a little first: in decode the next loop starts within microseconds.
-      for (int spin = 0; spin < 20000 && generation_.load(std::memory_order_acquire) == seen; ++spin) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-      }
+      for (int spin = 0; spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen; ++spin)
+        cpu_relax();
       {
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_.load() != seen; });
@@ -81,7 +92,7 @@ class ThreadPool {
       }
       if (index < parts) {
         (*body)(n * index / parts, n * (index + 1) / parts);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) pending_.notify_one();
       }
     }
   }
