@@ -1,0 +1,161 @@
+// CPU ops and the sampler against plain formulas written here.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <map>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/error.h"
+#include "runtime/sampler.h"
+
+namespace xq {
+namespace {
+
+std::vector<float> random_values(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+TEST(Ops, RopeBothLayoutsMatchTheRotationFormula) {
+  const int heads = 3, head_dim = 16, rope_dim = 12, rows = 5;
+  const float theta = 10000.0f;
+  std::vector<float> table(64 * rope_dim);
+  cpu::rope_table(table.data(), 64, rope_dim, theta);
+  std::vector<int32_t> positions = {0, 1, 7, 33, 63};
+  for (RopeLayout layout : {RopeLayout::kInterleaved, RopeLayout::kNeox}) {
+    std::vector<float> x = random_values(rows * heads * head_dim, 1), expected = x;
+    for (int r = 0; r < rows; ++r) {
+      for (int h = 0; h < heads; ++h) {
+        float* e = &expected[(r * heads + h) * head_dim];
+        for (int i = 0; i < rope_dim / 2; ++i) {
+          double angle = positions[r] * std::pow(double(theta), -2.0 * i / rope_dim);
+          int a = layout == RopeLayout::kInterleaved ? 2 * i : i;
+          int b = layout == RopeLayout::kInterleaved ? 2 * i + 1 : i + rope_dim / 2;
+          double xa = e[a], xb = e[b];
+          e[a] = float(xa * std::cos(angle) - xb * std::sin(angle));
+          e[b] = float(xa * std::sin(angle) + xb * std::cos(angle));
+        }
+      }
+    }
+    cpu::rope(x.data(), positions.data(), rows, heads, head_dim, rope_dim, layout, table.data());
+    for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(x[i], expected[i], 1e-5f) << "element " << i;
+  }
+}
+
+TEST(Ops, SoftmaxMatchesDoublePrecisionAndReturnsLogSumExp) {
+  for (int n : {1, 7, 8, 9, 100, 1027}) {
+    std::vector<float> x = random_values(n, n, 5.0f);
+    x[0] = -200.0f;  // far below the max: its exp underflows to zero
+    double max_value = -1e30, sum = 0;
+    for (float v : x) max_value = std::max(max_value, double(v));
+    for (float v : x) sum += std::exp(v - max_value);
+    std::vector<float> y = x;
+    float lse = cpu::softmax(y.data(), n);
+    EXPECT_NEAR(lse, std::log(sum) + max_value, 1e-4);
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(y[i], std::exp(x[i] - max_value) / sum, 1e-6) << "n " << n << " i " << i;
+  }
+}
+
+TEST(Ops, RmsnormMatchesFormula) {
+  const int rows = 33, dim = 96;
+  std::vector<float> x = random_values(rows * dim, 3), gamma = random_values(dim, 4), out(rows * dim);
+  cpu::set_thread_count(2);
+  cpu::rmsnorm(x.data(), gamma.data(), out.data(), rows, dim, 1e-5f);
+  for (int r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int i = 0; i < dim; ++i) ss += double(x[r * dim + i]) * x[r * dim + i];
+    double scale = 1.0 / std::sqrt(ss / dim + 1e-5);
+    for (int i = 0; i < dim; ++i) EXPECT_NEAR(out[r * dim + i], x[r * dim + i] * scale * gamma[i], 1e-5);
+  }
+}
+
+TEST(Ops, Fp16DotAndAxpyMatchWidenedMath) {
+  for (int n : {1, 8, 15, 16, 64, 100}) {
+    std::vector<float> x = random_values(n, n), y = random_values(n, n + 100), acc = random_values(n, 7);
+    std::vector<uint16_t> y16(n);
+    cpu::fp32_to_fp16_row(y.data(), y16.data(), n);
+    std::vector<float> y_back(n);
+    cpu::fp16_to_fp32_row(y16.data(), y_back.data(), n);
+    double dot = 0;
+    for (int i = 0; i < n; ++i) dot += double(x[i]) * y_back[i];
+    EXPECT_NEAR(cpu::dot_fp16(x.data(), y16.data(), n), dot, 1e-4);
+    std::vector<float> expected = acc;
+    for (int i = 0; i < n; ++i) expected[i] += 0.75f * y_back[i];
+    cpu::axpy_fp16(0.75f, y16.data(), acc.data(), n);
+    for (int i = 0; i < n; ++i) EXPECT_NEAR(acc[i], expected[i], 1e-5);
+  }
+}
+
+TEST(ThreadPool, CoversEveryIndexExactlyOnce) {
+  for (int threads : {1, 2, 3}) {
+    cpu::set_thread_count(threads);
+    for (int64_t n : {0, 1, 2, 5, 64, 1001}) {
+      std::vector<std::atomic<int>> hits(n);
+      for (int rep = 0; rep < 50; ++rep) {
+        cpu::parallel_for(n, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1);
+        });
+      }
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 50) << "threads " << threads << " n " << n;
+    }
+  }
+  cpu::set_thread_count(1);
+}
+
+TEST(Sampler, GreedyTopKOneAndTinyTopPAllPickTheArgmax) {
+  std::vector<float> logits = random_values(1000, 11);
+  const int32_t best = argmax(logits.data(), 1000);
+  Sampler greedy(SamplerOptions{});
+  EXPECT_EQ(greedy.sample(logits.data(), 1000), best);
+  SamplerOptions top_k_one{1.0f, 1, 1.0f, 5};
+  Sampler sampler_k(top_k_one);
+  SamplerOptions tiny_p{1.0f, 0, 1e-6f, 5};
+  Sampler sampler_p(tiny_p);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_EQ(sampler_k.sample(logits.data(), 1000), best);
+    EXPECT_EQ(sampler_p.sample(logits.data(), 1000), best);
+  }
+}
+
+TEST(Sampler, FrequenciesFollowSoftmaxAtTemperatureAndSeedsRepeat) {
+  std::vector<float> logits = {1.0f, 2.0f, 0.0f, -1.0f};
+  const float temperature = 0.7f;
+  SamplerOptions options{temperature, 0, 1.0f, 42};
+  Sampler sampler(options), again(options);
+  std::map<int32_t, int> counts;
+  const int draws = 40000;
+  for (int i = 0; i < draws; ++i) {
+    int32_t a = sampler.sample(logits.data(), 4);
+    EXPECT_EQ(a, again.sample(logits.data(), 4));
+    counts[a]++;
+  }
+  double z = 0;
+  for (float l : logits) z += std::exp(l / temperature);
+  for (int32_t t = 0; t < 4; ++t) {
+    double p = std::exp(logits[t] / temperature) / z;
+    double sigma = std::sqrt(p * (1 - p) / draws);
+    EXPECT_NEAR(double(counts[t]) / draws, p, 5 * sigma + 1e-4) << "token " << t;
+  }
+  // top-k 2 never picks the two least likely tokens.
+  Sampler top2(SamplerOptions{temperature, 2, 1.0f, 1});
+  for (int i = 0; i < 1000; ++i) {
+    int32_t t = top2.sample(logits.data(), 4);
+    EXPECT_TRUE(t == 0 || t == 1);
+  }
+}
+
+TEST(Sampler, RejectsBadOptions) {
+  EXPECT_THROW(Sampler(SamplerOptions{-1.0f, 0, 1.0f, 0}), Error);
+  EXPECT_THROW(Sampler(SamplerOptions{1.0f, -3, 1.0f, 0}), Error);
+  EXPECT_THROW(Sampler(SamplerOptions{1.0f, 0, 0.0f, 0}), Error);
+}
+
+}  // namespace
+}  // namespace xq
