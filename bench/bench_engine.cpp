@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -124,7 +125,11 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string models = "../shared/models/stories260K.bin,models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  // Defaults follow the set-up: $XQ_SHARED_DIR (or ../shared) and $XQ_MODELS_DIR (or models).
+  const char* shared_env = std::getenv("XQ_SHARED_DIR");
+  const char* models_env = std::getenv("XQ_MODELS_DIR");
+  std::string models = std::string(shared_env ? shared_env : "../shared") + "/models/stories260K.bin," +
+                       (models_env ? models_env : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
   int prefill = 256, decode = 64;
   std::string command = argv[0];
   for (int i = 1; i < argc; ++i) {
