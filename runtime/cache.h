@@ -19,6 +19,10 @@ struct CacheOptions {
   std::string mode = "fp16";
   int32_t max_tokens = 0;  // per sequence
   int32_t sequences = 1;
+  // RoPE cos/sin table for positions [0, max_tokens), from cpu::rope_table();
+  // owned by the engine. Caches rotate keys themselves because some modes
+  // (KIVI, XQuant) must keep or rebuild them before rotation.
+  const float* rope_cos_sin = nullptr;
 };
 
 class AttentionCache {
@@ -30,7 +34,7 @@ class AttentionCache {
   // Hands the cache the inputs of layer `layer` for n new tokens of sequence
   // `seq` at positions [pos0, pos0 + n):
   //   x (n, dim): the post-RMSNorm layer input (what XQuant modes keep);
-  //   k, v (n, kv_dim): keys after RoPE and values (what KV modes keep).
+  //   k, v (n, kv_dim): keys *before* RoPE and values (what KV modes keep).
   virtual void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x,
                       const float* k, const float* v) = 0;
 

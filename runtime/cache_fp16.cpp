@@ -18,8 +18,12 @@ constexpr int32_t kMinQueriesForGemm = 16;
 }  // namespace
 
 Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
-    : config_(config), max_tokens_(options.max_tokens), sequences_(options.sequences) {
+    : config_(config),
+      max_tokens_(options.max_tokens),
+      sequences_(options.sequences),
+      rope_cos_sin_(options.rope_cos_sin) {
   if (max_tokens_ <= 0 || sequences_ <= 0) throw Error("fp16 cache: capacity must be positive");
+  if (!rope_cos_sin_) throw Error("fp16 cache: no RoPE table");
   block_elems_ = static_cast<size_t>(config.n_kv_heads) * max_tokens_ * config.head_dim;
   storage_.resize(block_elems_ * 2 * config.n_layers * sequences_);
   lengths_.assign(sequences_, 0);
@@ -44,10 +48,15 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   const int32_t hd = config_.head_dim, kv_dim = config_.kv_dim();
   uint16_t* key_block = keys(seq, layer);
   uint16_t* value_block = values(seq, layer);
+  rotated_.assign(k, k + static_cast<size_t>(n) * kv_dim);
+  positions_.resize(n);
+  for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
+  cpu::rope(rotated_.data(), positions_.data(), n, config_.n_kv_heads, hd, config_.rope_dim, config_.rope_layout,
+            rope_cos_sin_);
   for (int32_t i = 0; i < n; ++i) {
     for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
       size_t at = (static_cast<size_t>(g) * max_tokens_ + pos0 + i) * hd;
-      cpu::fp32_to_fp16_row(k + static_cast<size_t>(i) * kv_dim + g * hd, key_block + at, hd);
+      cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd, key_block + at, hd);
       cpu::fp32_to_fp16_row(v + static_cast<size_t>(i) * kv_dim + g * hd, value_block + at, hd);
     }
   }

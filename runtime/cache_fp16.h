@@ -1,5 +1,6 @@
-// The reference KV cache: K (after RoPE) and V stored in fp16, per KV head
-// contiguous over positions so a decode step reads each head as one stream.
+// The reference KV cache: K (rotated by RoPE on arrival) and V stored in fp16,
+// per KV head contiguous over positions so a decode step reads each head as one
+// stream.
 #pragma once
 
 #include <vector>
@@ -31,7 +32,10 @@ class Fp16KvCache : public AttentionCache {
   int32_t max_tokens_;
   int32_t sequences_;
   size_t block_elems_;  // kv_heads * max_tokens * head_dim
+  const float* rope_cos_sin_;
   std::vector<uint16_t> storage_;
+  std::vector<float> rotated_;  // scratch: the keys of one append after RoPE
+  std::vector<int32_t> positions_;
   std::vector<int32_t> lengths_;
 };
 

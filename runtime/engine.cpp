@@ -13,13 +13,14 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
   const ModelConfig& c = model.config();
   max_tokens_ = options.max_tokens > 0 ? options.max_tokens : c.max_seq_len;
   cpu::set_thread_count(options.threads);
+  rope_cos_sin_.resize(static_cast<size_t>(max_tokens_) * c.rope_dim);
+  cpu::rope_table(rope_cos_sin_.data(), max_tokens_, c.rope_dim, c.rope_theta);
   CacheOptions cache_options;
   cache_options.mode = options.cache_mode;
   cache_options.max_tokens = max_tokens_;
   cache_options.sequences = options.sequences;
+  cache_options.rope_cos_sin = rope_cos_sin_.data();
   cache_ = make_cache(model, cache_options);
-  rope_cos_sin_.resize(static_cast<size_t>(max_tokens_) * c.rope_dim);
-  cpu::rope_table(rope_cos_sin_.data(), max_tokens_, c.rope_dim, c.rope_theta);
 }
 
 void Engine::ensure_scratch(int32_t n) {
@@ -63,8 +64,6 @@ void Engine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0
     cpu::matmul(w.wk, normed_.data(), n, k_.data());
     cpu::matmul(w.wv, normed_.data(), n, v_.data());
     cpu::rope(q_.data(), positions_.data(), n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout, rope_cos_sin_.data());
-    cpu::rope(k_.data(), positions_.data(), n, c.n_kv_heads, c.head_dim, c.rope_dim, c.rope_layout,
-              rope_cos_sin_.data());
     cache_->append(seq, layer, pos0, n, normed_.data(), k_.data(), v_.data());
     cache_->attend(seq, layer, pos0, n, q_.data(), attn_.data());
     cpu::matmul(w.wo, attn_.data(), n, proj_.data());
