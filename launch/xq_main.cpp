@@ -162,10 +162,14 @@ int run_perplexity(int argc, char** argv) {
   options.ctx = static_cast<int32_t>(args.get_int("ctx", 2));
   options.max_chunks = static_cast<int32_t>(args.get_int("chunks", 0));
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+  options.score_all = args.get("score") == "all";
+  // Scoring the second half of a 2-token chunk scores nothing (NaN perplexity).
+  if (!options.score_all && options.ctx < 3)
+    throw Error("perplexity: --ctx " + std::to_string(options.ctx) +
+                " leaves no token to score (use at least 3, or --score all)");
   const std::string text = read_text_file(args.get("file"));
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
 
-  options.score_all = args.get("score") == "all";
   options.bos_first = args.get("bos") == "on" || model->tokenizer().add_bos();
   if (options.ctx > model->config().max_seq_len)
     throw Error("perplexity: --ctx must be between 2 and the model's context of " +
@@ -181,6 +185,10 @@ int run_perplexity(int argc, char** argv) {
   std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
   const double tokenize_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - tokenize_start).count();
+  // Checked here, before the progress line, so that the error is the only output.
+  if (tokens.size() < static_cast<size_t>(options.ctx))
+    throw Error(args.get("file") + ": the text has " + std::to_string(tokens.size()) +
+                " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n", args.get("file").c_str(),
                tokens.size(), tokenize_seconds, options.ctx, args.get("cache").c_str(), engine_options.threads);
 

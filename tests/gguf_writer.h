@@ -13,9 +13,9 @@ namespace xq::testing {
 class GgufWriter {
  public:
   // GGUF metadata value type ids.
-  static constexpr uint32_t kUint8 = 0, kInt8 = 1, kUint16 = 2, kInt16 = 3, kUint32 = 4,
-                            kInt32 = 5, kFloat32 = 6, kBool = 7, kString = 8, kArray = 9,
-                            kUint64 = 10, kInt64 = 11, kFloat64 = 12;
+  static constexpr uint32_t kUint8 = 0, kInt8 = 1, kUint16 = 2, kInt16 = 3, kUint32 = 4, kInt32 = 5,
+                            kFloat32 = 6, kBool = 7, kString = 8, kArray = 9, kUint64 = 10,
+                            kInt64 = 11, kFloat64 = 12;
 
   explicit GgufWriter(uint32_t version = 3) : version_(version) {}
 

@@ -24,6 +24,7 @@ class TinyLlamaGguf {
     std::vector<uint8_t> bytes;
   };
 
+  static inline const std::string kSpace = "\xE2\x96\x81";  // SentencePiece's U+2581
   static constexpr uint32_t kDim = 8, kLayers = 1, kHeads = 2, kFfn = 16, kContext = 64;
 
   // Metadata values written by build(); tests may make them absurd.
@@ -32,8 +33,8 @@ class TinyLlamaGguf {
   uint32_t head_count = kHeads;
   uint32_t feed_forward_length = kFfn;
   uint32_t context_length = kContext;
-  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", "\xE2\x96\x81",
-                                     "a",     "b",   "\xE2\x96\x81" "a", "\xE2\x96\x81" "b"};
+  std::vector<std::string> tokens = {"<unk>", "<s>", "</s>",       kSpace,
+                                     "a",     "b",   kSpace + "a", kSpace + "b"};
   std::vector<Tensor> tensors;
 
   TinyLlamaGguf() {
@@ -96,8 +97,8 @@ class TinyLlamaGguf {
     for (size_t i = 0; i < tokens.size(); ++i) {
       if (tokens[i].size() > 1 && tokens[i][0] != '<') scores[i] = -1.0f;
     }
-    types[0] = 2;             // unknown: the byte fallback for every byte
-    types[1] = types[2] = 3;  // control: BOS and EOS
+    // Unknown (the byte fallback for every byte), then control: BOS and EOS.
+    for (size_t i = 0; i < std::min<size_t>(tokens.size(), 3); ++i) types[i] = i == 0 ? 2 : 3;
     w.add_float32_array("tokenizer.ggml.scores", scores);
     w.add_int32_array("tokenizer.ggml.token_type", types);
     w.add_uint32("tokenizer.ggml.bos_token_id", 1);
@@ -115,8 +116,9 @@ class TinyLlamaGguf {
     for (uint64_t d : shape) elements *= d;
     std::vector<float> values(elements);
     for (uint64_t i = 0; i < elements; ++i) {
-      values[i] = std::isnan(constant) ? 0.1f * std::sin(0.7f * static_cast<float>(i + tensors.size()))
-                                       : constant;
+      values[i] = std::isnan(constant)
+                      ? 0.1f * std::sin(0.7f * static_cast<float>(i + tensors.size()))
+                      : constant;
     }
     Tensor t{name, std::move(shape), 0, std::vector<uint8_t>(elements * sizeof(float))};
     std::memcpy(t.bytes.data(), values.data(), t.bytes.size());
