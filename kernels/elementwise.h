@@ -31,6 +31,8 @@ XQ_HOST_DEVICE inline void rope_rotate(float& a, float& b, float cos_angle, floa
   b = a0 * sin_angle + b0 * cos_angle;
 }
 
-XQ_HOST_DEVICE inline float silu(float x) { return x / (1.0f + expf(-x)); }
+XQ_HOST_DEVICE inline float silu(float x) {
+  return x / (1.0f + expf(-x));
+}
 
 }  // namespace xq

@@ -29,7 +29,8 @@ namespace {
 // Parses "--name value" and "--flag" arguments against a declared set.
 class Arguments {
  public:
-  Arguments(std::string command, std::string summary) : command_(std::move(command)), summary_(std::move(summary)) {}
+  Arguments(std::string command, std::string summary)
+      : command_(std::move(command)), summary_(std::move(summary)) {}
 
   void option(const std::string& name, const std::string& fallback, const std::string& help) {
     values_[name] = fallback;
@@ -48,10 +49,12 @@ class Arguments {
         print_usage();
         return false;
       }
-      if (arg.rfind("--", 0) != 0) throw Error(command_ + ": unexpected argument '" + arg + "' (see --help)");
+      if (arg.rfind("--", 0) != 0)
+        throw Error(command_ + ": unexpected argument '" + arg + "' (see --help)");
       std::string name = arg.substr(2);
       auto it = values_.find(name);
-      if (it == values_.end()) throw Error(command_ + ": unknown option '" + arg + "' (see --help)");
+      if (it == values_.end())
+        throw Error(command_ + ": unknown option '" + arg + "' (see --help)");
       if (is_flag(name)) {
         it->second = "1";
       } else {
@@ -73,8 +76,8 @@ class Arguments {
     errno = 0;
     long long parsed = std::strtoll(v.c_str(), &end, 10);
     if (v.empty() || *end != '\0' || errno != 0 || parsed < min || parsed > max)
-      throw Error(command_ + ": --" + name + " wants an integer from " + std::to_string(min) + " to " +
-                  std::to_string(max) + ", got '" + v + "'");
+      throw Error(command_ + ": --" + name + " wants an integer from " + std::to_string(min) +
+                  " to " + std::to_string(max) + ", got '" + v + "'");
     return parsed;
   }
   double get_float(const std::string& name) const {
@@ -101,8 +104,9 @@ class Arguments {
     for (const Entry& e : order_) {
       std::string left = "--" + e.name + (e.is_flag ? "" : " V");
       std::string fallback = values_.at(e.name);
-      std::printf("  %-22s %s%s\n", left.c_str(), e.help.c_str(),
-                  (!e.is_flag && !fallback.empty()) ? (" (default: " + fallback + ")").c_str() : "");
+      std::printf(
+          "  %-22s %s%s\n", left.c_str(), e.help.c_str(),
+          (!e.is_flag && !fallback.empty()) ? (" (default: " + fallback + ")").c_str() : "");
     }
   }
 
@@ -130,7 +134,8 @@ std::string read_text_file(const std::string& path) {
   // An ifstream opens a directory without complaint and then reads nothing,
   // which would be reported as an empty file.
   std::error_code ignored;
-  if (std::filesystem::is_directory(path, ignored)) throw Error(path + ": cannot read text file: it is a directory");
+  if (std::filesystem::is_directory(path, ignored))
+    throw Error(path + ": cannot read text file: it is a directory");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot read text file: " + std::strerror(errno));
   std::stringstream buffer;
@@ -143,19 +148,22 @@ std::string read_text_file(const std::string& path) {
 
 int run_perplexity(int argc, char** argv) {
   Arguments args("perplexity",
-                 "Perplexity of a text file: chunks of --ctx tokens, each starting with BOS, the second half of "
+                 "Perplexity of a text file: chunks of --ctx tokens, each starting with BOS, the "
+                 "second half of "
                  "each chunk scored (llama.cpp's protocol).");
   add_model_options(args);
   args.option("file", "", "text file to score (required)");
   args.option("ctx", "512", "tokens per chunk");
   args.option("chunks", "0", "score at most this many chunks (0 = all)");
   args.option("score", "half", "'half' (second half of each chunk) or 'all'");
-  args.option("bos", "on", "'on': BOS starts every chunk; 'auto': only where the model file asks for BOS");
+  args.option("bos", "on",
+              "'on': BOS starts every chunk; 'auto': only where the model file asks for BOS");
   if (!args.parse(argc, argv)) return 0;
   if (!args.has("file")) throw Error("perplexity: --file is required (see --help)");
   if (args.get("score") != "half" && args.get("score") != "all")
     throw Error("perplexity: --score must be 'half' or 'all'");
-  if (args.get("bos") != "on" && args.get("bos") != "auto") throw Error("perplexity: --bos must be 'on' or 'auto'");
+  if (args.get("bos") != "on" && args.get("bos") != "auto")
+    throw Error("perplexity: --bos must be 'on' or 'auto'");
   // Numbers are checked before the text is read and the model loaded, so a
   // typo fails at once.
   PerplexityOptions options;
@@ -189,8 +197,9 @@ int run_perplexity(int argc, char** argv) {
   if (tokens.size() < static_cast<size_t>(options.ctx))
     throw Error(args.get("file") + ": the text has " + std::to_string(tokens.size()) +
                 " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
-  std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n", args.get("file").c_str(),
-               tokens.size(), tokenize_seconds, options.ctx, args.get("cache").c_str(), engine_options.threads);
+  std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
+               args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
+               args.get("cache").c_str(), engine_options.threads);
 
   const bool terminal = isatty(STDERR_FILENO);
   auto progress = [&](int32_t done, int32_t total, double running) {
@@ -203,14 +212,17 @@ int run_perplexity(int argc, char** argv) {
     std::fflush(stderr);
   };
   PerplexityResult result = evaluate_perplexity(engine, tokens, options, progress);
-  std::printf("perplexity %.4f +/- %.4f  (%lld tokens scored in %d chunks of %d, %.1f tokens/s evaluated)\n",
-              result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored), result.chunks,
-              options.ctx, result.tokens_evaluated / result.seconds);
+  std::printf(
+      "perplexity %.4f +/- %.4f  (%lld tokens scored in %d chunks of %d, %.1f tokens/s "
+      "evaluated)\n",
+      result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored),
+      result.chunks, options.ctx, result.tokens_evaluated / result.seconds);
   return 0;
 }
 
 int run_generate(int argc, char** argv) {
-  Arguments args("generate", "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
+  Arguments args("generate",
+                 "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
   add_model_options(args);
   args.option("prompt", "", "prompt text (required)");
   args.option("max-tokens", "128", "tokens to generate at most");
@@ -228,12 +240,13 @@ int run_generate(int argc, char** argv) {
   if (prompt.empty()) throw Error("generate: the prompt has no tokens");
   const int64_t needed = static_cast<int64_t>(prompt.size()) + max_new;
   if (static_cast<int64_t>(prompt.size()) >= model->config().max_seq_len)
-    throw Error("generate: the prompt has " + std::to_string(prompt.size()) + " tokens; the model's context is " +
-                std::to_string(model->config().max_seq_len));
+    throw Error("generate: the prompt has " + std::to_string(prompt.size()) +
+                " tokens; the model's context is " + std::to_string(model->config().max_seq_len));
 
   EngineOptions engine_options;
   engine_options.threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-  engine_options.max_tokens = static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
+  engine_options.max_tokens =
+      static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
 
@@ -241,8 +254,8 @@ int run_generate(int argc, char** argv) {
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
   sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
   sampler_options.top_p = static_cast<float>(args.get_float("top-p"));
-  sampler_options.seed = static_cast<uint64_t>(
-      args.get_int("seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
+  sampler_options.seed = static_cast<uint64_t>(args.get_int(
+      "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   Sampler sampler(sampler_options);
   const bool print_ids = args.has("ids");
 
@@ -272,24 +285,30 @@ int run_generate(int argc, char** argv) {
   if (!print_ids) std::printf("\n");
   const double prefill_s = std::chrono::duration<double>(prefill_done - start).count();
   const double decode_s = std::chrono::duration<double>(end - prefill_done).count();
-  std::fprintf(stderr, "prompt %d tokens in %.3f s (%.1f tokens/s); generated %lld tokens in %.3f s (%.1f tokens/s)\n",
-               n_prompt, prefill_s, n_prompt / prefill_s, static_cast<long long>(generated), decode_s,
-               generated > 0 ? generated / decode_s : 0.0);
+  std::fprintf(stderr,
+               "prompt %d tokens in %.3f s (%.1f tokens/s); generated %lld tokens in %.3f s (%.1f "
+               "tokens/s)\n",
+               n_prompt, prefill_s, n_prompt / prefill_s, static_cast<long long>(generated),
+               decode_s, generated > 0 ? generated / decode_s : 0.0);
   return 0;
 }
 
 int run_tokenize(int argc, char** argv) {
-  Arguments args("tokenize", "Print the token ids of a text (comma-separated), with BOS where the model asks for it.");
+  Arguments args(
+      "tokenize",
+      "Print the token ids of a text (comma-separated), with BOS where the model asks for it.");
   args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
   args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
   args.option("prompt", "", "text to tokenize");
   args.option("file", "", "file whose text to tokenize (instead of --prompt)");
   args.option("bos", "auto", "'auto' (as the model file says), 'on' or 'off'");
   if (!args.parse(argc, argv)) return 0;
-  if (args.has("prompt") == args.has("file")) throw Error("tokenize: give one of --prompt and --file (see --help)");
+  if (args.has("prompt") == args.has("file"))
+    throw Error("tokenize: give one of --prompt and --file (see --help)");
   const std::string text = args.has("file") ? read_text_file(args.get("file")) : args.get("prompt");
   const std::string bos = args.get("bos");
-  if (bos != "auto" && bos != "on" && bos != "off") throw Error("tokenize: --bos must be 'auto', 'on' or 'off'");
+  if (bos != "auto" && bos != "on" && bos != "off")
+    throw Error("tokenize: --bos must be 'auto', 'on' or 'off'");
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   const bool add_bos = bos == "on" || (bos == "auto" && model->tokenizer().add_bos());
   std::vector<int32_t> ids = model->tokenizer().encode(text, add_bos);

@@ -33,17 +33,20 @@ uint16_t* Fp16KvCache::keys(int32_t seq, int32_t layer) {
   return storage_.data() + (static_cast<size_t>(seq) * config_.n_layers + layer) * 2 * block_elems_;
 }
 
-uint16_t* Fp16KvCache::values(int32_t seq, int32_t layer) { return keys(seq, layer) + block_elems_; }
+uint16_t* Fp16KvCache::values(int32_t seq, int32_t layer) {
+  return keys(seq, layer) + block_elems_;
+}
 
 void Fp16KvCache::check(int32_t seq, int32_t pos0, int32_t n) const {
-  if (seq < 0 || seq >= sequences_) throw Error("cache: sequence " + std::to_string(seq) + " out of range");
+  if (seq < 0 || seq >= sequences_)
+    throw Error("cache: sequence " + std::to_string(seq) + " out of range");
   if (pos0 < 0 || n < 0 || pos0 + n > max_tokens_)
     throw Error("cache: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
                 ") exceed the cache capacity of " + std::to_string(max_tokens_) + " tokens");
 }
 
-void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float*, const float* k,
-                         const float* v) {
+void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float*,
+                         const float* k, const float* v) {
   check(seq, pos0, n);
   const int32_t hd = config_.head_dim, kv_dim = config_.kv_dim();
   uint16_t* key_block = keys(seq, layer);
@@ -51,19 +54,21 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   rotated_.assign(k, k + static_cast<size_t>(n) * kv_dim);
   positions_.resize(n);
   for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
-  cpu::rope(rotated_.data(), positions_.data(), n, config_.n_kv_heads, hd, config_.rope_dim, config_.rope_layout,
-            rope_cos_sin_);
+  cpu::rope(rotated_.data(), positions_.data(), n, config_.n_kv_heads, hd, config_.rope_dim,
+            config_.rope_layout, rope_cos_sin_);
   for (int32_t i = 0; i < n; ++i) {
     for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
       size_t at = (static_cast<size_t>(g) * max_tokens_ + pos0 + i) * hd;
-      cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd, key_block + at, hd);
+      cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd,
+                            key_block + at, hd);
       cpu::fp32_to_fp16_row(v + static_cast<size_t>(i) * kv_dim + g * hd, value_block + at, hd);
     }
   }
   if (layer == config_.n_layers - 1) lengths_[seq] = std::max(lengths_[seq], pos0 + n);
 }
 
-void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) {
+void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                         float* out) {
   check(seq, pos0, n);
   const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
   const int32_t total = pos0 + n;
@@ -87,7 +92,8 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
         cpu::softmax(scores.data(), visible);
         float* acc = out + i * q_stride + h * hd;
         std::fill(acc, acc + hd, 0.0f);
-        for (int32_t t = 0; t < visible; ++t) cpu::axpy_fp16(scores[t], v_head + static_cast<size_t>(t) * hd, acc, hd);
+        for (int32_t t = 0; t < visible; ++t)
+          cpu::axpy_fp16(scores[t], v_head + static_cast<size_t>(t) * hd, acc, hd);
       }
     });
     return;
@@ -96,11 +102,14 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   // Prefill: widen every KV head's keys and values once, then per query head
   // (in parallel) scores = Q K^T (sgemm), causal mask + softmax, out = P V (sgemm).
   const size_t head_elems = static_cast<size_t>(total) * hd;
-  std::vector<float> k_float(head_elems * config_.n_kv_heads), v_float(head_elems * config_.n_kv_heads);
+  std::vector<float> k_float(head_elems * config_.n_kv_heads),
+      v_float(head_elems * config_.n_kv_heads);
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
     const size_t head_at = static_cast<size_t>(g) * max_tokens_ * hd;
-    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data() + g * head_elems, static_cast<int64_t>(head_elems));
-    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems, static_cast<int64_t>(head_elems));
+    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data() + g * head_elems,
+                          static_cast<int64_t>(head_elems));
+    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems,
+                          static_cast<int64_t>(head_elems));
   }
   cpu::parallel_for(heads, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(static_cast<size_t>(n) * total);
@@ -115,8 +124,8 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
         cpu::softmax(row, visible);
         std::fill(row + visible, row + total, 0.0f);
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total, v_head, hd,
-                  0.0f, out + h * hd, static_cast<int>(q_stride));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(),
+                  total, v_head, hd, 0.0f, out + h * hd, static_cast<int>(q_stride));
     }
   });
 }

@@ -16,7 +16,8 @@ class Fp16KvCache : public AttentionCache {
   std::string mode() const override { return "fp16"; }
   void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x, const float* k,
               const float* v) override;
-  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) override;
+  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+              float* out) override;
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override { return lengths_.at(seq); }
   double bytes_per_token() const override;

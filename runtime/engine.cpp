@@ -47,12 +47,13 @@ void Engine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0
                 ") exceed the context of " + std::to_string(max_tokens_) + " tokens");
   for (int32_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
-      throw Error("forward: token id " + std::to_string(tokens[i]) + " is outside the vocabulary of " +
-                  std::to_string(c.vocab_size));
+      throw Error("forward: token id " + std::to_string(tokens[i]) +
+                  " is outside the vocabulary of " + std::to_string(c.vocab_size));
   }
   ensure_scratch(n);
   for (int32_t i = 0; i < n; ++i) {
-    cpu::matrix_row_to_float(model_.token_embedding(), tokens[i], hidden_.data() + static_cast<size_t>(i) * c.dim);
+    cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],
+                             hidden_.data() + static_cast<size_t>(i) * c.dim);
     positions_[i] = pos0 + i;
   }
 
@@ -63,7 +64,8 @@ void Engine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0
     cpu::matmul(w.wq, normed_.data(), n, q_.data());
     cpu::matmul(w.wk, normed_.data(), n, k_.data());
     cpu::matmul(w.wv, normed_.data(), n, v_.data());
-    cpu::rope(q_.data(), positions_.data(), n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout, rope_cos_sin_.data());
+    cpu::rope(q_.data(), positions_.data(), n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout,
+              rope_cos_sin_.data());
     cache_->append(seq, layer, pos0, n, normed_.data(), k_.data(), v_.data());
     cache_->attend(seq, layer, pos0, n, q_.data(), attn_.data());
     cpu::matmul(w.wo, attn_.data(), n, proj_.data());

@@ -20,7 +20,9 @@ std::string describe(const ModelConfig& c) {
          std::to_string(c.vocab_size);
 }
 
-bool in_range(int64_t v, int64_t lo, int64_t hi) { return v >= lo && v <= hi; }
+bool in_range(int64_t v, int64_t lo, int64_t hi) {
+  return v >= lo && v <= hi;
+}
 
 // "8 x 4": a GGUF shape as the error messages print it, contiguous dimension first.
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -34,16 +36,26 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 std::string Model::config_problem() const {
   const ModelConfig& c = config_;
   std::string problem;
-  if (!in_range(c.dim, 1, kMaxDim)) problem = "embedding width";
-  else if (!in_range(c.n_layers, 1, kMaxLayers)) problem = "layer count";
-  else if (!in_range(c.n_heads, 1, c.dim)) problem = "head count";
-  else if (!in_range(c.n_kv_heads, 1, c.n_heads) || c.n_heads % c.n_kv_heads != 0) problem = "KV head count";
-  else if (!in_range(c.head_dim, 2, kMaxDim) || c.head_dim % 2 != 0) problem = "head size";
-  else if (!in_range(c.rope_dim, 2, c.head_dim) || c.rope_dim % 2 != 0) problem = "RoPE dimension";
-  else if (!in_range(c.ffn_dim, 1, 16 * kMaxDim)) problem = "feed-forward width";
-  else if (!in_range(c.vocab_size, 1, kMaxVocab)) problem = "vocabulary size";
-  else if (!in_range(c.max_seq_len, 1, kMaxContext)) problem = "context length";
-  else if (!(c.rope_theta > 0) || !(c.rms_eps > 0) || !(c.rms_eps < 1)) problem = "RoPE theta or RMS epsilon";
+  if (!in_range(c.dim, 1, kMaxDim))
+    problem = "embedding width";
+  else if (!in_range(c.n_layers, 1, kMaxLayers))
+    problem = "layer count";
+  else if (!in_range(c.n_heads, 1, c.dim))
+    problem = "head count";
+  else if (!in_range(c.n_kv_heads, 1, c.n_heads) || c.n_heads % c.n_kv_heads != 0)
+    problem = "KV head count";
+  else if (!in_range(c.head_dim, 2, kMaxDim) || c.head_dim % 2 != 0)
+    problem = "head size";
+  else if (!in_range(c.rope_dim, 2, c.head_dim) || c.rope_dim % 2 != 0)
+    problem = "RoPE dimension";
+  else if (!in_range(c.ffn_dim, 1, 16 * kMaxDim))
+    problem = "feed-forward width";
+  else if (!in_range(c.vocab_size, 1, kMaxVocab))
+    problem = "vocabulary size";
+  else if (!in_range(c.max_seq_len, 1, kMaxContext))
+    problem = "context length";
+  else if (!(c.rope_theta > 0) || !(c.rms_eps > 0) || !(c.rms_eps < 1))
+    problem = "RoPE theta or RMS epsilon";
   return problem.empty() ? "" : "absurd " + problem + " (" + describe(c) + ")";
 }
 
@@ -83,33 +95,39 @@ void Model::load_gguf(const std::string& path) {
   auto required_int = [&](const std::string& key) -> int32_t {
     auto v = f.get_int(arch + key);
     if (!v) throw Error(path + ": missing metadata key '" + arch + key + "'");
-    if (*v < 0 || *v > (int64_t{1} << 30)) throw Error(path + ": absurd value of '" + arch + key + "'");
+    if (*v < 0 || *v > (int64_t{1} << 30))
+      throw Error(path + ": absurd value of '" + arch + key + "'");
     return static_cast<int32_t>(*v);
   };
   c.dim = required_int("embedding_length");
   c.n_layers = required_int("block_count");
   c.n_heads = required_int("attention.head_count");
-  c.n_kv_heads = f.get_int(arch + "attention.head_count_kv") ? required_int("attention.head_count_kv") : c.n_heads;
+  c.n_kv_heads = f.get_int(arch + "attention.head_count_kv")
+                     ? required_int("attention.head_count_kv")
+                     : c.n_heads;
   c.ffn_dim = required_int("feed_forward_length");
   c.max_seq_len = required_int("context_length");
   c.head_dim = c.n_heads > 0 ? c.dim / c.n_heads : 0;
   if (f.get_int(arch + "attention.key_length")) c.head_dim = required_int("attention.key_length");
-  c.rope_dim = f.get_int(arch + "rope.dimension_count") ? required_int("rope.dimension_count") : c.head_dim;
+  c.rope_dim =
+      f.get_int(arch + "rope.dimension_count") ? required_int("rope.dimension_count") : c.head_dim;
   c.rope_theta = static_cast<float>(f.get_float(arch + "rope.freq_base").value_or(10000.0));
-  c.rms_eps = static_cast<float>(f.get_float(arch + "attention.layer_norm_rms_epsilon").value_or(1e-5));
+  c.rms_eps =
+      static_cast<float>(f.get_float(arch + "attention.layer_norm_rms_epsilon").value_or(1e-5));
   // GGUF llama weights are stored permuted for the interleaved (GPT-J) pairing.
   c.rope_layout = RopeLayout::kInterleaved;
 
   tokenizer_ = std::make_unique<Tokenizer>(vocabulary_from_gguf(f));
   c.vocab_size = tokenizer_->vocab_size();
-  if (const std::string problem = config_problem(); !problem.empty()) throw Error(path + ": " + problem);
+  if (const std::string problem = config_problem(); !problem.empty())
+    throw Error(path + ": " + problem);
 
   auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
     const GgufTensor* t = f.find_tensor(name);
     if (!t) throw Error(path + ": missing tensor '" + name + "'");
     if (t->shape.size() != 2 || t->shape[0] != cols || t->shape[1] != rows)
-      throw Error(path + ": tensor '" + name + "' has shape " + shape_text(t->shape) + ", expected " +
-                  std::to_string(cols) + " x " + std::to_string(rows));
+      throw Error(path + ": tensor '" + name + "' has shape " + shape_text(t->shape) +
+                  ", expected " + std::to_string(cols) + " x " + std::to_string(rows));
     WeightMatrix m;
     m.type = t->type;
     m.data = t->data;
@@ -122,8 +140,9 @@ void Model::load_gguf(const std::string& path) {
     const GgufTensor* t = f.find_tensor(name);
     if (!t) throw Error(path + ": missing tensor '" + name + "'");
     if (t->type != TensorType::kF32 || t->elements() != n)
-      throw Error(path + ": tensor '" + name + "' must be F32 with " + std::to_string(n) + " values, not " +
-                  tensor_type_name(t->type) + " with " + std::to_string(t->elements()));
+      throw Error(path + ": tensor '" + name + "' must be F32 with " + std::to_string(n) +
+                  " values, not " + tensor_type_name(t->type) + " with " +
+                  std::to_string(t->elements()));
     if (reinterpret_cast<uintptr_t>(t->data) % alignof(float) != 0)
       throw Error(path + ": tensor '" + name + "' is misaligned");
     return reinterpret_cast<const float*>(t->data);
@@ -158,9 +177,11 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   constexpr size_t kHeaderInts = 7;
   // A llama2.c checkpoint has no magic number: any file without the GGUF magic
   // ends up here, so a header that makes no sense says the file is neither.
-  const std::string neither = path + ": neither a GGUF file (no 'GGUF' magic) nor a llama2.c checkpoint";
+  const std::string neither =
+      path + ": neither a GGUF file (no 'GGUF' magic) nor a llama2.c checkpoint";
   if (map.size() < kHeaderInts * sizeof(int32_t))
-    throw Error(neither + " (only " + std::to_string(map.size()) + " bytes, shorter than a llama2.c header)");
+    throw Error(neither + " (only " + std::to_string(map.size()) +
+                " bytes, shorter than a llama2.c header)");
   int32_t header[kHeaderInts];
   std::memcpy(header, map.data(), sizeof(header));
   ModelConfig& c = config_;
@@ -181,17 +202,22 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   c.rope_layout = RopeLayout::kInterleaved;
   if (const std::string problem = config_problem(); !problem.empty())
     throw Error(neither + " (as a llama2.c header: " + problem + ")");
-  if (c.dim % c.n_heads != 0) throw Error(path + ": width " + std::to_string(c.dim) + " is not a multiple of the head count");
+  if (c.dim % c.n_heads != 0)
+    throw Error(path + ": width " + std::to_string(c.dim) + " is not a multiple of the head count");
 
   // Count the floats the header promises before touching them.
   const int64_t d = c.dim, L = c.n_layers, kv = c.kv_dim(), f = c.ffn_dim, V = c.vocab_size;
-  const int64_t rope_table = static_cast<int64_t>(c.max_seq_len) * c.head_dim;  // freq_cis real + imag, unused
-  int64_t floats = V * d + L * d + L * d * d + 2 * L * d * kv + L * d * d + L * d + 3 * L * d * f + d + rope_table;
+  const int64_t rope_table =
+      static_cast<int64_t>(c.max_seq_len) * c.head_dim;  // freq_cis real + imag, unused
+  int64_t floats = V * d + L * d + L * d * d + 2 * L * d * kv + L * d * d + L * d + 3 * L * d * f +
+                   d + rope_table;
   if (!c.tied_output) floats += V * d;
-  const size_t expected = kHeaderInts * sizeof(int32_t) + static_cast<size_t>(floats) * sizeof(float);
+  const size_t expected =
+      kHeaderInts * sizeof(int32_t) + static_cast<size_t>(floats) * sizeof(float);
   if (map.size() != expected)
-    throw Error(path + ": size " + std::to_string(map.size()) + " bytes does not match the header (" +
-                describe(c) + ", expected " + std::to_string(expected) + " bytes)");
+    throw Error(path + ": size " + std::to_string(map.size()) +
+                " bytes does not match the header (" + describe(c) + ", expected " +
+                std::to_string(expected) + " bytes)");
 
   const float* cursor = reinterpret_cast<const float*>(map.data() + kHeaderInts * sizeof(int32_t));
   auto take = [&](int64_t n) {
@@ -239,7 +265,8 @@ void Model::load_llama2c(const std::string& path, const std::string& tokenizer_p
   if (tok_path.empty()) {
     namespace fs = std::filesystem;
     fs::path dir = fs::path(path).parent_path();
-    for (const std::string& name : {std::string("tok") + std::to_string(V) + ".bin", std::string("tokenizer.bin")}) {
+    for (const std::string& name :
+         {std::string("tok") + std::to_string(V) + ".bin", std::string("tokenizer.bin")}) {
       if (fs::exists(dir / name)) {
         tok_path = (dir / name).string();
         break;

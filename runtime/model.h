@@ -18,7 +18,7 @@ namespace xq {
 
 struct ModelConfig {
   std::string architecture = "llama";
-  int32_t dim = 0;         // residual width d
+  int32_t dim = 0;  // residual width d
   int32_t n_layers = 0;
   int32_t n_heads = 0;
   int32_t n_kv_heads = 0;  // < n_heads: grouped-query attention
@@ -37,9 +37,9 @@ struct ModelConfig {
 };
 
 struct LayerWeights {
-  const float* attn_norm = nullptr;  // (dim)
-  WeightMatrix wq, wk, wv, wo;       // (q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim)
-  const float* ffn_norm = nullptr;   // (dim)
+  const float* attn_norm = nullptr;   // (dim)
+  WeightMatrix wq, wk, wv, wo;        // (q_dim, dim), (kv_dim, dim), (kv_dim, dim), (dim, q_dim)
+  const float* ffn_norm = nullptr;    // (dim)
   WeightMatrix w_gate, w_up, w_down;  // (ffn, dim), (ffn, dim), (dim, ffn)
 };
 
@@ -48,7 +48,8 @@ class Model {
   // Opens a GGUF file or a llama2.c checkpoint (told apart by the magic).
   // For llama2.c, `tokenizer_path` names tokenizer.bin; empty means
   // "tokenizer.bin" or "tok<vocab>.bin" beside the model.
-  static std::unique_ptr<Model> load(const std::string& path, const std::string& tokenizer_path = "");
+  static std::unique_ptr<Model> load(const std::string& path,
+                                     const std::string& tokenizer_path = "");
 
   const ModelConfig& config() const { return config_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }

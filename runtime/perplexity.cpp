@@ -7,9 +7,9 @@
 
 namespace xq {
 
-PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>& tokens,
-                                     const PerplexityOptions& options,
-                                     const std::function<void(int32_t, int32_t, double)>& progress) {
+PerplexityResult evaluate_perplexity(
+    Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
+    const std::function<void(int32_t, int32_t, double)>& progress) {
   const int32_t ctx = options.ctx;
   const int32_t vocab = engine.model().config().vocab_size;
   if (ctx < 2) throw Error("perplexity: --ctx must be at least 2");
@@ -19,14 +19,15 @@ PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>&
   int32_t chunks = static_cast<int32_t>(tokens.size() / ctx);
   if (options.max_chunks > 0) chunks = std::min(chunks, options.max_chunks);
   if (chunks == 0)
-    throw Error("perplexity: the text has " + std::to_string(tokens.size()) + " tokens, fewer than one chunk of " +
-                std::to_string(ctx));
+    throw Error("perplexity: the text has " + std::to_string(tokens.size()) +
+                " tokens, fewer than one chunk of " + std::to_string(ctx));
   // Positions whose prediction of the next token is scored.
   const int32_t first_scored = options.score_all ? 0 : ctx / 2;
   const int32_t scored_per_chunk = ctx - 1 - first_scored;
   // Nothing scored would make the perplexity exp(0/0) = NaN.
   if (scored_per_chunk < 1)
-    throw Error("perplexity: --ctx " + std::to_string(ctx) + " leaves no token to score (use at least 3, or --score all)");
+    throw Error("perplexity: --ctx " + std::to_string(ctx) +
+                " leaves no token to score (use at least 3, or --score all)");
 
   std::vector<float> logits(static_cast<size_t>(ctx - first_scored) * vocab);
   std::vector<int32_t> chunk(ctx);
@@ -34,8 +35,8 @@ PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>&
   int64_t count = 0;
   const auto start = std::chrono::steady_clock::now();
   for (int32_t c = 0; c < chunks; ++c) {
-    std::copy(tokens.begin() + static_cast<int64_t>(c) * ctx, tokens.begin() + static_cast<int64_t>(c + 1) * ctx,
-              chunk.begin());
+    std::copy(tokens.begin() + static_cast<int64_t>(c) * ctx,
+              tokens.begin() + static_cast<int64_t>(c + 1) * ctx, chunk.begin());
     if (options.bos_first) chunk[0] = engine.model().tokenizer().bos_id();
     engine.cache().truncate(0, 0);
     engine.forward(0, chunk.data(), ctx, 0, logits.data(), first_scored);
@@ -58,7 +59,8 @@ PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>&
   const double mean = nll_sum / count;
   const double variance = nll_sq_sum / count - mean * mean;
   result.perplexity = std::exp(mean);
-  result.standard_error = count > 1 && variance > 0 ? result.perplexity * std::sqrt(variance / (count - 1)) : 0;
+  result.standard_error =
+      count > 1 && variance > 0 ? result.perplexity * std::sqrt(variance / (count - 1)) : 0;
   result.tokens_scored = count;
   result.tokens_evaluated = static_cast<int64_t>(chunks) * ctx;
   result.chunks = chunks;

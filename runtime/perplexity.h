@@ -30,8 +30,8 @@ struct PerplexityResult {
 };
 
 // progress(chunk_done, chunks_total, running_ppl) after each chunk.
-PerplexityResult evaluate_perplexity(Engine& engine, const std::vector<int32_t>& tokens,
-                                     const PerplexityOptions& options,
-                                     const std::function<void(int32_t, int32_t, double)>& progress = {});
+PerplexityResult evaluate_perplexity(
+    Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
+    const std::function<void(int32_t, int32_t, double)>& progress = {});
 
 }  // namespace xq

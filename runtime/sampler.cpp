@@ -29,7 +29,9 @@ int32_t Sampler::sample(const float* logits, int32_t vocab_size) {
   int32_t keep = vocab_size;
   if (options_.top_k > 0 && options_.top_k < vocab_size) keep = options_.top_k;
   std::partial_sort(candidates_.begin(), candidates_.begin() + keep, candidates_.end(),
-                    [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); });
+                    [](const auto& a, const auto& b) {
+                      return a.first > b.first || (a.first == b.first && a.second < b.second);
+                    });
   candidates_.resize(keep);
   // Softmax at temperature T over the kept candidates (sorted, so [0] is the max).
   const float max_logit = candidates_[0].first;

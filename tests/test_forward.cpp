@@ -25,7 +25,8 @@ class ReferenceLlama {
     std::ifstream in(path, std::ios::binary);
     int32_t header[7];
     in.read(reinterpret_cast<char*>(header), sizeof(header));
-    dim = header[0], hidden = header[1], layers = header[2], heads = header[3], kv_heads = header[4];
+    dim = header[0], hidden = header[1], layers = header[2], heads = header[3],
+    kv_heads = header[4];
     vocab = std::abs(header[5]), seq_len = header[6];
     head_size = dim / heads;
     kv_dim = kv_heads * head_size;
@@ -51,7 +52,8 @@ class ReferenceLlama {
   }
 
   std::vector<float> step(int token, int pos) {
-    std::vector<float> x(embedding.begin() + size_t(token) * dim, embedding.begin() + size_t(token + 1) * dim);
+    std::vector<float> x(embedding.begin() + size_t(token) * dim,
+                         embedding.begin() + size_t(token + 1) * dim);
     std::vector<float> xb(dim), q(dim), att(seq_len), out(dim), h1(hidden), h3(hidden);
     for (int l = 0; l < layers; ++l) {
       rmsnorm(xb, x, &rms_att[size_t(l) * dim]);
@@ -88,7 +90,8 @@ class ReferenceLlama {
         for (int c = 0; c < head_size; ++c) {
           double acc = 0;
           for (int t = 0; t <= pos; ++t)
-            acc += std::exp(att[t] - max_score) / sum * value_cache[(size_t(l) * seq_len + t) * kv_dim + g * head_size + c];
+            acc += std::exp(att[t] - max_score) / sum *
+                   value_cache[(size_t(l) * seq_len + t) * kv_dim + g * head_size + c];
           xb[h * head_size + c] = float(acc);
         }
       }
@@ -127,7 +130,9 @@ class ReferenceLlama {
   std::vector<float> key_cache, value_cache;
 };
 
-std::string stories_path() { return testing::shared_path("models/stories260K.bin"); }
+std::string stories_path() {
+  return testing::shared_path("models/stories260K.bin");
+}
 
 TEST(Forward, GreedyTokensMatchScalarReferenceOnStories260K) {
   auto model = Model::load(stories_path());
@@ -171,7 +176,9 @@ TEST(Forward, PrefillEqualsTokenByTokenDecode) {
   auto model = Model::load(stories_path());
   const int vocab = model->config().vocab_size;
   std::vector<int32_t> tokens = model->tokenizer().encode(
-      "Once upon a time, there was a little girl named Lily. She liked to play outside in the park.", true);
+      "Once upon a time, there was a little girl named Lily. She liked to play outside in the "
+      "park.",
+      true);
   const int32_t n = static_cast<int32_t>(tokens.size());
   ASSERT_GT(n, 20);  // more than the GEMM-attention threshold
   EngineOptions options;
@@ -183,7 +190,8 @@ TEST(Forward, PrefillEqualsTokenByTokenDecode) {
   float worst = 0;
   for (int32_t i = 0; i < n; ++i) {
     stepped.forward(0, &tokens[i], 1, i, one.data(), 0);
-    for (int v = 0; v < vocab; ++v) worst = std::max(worst, std::abs(one[v] - all[size_t(i) * vocab + v]));
+    for (int v = 0; v < vocab; ++v)
+      worst = std::max(worst, std::abs(one[v] - all[size_t(i) * vocab + v]));
   }
   // Same math in another order (sgemm vs dot products): fp32 rounding only.
   EXPECT_LT(worst, 5e-3f);

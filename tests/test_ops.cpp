@@ -59,26 +59,30 @@ TEST(Ops, SoftmaxMatchesDoublePrecisionAndReturnsLogSumExp) {
     std::vector<float> y = x;
     float lse = cpu::softmax(y.data(), n);
     EXPECT_NEAR(lse, std::log(sum) + max_value, 1e-4);
-    for (int i = 0; i < n; ++i) EXPECT_NEAR(y[i], std::exp(x[i] - max_value) / sum, 1e-6) << "n " << n << " i " << i;
+    for (int i = 0; i < n; ++i)
+      EXPECT_NEAR(y[i], std::exp(x[i] - max_value) / sum, 1e-6) << "n " << n << " i " << i;
   }
 }
 
 TEST(Ops, RmsnormMatchesFormula) {
   const int rows = 33, dim = 96;
-  std::vector<float> x = random_values(rows * dim, 3), gamma = random_values(dim, 4), out(rows * dim);
+  std::vector<float> x = random_values(rows * dim, 3), gamma = random_values(dim, 4),
+                     out(rows * dim);
   cpu::set_thread_count(2);
   cpu::rmsnorm(x.data(), gamma.data(), out.data(), rows, dim, 1e-5f);
   for (int r = 0; r < rows; ++r) {
     double ss = 0;
     for (int i = 0; i < dim; ++i) ss += double(x[r * dim + i]) * x[r * dim + i];
     double scale = 1.0 / std::sqrt(ss / dim + 1e-5);
-    for (int i = 0; i < dim; ++i) EXPECT_NEAR(out[r * dim + i], x[r * dim + i] * scale * gamma[i], 1e-5);
+    for (int i = 0; i < dim; ++i)
+      EXPECT_NEAR(out[r * dim + i], x[r * dim + i] * scale * gamma[i], 1e-5);
   }
 }
 
 TEST(Ops, Fp16DotAndAxpyMatchWidenedMath) {
   for (int n : {1, 8, 15, 16, 64, 100}) {
-    std::vector<float> x = random_values(n, n), y = random_values(n, n + 100), acc = random_values(n, 7);
+    std::vector<float> x = random_values(n, n), y = random_values(n, n + 100),
+                       acc = random_values(n, 7);
     std::vector<uint16_t> y16(n);
     cpu::fp32_to_fp16_row(y.data(), y16.data(), n);
     std::vector<float> y_back(n);
@@ -103,7 +107,8 @@ TEST(ThreadPool, CoversEveryIndexExactlyOnce) {
           for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1);
         });
       }
-      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 50) << "threads " << threads << " n " << n;
+      for (int64_t i = 0; i < n; ++i)
+        ASSERT_EQ(hits[i].load(), 50) << "threads " << threads << " n " << n;
     }
   }
   cpu::set_thread_count(1);

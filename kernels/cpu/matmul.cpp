@@ -26,12 +26,17 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
     static thread_local std::vector<QuantizedActivations> prepared_by_caller;
     std::vector<QuantizedActivations>& prepared = prepared_by_caller;
     if (static_cast<int64_t>(prepared.size()) < n) prepared.resize(n);
-    for (int64_t t = 0; t < n; ++t) quantize_activations(w.type, x + t * w.cols, w.cols, prepared[t]);
-    parallel_for(w.rows, [&](int64_t begin, int64_t end) {
-      for (int64_t t = 0; t < n; ++t) {
-        dot_rows(w.type, w.row(begin), w.row_bytes, end - begin, prepared[t], w.cols, y + t * w.rows + begin);
-      }
-    }, 16);
+    for (int64_t t = 0; t < n; ++t)
+      quantize_activations(w.type, x + t * w.cols, w.cols, prepared[t]);
+    parallel_for(
+        w.rows,
+        [&](int64_t begin, int64_t end) {
+          for (int64_t t = 0; t < n; ++t) {
+            dot_rows(w.type, w.row(begin), w.row_bytes, end - begin, prepared[t], w.cols,
+                     y + t * w.rows + begin);
+          }
+        },
+        16);
     return;
   }
   // OpenBLAS runs single-threaded (see thread_pool.cpp); each of our threads
@@ -40,16 +45,21 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
   static thread_local std::vector<float> dequantized_by_caller;
   std::vector<float>& dequantized = dequantized_by_caller;
   if (w.type != TensorType::kF32) dequantized.resize(static_cast<size_t>(w.rows * w.cols));
-  parallel_for(w.rows, [&](int64_t begin, int64_t end) {
-    const float* slice = reinterpret_cast<const float*>(w.row(begin));
-    if (w.type != TensorType::kF32) {
-      for (int64_t r = begin; r < end; ++r) dequantize_row(w.type, w.row(r), dequantized.data() + r * w.cols, w.cols);
-      slice = dequantized.data() + begin * w.cols;
-    }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(end - begin),
-                static_cast<int>(w.cols), 1.0f, x, static_cast<int>(w.cols), slice, static_cast<int>(w.cols), 0.0f,
-                y + begin, static_cast<int>(w.rows));
-  }, 64);
+  parallel_for(
+      w.rows,
+      [&](int64_t begin, int64_t end) {
+        const float* slice = reinterpret_cast<const float*>(w.row(begin));
+        if (w.type != TensorType::kF32) {
+          for (int64_t r = begin; r < end; ++r)
+            dequantize_row(w.type, w.row(r), dequantized.data() + r * w.cols, w.cols);
+          slice = dequantized.data() + begin * w.cols;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n),
+                    static_cast<int>(end - begin), static_cast<int>(w.cols), 1.0f, x,
+                    static_cast<int>(w.cols), slice, static_cast<int>(w.cols), 0.0f, y + begin,
+                    static_cast<int>(w.rows));
+      },
+      64);
 }
 
 }  // namespace xq::cpu

@@ -11,16 +11,20 @@
 namespace xq::cpu {
 
 void rmsnorm(const float* x, const float* gamma, float* out, int64_t rows, int64_t dim, float eps) {
-  parallel_for(rows, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = x + r * dim;
-      double sum_sq = 0;  // double: a long row of large activations must not lose the small ones
-      for (int64_t i = 0; i < dim; ++i) sum_sq += static_cast<double>(row[i]) * row[i];
-      float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq / dim) + eps);
-      float* dst = out + r * dim;
-      for (int64_t i = 0; i < dim; ++i) dst[i] = row[i] * scale * gamma[i];
-    }
-  }, 16);
+  parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const float* row = x + r * dim;
+          double sum_sq =
+              0;  // double: a long row of large activations must not lose the small ones
+          for (int64_t i = 0; i < dim; ++i) sum_sq += static_cast<double>(row[i]) * row[i];
+          float scale = 1.0f / std::sqrt(static_cast<float>(sum_sq / dim) + eps);
+          float* dst = out + r * dim;
+          for (int64_t i = 0; i < dim; ++i) dst[i] = row[i] * scale * gamma[i];
+        }
+      },
+      16);
 }
 
 void rope_table(float* cos_sin, int64_t max_position, int64_t rope_dim, float theta) {
@@ -56,9 +60,12 @@ void rope(float* x, const int32_t* positions, int64_t rows, int64_t heads, int64
 }
 
 void swiglu(const float* gate, float* x, int64_t n) {
-  parallel_for(n, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) x[i] *= silu(gate[i]);
-  }, 4096);
+  parallel_for(
+      n,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) x[i] *= silu(gate[i]);
+      },
+      4096);
 }
 
 namespace {
@@ -81,7 +88,8 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
 }
 #endif

@@ -41,13 +41,15 @@ class ThreadPool {
     // A worker must count generations from now, not from when it first runs:
     // a run started before the thread is scheduled would otherwise be missed.
     const uint64_t start = generation_.load();
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i, start] { worker_loop(i, start); });
+    for (int i = 1; i < threads; ++i)
+      workers_.emplace_back([this, i, start] { worker_loop(i, start); });
   }
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   void run(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t grain) {
-    int parts = static_cast<int>(std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1))));
+    int parts = static_cast<int>(
+        std::min<int64_t>(size(), std::max<int64_t>(1, n / std::max<int64_t>(grain, 1))));
     if (parts <= 1) {
       body(0, n);
       return;
@@ -68,7 +70,8 @@ class ThreadPool {
       if (pending_.load(std::memory_order_acquire) == 0) return;
       cpu_relax();
     }
-    for (int left = pending_.load(std::memory_order_acquire); left != 0; left = pending_.load(std::memory_order_acquire))
+    for (int left = pending_.load(std::memory_order_acquire); left != 0;
+         left = pending_.load(std::memory_order_acquire))
       pending_.wait(left, std::memory_order_acquire);
   }
 
@@ -79,7 +82,8 @@ class ThreadPool {
       int64_t n;
       int parts;
       // Spin a little first: in decode the next loop starts within microseconds.
-      for (int spin = 0; spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen; ++spin)
+      for (int spin = 0;
+           spin < kSpinIterations && generation_.load(std::memory_order_acquire) == seen; ++spin)
         cpu_relax();
       {
         std::unique_lock<std::mutex> lock(mutex_);
@@ -122,7 +126,9 @@ void set_thread_count(int threads) {
   openblas_set_num_threads(1);
 }
 
-int thread_count() { return pool().size(); }
+int thread_count() {
+  return pool().size();
+}
 
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t grain) {
   if (n <= 0) return;
