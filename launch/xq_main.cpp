@@ -188,6 +188,7 @@ int run_perplexity(int argc, char** argv) {
   engine_options.max_tokens = options.ctx;
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
+  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
 
   const auto tokenize_start = std::chrono::steady_clock::now();
   std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
@@ -249,6 +250,7 @@ int run_generate(int argc, char** argv) {
       static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
+  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
 
   SamplerOptions sampler_options;
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));

@@ -1,13 +1,40 @@
 #include "runtime/cache.h"
 
+#include <cstdlib>
+
 #include "runtime/cache_fp16.h"
+#include "runtime/cache_quantized.h"
 #include "runtime/error.h"
 
 namespace xq {
+namespace {
+
+// "name-B" with B one of `allowed`; returns B, or 0 when the name differs.
+int parse_bits(const std::string& mode, const std::string& name, std::initializer_list<int> allowed) {
+  const std::string prefix = name + "-";
+  if (mode.rfind(prefix, 0) != 0) return 0;
+  const std::string digits = mode.substr(prefix.size());
+  for (int bits : allowed)
+    if (digits == std::to_string(bits)) return bits;
+  std::string list;
+  for (int bits : allowed) list += (list.empty() ? "" : ", ") + std::to_string(bits);
+  throw Error("cache mode '" + mode + "': " + name + " takes " + list + " bits");
+}
+
+}  // namespace
 
 std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOptions& options) {
-  if (options.mode == "fp16") return std::make_unique<Fp16KvCache>(model.config(), options);
-  throw Error("unknown cache mode '" + options.mode + "' (available: fp16)");
+  const std::string& mode = options.mode;
+  if (mode == "fp16") return std::make_unique<Fp16KvCache>(model.config(), options);
+  if (int bits = parse_bits(mode, "kivi", {4, 3, 2}))
+    return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kKivi, bits);
+  if (int bits = parse_bits(mode, "xquant", {8, 4, 3, 2})) {
+    // GQA: K+V (2 kv_dim values) narrower than X (dim): cache the latents instead.
+    const ModelConfig& c = model.config();
+    const auto kind = 2 * c.kv_dim() < c.dim ? QuantizedCache::Kind::kXquantLatent : QuantizedCache::Kind::kXquantX;
+    return std::make_unique<QuantizedCache>(model, options, kind, bits);
+  }
+  throw Error("unknown cache mode '" + mode + "' (available: fp16, kivi-4/3/2, xquant-8/4/3/2)");
 }
 
 }  // namespace xq

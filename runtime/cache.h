@@ -30,6 +30,8 @@ class AttentionCache {
   virtual ~AttentionCache() = default;
 
   virtual std::string mode() const = 0;
+  // What the mode keeps and why, for the tools to print.
+  virtual std::string describe() const { return mode(); }
 
   // Hands the cache the inputs of layer `layer` for n new tokens of sequence
   // `seq` at positions [pos0, pos0 + n):

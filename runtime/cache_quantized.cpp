@@ -1,0 +1,254 @@
+#include "runtime/cache_quantized.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/error.h"
+
+extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s, double* u,
+                        const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork, int* iwork,
+                        int* info);
+
+namespace xq {
+namespace {
+
+constexpr int32_t kMinQueriesForRebuild = 16;
+
+std::vector<float> widen(const WeightMatrix& w) {
+  std::vector<float> out(static_cast<size_t>(w.rows * w.cols));
+  for (int64_t r = 0; r < w.rows; ++r) cpu::matrix_row_to_float(w, r, out.data() + r * w.cols);
+  return out;
+}
+
+}  // namespace
+
+WeightMatrix QuantizedCache::Projection::view() const {
+  WeightMatrix m;
+  m.type = TensorType::kF32;
+  m.data = reinterpret_cast<const uint8_t*>(values.data());
+  m.rows = rows;
+  m.cols = cols;
+  m.row_bytes = static_cast<size_t>(cols) * sizeof(float);
+  return m;
+}
+
+// SVD of W (math shape d x kv: K = X W) = U S Bᵀ. The GGUF matrix (kv rows of
+// d) is W in column-major order, so it goes to LAPACK as is. Encoder: rows of
+// Uᵀ (kv x d); rebuild matrix: (S Bᵀ)ᵀ as rows (kv x kv).
+static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder, std::vector<float>& rebuild) {
+  const int m = static_cast<int>(w.cols), n = static_cast<int>(w.rows);  // d, kv
+  std::vector<float> wf = widen(w);
+  std::vector<double> a(wf.begin(), wf.end()), s(n), u(static_cast<size_t>(m) * n), vt(static_cast<size_t>(n) * n);
+  std::vector<int> iwork(8 * n);
+  int lwork = -1, info = 0;
+  double query = 0;
+  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, &query, &lwork, iwork.data(), &info);
+  lwork = static_cast<int>(query);
+  std::vector<double> work(lwork);
+  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, work.data(), &lwork, iwork.data(), &info);
+  if (info != 0) throw Error("xquant: SVD of a key/value projection failed (LAPACK info " + std::to_string(info) + ")");
+  encoder.assign(u.begin(), u.end());  // column j of U (contiguous in column-major) = encoder row j
+  rebuild.resize(static_cast<size_t>(n) * n);
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < n; ++i) rebuild[static_cast<size_t>(j) * n + i] = static_cast<float>(s[i] * vt[i + j * n]);
+}
+
+void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Layer& layer) {
+  const LayerWeights& w = model.layers()[layer_index];
+  const int64_t kv = config_.kv_dim(), d = config_.dim;
+  svd_projections(w.wk, layer.encode_k.values, layer.rebuild_k.values);
+  svd_projections(w.wv, layer.encode_v.values, layer.rebuild_v.values);
+  layer.encode_k.rows = layer.encode_v.rows = kv;
+  layer.encode_k.cols = layer.encode_v.cols = d;
+  layer.rebuild_k.rows = layer.rebuild_v.rows = kv;
+  layer.rebuild_k.cols = layer.rebuild_v.cols = kv;
+}
+
+QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits)
+    : config_(model.config()),
+      kind_(kind),
+      max_tokens_(options.max_tokens),
+      rope_cos_sin_(options.rope_cos_sin) {
+  if (max_tokens_ <= 0 || options.sequences <= 0) throw Error("cache: capacity must be positive");
+  if (!rope_cos_sin_) throw Error("cache: no RoPE table");
+  const int64_t d = config_.dim, kv = config_.kv_dim();
+  const std::string b = std::to_string(bits);
+  layers_.resize(config_.n_layers);
+  positions_.resize(max_tokens_);
+  std::iota(positions_.begin(), positions_.end(), 0);
+  for (int32_t i = 0; i < config_.n_layers; ++i) {
+    Layer& layer = layers_[i];
+    switch (kind) {
+      case Kind::kKivi:
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens_, options.sequences);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
+        break;
+      case Kind::kXquantX: {
+        layer.stores.emplace_back(d, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
+        const LayerWeights& w = model.layers()[i];
+        layer.rebuild_k = {widen(w.wk), kv, d};
+        layer.rebuild_v = {widen(w.wv), kv, d};
+        break;
+      }
+      case Kind::kXquantLatent:
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens_, options.sequences);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
+        build_latents(model, i, layer);
+        break;
+    }
+  }
+  const RowStore& first = layers_[0].stores[0];
+  switch (kind) {
+    case Kind::kKivi:
+      mode_ = "kivi-" + b;
+      description_ = mode_ + ": K before RoPE " + first.describe() + "; V " + layers_[0].stores[1].describe();
+      break;
+    case Kind::kXquantX:
+      mode_ = "xquant-" + b;
+      description_ = mode_ + ": caching X (" + std::to_string(d) + " values/token) " + first.describe() +
+                     "; K+V would be " + std::to_string(2 * kv) + " values, so X is not larger";
+      break;
+    case Kind::kXquantLatent:
+      mode_ = "xquant-" + b;
+      description_ = mode_ + ": caching SVD latents X·Uk, X·Uv (" + std::to_string(2 * kv) +
+                     " values/token) instead of X (" + std::to_string(d) +
+                     "): GQA makes K+V narrower than X; X·Uk " + first.describe() + "; X·Uv " +
+                     layers_[0].stores[1].describe();
+      break;
+  }
+}
+
+void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n, const float* x, const float* k,
+                            const float* v) {
+  Layer& layer = layers_[layer_index];
+  switch (kind_) {
+    case Kind::kKivi:
+      layer.stores[0].append(seq, pos0, n, k);
+      layer.stores[1].append(seq, pos0, n, v);
+      break;
+    case Kind::kXquantX:
+      layer.stores[0].append(seq, pos0, n, x);
+      break;
+    case Kind::kXquantLatent: {
+      // Latents are taken from the full-precision X, then quantized.
+      encoded_.resize(static_cast<size_t>(n) * config_.kv_dim());
+      cpu::matmul(layer.encode_k.view(), x, n, encoded_.data());
+      layer.stores[0].append(seq, pos0, n, encoded_.data());
+      cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
+      layer.stores[1].append(seq, pos0, n, encoded_.data());
+      break;
+    }
+  }
+}
+
+void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n, const float* q, float* out) {
+  Layer& layer = layers_[layer_index];
+  const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
+  const int32_t group = heads / config_.n_kv_heads, kv = config_.kv_dim();
+  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  if (total > layer.stores[0].length(seq)) throw Error("cache: attend over tokens that were not appended");
+
+  // K: read the stored rows, rebuild, rotate.
+  const RowStore& k_store = layer.stores[0];
+  const RowStore& v_store = layer.stores.size() > 1 ? layer.stores[1] : layer.stores[0];
+  const int64_t k_width = kind_ == Kind::kXquantX ? config_.dim : kv;
+  const int64_t v_width = k_width;
+  k_source_.resize(static_cast<size_t>(total) * k_width);
+  k_store.read(seq, total, k_source_.data());
+  keys_.resize(static_cast<size_t>(total) * kv);
+  if (layer.rebuild_k.rows) {
+    cpu::matmul(layer.rebuild_k.view(), k_source_.data(), total, keys_.data());
+  } else {
+    std::copy(k_source_.begin(), k_source_.end(), keys_.begin());
+  }
+  cpu::rope(keys_.data(), positions_.data(), total, config_.n_kv_heads, hd, config_.rope_dim, config_.rope_layout,
+            rope_cos_sin_);
+  const float* v_rows = k_source_.data();
+  if (&v_store != &k_store) {
+    v_source_.resize(static_cast<size_t>(total) * v_width);
+    v_store.read(seq, total, v_source_.data());
+    v_rows = v_source_.data();
+  }
+
+  if (n >= kMinQueriesForRebuild || !layer.rebuild_v.rows) {
+    // Prefill (or V stored as is): V for every token once, then standard attention.
+    const float* values = v_rows;
+    if (layer.rebuild_v.rows) {
+      values_.resize(static_cast<size_t>(total) * kv);
+      cpu::matmul(layer.rebuild_v.view(), v_rows, total, values_.data());
+      values = values_.data();
+    }
+    cpu::parallel_for(heads, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(static_cast<size_t>(n) * total);
+      for (int64_t h = begin; h < end; ++h) {
+        const int64_t g = h / group;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd, static_cast<int>(q_stride),
+                    keys_.data() + g * hd, kv, 0.0f, scores.data(), total);
+        for (int32_t i = 0; i < n; ++i) {
+          float* row = scores.data() + static_cast<size_t>(i) * total;
+          const int32_t visible = pos0 + i + 1;
+          cpu::softmax(row, visible);
+          std::fill(row + visible, row + total, 0.0f);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total,
+                    values + g * hd, kv, 0.0f, out + h * hd, static_cast<int>(q_stride));
+      }
+    });
+    return;
+  }
+
+  // Decode: V is never rebuilt. Per head, the attention-weighted sum of the
+  // stored rows (X or X·Uv) is projected once by that head's rows of the
+  // rebuild matrix: sum_t a_t (s_t M) = (sum_t a_t s_t) M.
+  const Projection& rebuild_v = layer.rebuild_v;
+  cpu::parallel_for(static_cast<int64_t>(n) * heads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(total), mixed(v_width);
+    for (int64_t job = begin; job < end; ++job) {
+      const int32_t i = static_cast<int32_t>(job / heads), h = static_cast<int32_t>(job % heads);
+      const int32_t g = h / group, visible = pos0 + i + 1;
+      const float* query = q + i * q_stride + h * hd;
+      for (int32_t t = 0; t < visible; ++t)
+        scores[t] = cblas_sdot(hd, query, 1, keys_.data() + static_cast<size_t>(t) * kv + g * hd, 1) * scale;
+      cpu::softmax(scores.data(), visible);
+      std::fill(mixed.begin(), mixed.end(), 0.0f);
+      for (int32_t t = 0; t < visible; ++t)
+        cblas_saxpy(static_cast<int>(v_width), scores[t], v_rows + static_cast<size_t>(t) * v_width, 1, mixed.data(), 1);
+      float* dst = out + i * q_stride + h * hd;
+      for (int32_t c = 0; c < hd; ++c) {
+        const float* row = rebuild_v.values.data() + static_cast<size_t>(g * hd + c) * rebuild_v.cols;
+        dst[c] = cblas_sdot(static_cast<int>(v_width), row, 1, mixed.data(), 1);
+      }
+    }
+  });
+}
+
+void QuantizedCache::truncate(int32_t seq, int32_t from) {
+  for (Layer& layer : layers_)
+    for (RowStore& store : layer.stores) store.truncate(seq, from);
+}
+
+int32_t QuantizedCache::length(int32_t seq) const { return layers_.back().stores[0].length(seq); }
+
+double QuantizedCache::bytes_per_token() const {
+  double total = 0;
+  for (const Layer& layer : layers_)
+    for (const RowStore& store : layer.stores) total += store.bytes_per_token();
+  return total;
+}
+
+size_t QuantizedCache::bytes_in_use() const {
+  size_t total = 0;
+  for (const Layer& layer : layers_)
+    for (const RowStore& store : layer.stores)
+      for (int32_t s = 0; s < store.sequences(); ++s) total += store.bytes_in_use(s);
+  return total;
+}
+
+}  // namespace xq

@@ -1,0 +1,65 @@
+// The quantized cache modes, one class and one code path (xquant-spec §1-§5):
+//   kivi-B    K before RoPE per channel, V per token (the KIVI* baseline);
+//   xquant-B  X per token, K and V rebuilt with the layer's Wk, Wv;
+//             on GQA models, where K+V is narrower than X, the SVD latents
+//             X·Uk (per channel) and X·Uv (per token) instead, rebuilt with
+//             the fused Σ·Bᵀ matrices.
+// A mode is a list of stored streams (what is quantized and how) plus, for K
+// and V, which stream they come from and the matrix that rebuilds them.
+// Decode never rebuilds V: the attention-weighted sum is taken over the stored
+// rows and projected once per head.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/cache.h"
+#include "runtime/row_store.h"
+
+namespace xq {
+
+class QuantizedCache : public AttentionCache {
+ public:
+  enum class Kind { kKivi, kXquantX, kXquantLatent };
+
+  QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits);
+
+  std::string mode() const override { return mode_; }
+  // What the mode keeps and why (printed by the tools).
+  std::string describe() const override { return description_; }
+  void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x, const float* k,
+              const float* v) override;
+  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) override;
+  void truncate(int32_t seq, int32_t from) override;
+  int32_t length(int32_t seq) const override;
+  double bytes_per_token() const override;
+  size_t bytes_in_use() const override;
+
+ private:
+  // Row-major fp32 matrix whose rows are outputs: y = M x.
+  struct Projection {
+    std::vector<float> values;
+    int64_t rows = 0, cols = 0;
+    WeightMatrix view() const;
+  };
+  struct Layer {
+    std::vector<RowStore> stores;  // 1 (X) or 2 (K-side, V-side)
+    Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent)
+    Projection rebuild_k, rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
+  };
+
+  void build_latents(const Model& model, int32_t layer_index, Layer& layer);
+
+  const ModelConfig config_;
+  std::string mode_, description_;
+  Kind kind_;
+  int32_t max_tokens_;
+  const float* rope_cos_sin_;
+  std::vector<Layer> layers_;
+  std::vector<int32_t> positions_;  // 0, 1, 2, ...
+  // Scratch for one attend call.
+  std::vector<float> k_source_, v_source_, keys_, values_, encoded_;
+};
+
+}  // namespace xq
