@@ -59,7 +59,9 @@ struct GroupGrid {
   float zero;
 };
 
-XQ_HOST_DEVICE inline int group_max_code(int bits) { return (1 << bits) - 1; }
+XQ_HOST_DEVICE inline int group_max_code(int bits) {
+  return (1 << bits) - 1;
+}
 
 // Distance between adjacent fp16 values at magnitude |v|: 2^(e-11) for |v| in
 // [2^(e-1), 2^e), never below the denormal spacing 2^-24.
@@ -138,9 +140,9 @@ XQ_HOST_DEVICE inline int group_encode(float x, GroupGrid grid, int bits) {
   if (!(grid.scale > 0.0f)) return 0;
   const int max_code = group_max_code(bits);
   const float estimate = rintf((x - grid.zero) / grid.scale);
-  int code = estimate < 0.0f ? 0 : estimate > static_cast<float>(max_code)
-                                       ? max_code
-                                       : static_cast<int>(estimate);
+  int code = estimate < 0.0f                           ? 0
+             : estimate > static_cast<float>(max_code) ? max_code
+                                                       : static_cast<int>(estimate);
   // The estimate rounds twice, so next to a midpoint it can be one step off.
   // Midpoints are exact in fp32 (see grid_unit): comparing against them
   // decides the nearest grid point exactly.

@@ -314,30 +314,43 @@ TEST(GroupQuant, BoundHoldsOnTinyRangesNegativeGroupsAndMixedMagnitudes) {
 
 // The CPU quantizers (vector code and scalar tails) give exactly the codes of
 // the shared per-element encoder the GPU runs, ties included: a value on a
-// midpoint goes to the upper code.
+// midpoint goes to the upper code, its float neighbours to the nearer one.
+// The scale 3 makes estimates of (x - zero) / scale inexact, so the encoders'
+// corrections in both directions are needed.
 TEST(GroupQuant, CodesMatchTheSharedEncoderIncludingTies) {
   std::mt19937 rng(21);
   for (int bits = 1; bits <= 8; ++bits) {
     const int levels = (1 << bits) - 1;
     // Group of 8 * 16 + 3 values (vector chunks and a scalar tail) on the grid
-    // zero 0, scale 1: min 0, max levels, every midpoint c + 1/2 present.
+    // zero 0, scale 3: min 0, max 3 * levels, midpoints 3c + 1.5 and their
+    // neighbours. expected[i] is the nearest code.
     const int64_t group = 131;
     std::vector<float> x(static_cast<size_t>(group * 2));
+    std::vector<int> expected(static_cast<size_t>(group));
     std::uniform_int_distribution<int> midpoint(0, levels - 1);
-    for (int64_t i = 0; i < group; ++i) x[i] = static_cast<float>(midpoint(rng)) + 0.5f;
+    for (int64_t i = 0; i < group; ++i) {
+      const int below = midpoint(rng);
+      const float mid = 3.0f * static_cast<float>(below) + 1.5f;
+      // On the midpoint, the float below it, the float above it.
+      const float candidates[3] = {mid, std::nextafter(mid, -1.0f), std::nextafter(mid, 1e9f)};
+      x[i] = candidates[i % 3];
+      expected[i] = i % 3 == 1 ? below : below + 1;
+    }
     x[7] = 0.0f;
-    x[100] = static_cast<float>(levels);
+    expected[7] = 0;
+    x[100] = 3.0f * static_cast<float>(levels);
+    expected[100] = levels;
     std::normal_distribution<float> dist(0, 3);
     for (int64_t i = group; i < 2 * group; ++i) x[i] = dist(rng);
     const Quantized q = quantize(x, group, bits);
-    ASSERT_EQ(fp16_to_fp32(q.params[0].scale_fp16), 1.0f);
+    ASSERT_EQ(fp16_to_fp32(q.params[0].scale_fp16), 3.0f);
     ASSERT_EQ(fp16_to_fp32(q.params[0].zero_fp16), 0.0f);
     for (size_t i = 0; i < x.size(); ++i) {
       const GroupGrid grid{fp16_to_fp32(q.params[i / group].scale_fp16),
                            fp16_to_fp32(q.params[i / group].zero_fp16)};
       ASSERT_EQ(q.codes[i], group_encode(x[i], grid, bits)) << bits << " bits, index " << i;
-      if (static_cast<int64_t>(i) < group && i != 7 && i != 100) {
-        ASSERT_EQ(q.codes[i], static_cast<int>(x[i] + 0.5f)) << "a tie goes up, index " << i;
+      if (static_cast<int64_t>(i) < group) {
+        ASSERT_EQ(q.codes[i], expected[i]) << bits << " bits, x = " << x[i];
       }
     }
     // The same through the per-channel quantizer: one column of 131 rows next
@@ -353,12 +366,35 @@ TEST(GroupQuant, CodesMatchTheSharedEncoderIncludingTies) {
     unpack_codes(packed.data(), group * cols, bits, codes.data());
     for (int64_t r = 0; r < group; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
-        const GroupGrid grid{fp16_to_fp32(params[c].scale_fp16),
-                             fp16_to_fp32(params[c].zero_fp16)};
+        const GroupGrid grid{fp16_to_fp32(params[c].scale_fp16), fp16_to_fp32(params[c].zero_fp16)};
         ASSERT_EQ(codes[r * cols + c], group_encode(block[r * cols + c], grid, bits))
             << bits << " bits, row " << r << ", column " << c;
       }
     }
+  }
+}
+
+// x - zero can round up onto a midpoint: zero -1000, scale 8, x just below
+// the midpoint 4 = -1000 + 125.5 * 8. x - zero = 1004 - 2^-22 rounds to 1004,
+// the estimate is 125.5 -> 126, and only the exact comparison finds 125.
+TEST(GroupQuant, EstimateRoundedOntoAMidpointIsCorrected) {
+  std::vector<float> x(16, 0.0f);
+  x[0] = -1000.0f;
+  x[1] = 1040.0f;  // -1000 + 255 * 8
+  const int odd_codes[] = {123, 125, 127};
+  for (int k = 0; k < 3; ++k) {
+    const float mid = -1000.0f + (static_cast<float>(odd_codes[k]) + 0.5f) * 8.0f;
+    x[2 + k] = std::nextafter(mid, -1e9f);
+    x[8 + k] = mid;
+  }
+  const Quantized q = quantize(x, 16, 8);
+  ASSERT_EQ(fp16_to_fp32(q.params[0].scale_fp16), 8.0f);
+  ASSERT_EQ(fp16_to_fp32(q.params[0].zero_fp16), -1000.0f);
+  const GroupGrid grid{8.0f, -1000.0f};
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_EQ(q.codes[2 + k], odd_codes[k]) << "just below midpoint " << k;
+    EXPECT_EQ(q.codes[8 + k], odd_codes[k] + 1) << "on midpoint " << k;
+    EXPECT_EQ(group_encode(x[2 + k], grid, 8), odd_codes[k]) << "shared encoder, " << k;
   }
 }
 
@@ -384,8 +420,7 @@ void expect_rejected(std::vector<float> x, const std::string& needle) {
   std::vector<uint8_t> packed(packed_bytes(4, static_cast<int64_t>(x.size())), 0x5a);
   std::vector<GroupParams> params(x.size() / 32, GroupParams{0x1234, 0x5678});
   try {
-    quantize_groups(x.data(), static_cast<int64_t>(x.size()), 32, 4, packed.data(),
-                    params.data());
+    quantize_groups(x.data(), static_cast<int64_t>(x.size()), 32, 4, packed.data(), params.data());
     ADD_FAILURE() << "no error for " << needle;
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
@@ -419,8 +454,7 @@ TEST(GroupQuant, NanInfAndOutOfRangeValuesAreRejectedNamingTheIndex) {
     quantize_strided(block.data(), 8, 10, 10, 2, packed.data(), params.data());
     ADD_FAILURE() << "no error for a NaN in a strided block";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("row 3, column 5 is NaN"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("row 3, column 5 is NaN"), std::string::npos) << e.what();
   }
 }
 

@@ -1,8 +1,8 @@
 // Bit packing, group quantizers and dequantizers of the XQuant caches (CPU).
 // The dequantizers are the hot part: attention runs them over every cached
 // token at every decode step, so they have AVX2 paths that turn 8 codes into
-// 8 floats with one broadcast, one variable shift, one mask, one conversion and
-// one multiply-add.
+// 8 floats with one broadcast (plus a byte shuffle for 5..7 bits), one
+// variable shift, one mask, one conversion and one multiply-add.
 #include "kernels/cpu/group_quant.h"
 
 #include <algorithm>
@@ -34,8 +34,7 @@ void check_bits(int bits) {
 void check_groups(int64_t count, int64_t group_size) {
   if (group_size <= 0 || count < 0 || count % group_size != 0) {
     throw std::invalid_argument("group quantization: count " + std::to_string(count) +
-                                " is not a multiple of group size " +
-                                std::to_string(group_size));
+                                " is not a multiple of group size " + std::to_string(group_size));
   }
 }
 
@@ -44,15 +43,24 @@ void check_groups(int64_t count, int64_t group_size) {
 template <class F>
 void with_bits(int bits, F&& f) {
   switch (bits) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-    default: check_bits(bits);
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    default:
+      check_bits(bits);
   }
 }
 
@@ -244,8 +252,8 @@ inline __m256i load_codes8(const uint8_t* src) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
   } else if constexpr (kBits <= 4) {
     const auto word = load_word<kBits, kWide, uint32_t>(src);
-    const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits,
-                                             5 * kBits, 6 * kBits, 7 * kBits);
+    const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits,
+                                             6 * kBits, 7 * kBits);
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
                             _mm256_set1_epi32(kCodeMask<kBits>));
   } else {
@@ -330,16 +338,16 @@ void dequantize_strided_rows_avx2(const uint8_t* packed_codes, const GroupParams
   with_bits(bits, [&](auto bits_constant) {
     constexpr int kBits = decltype(bits_constant)::value;
     // The caller's stream ends with the last row asked for.
-    const auto stream_bytes = static_cast<int64_t>(packed_bytes(kBits, (first_row + row_count) * cols));
+    const auto stream_bytes =
+        static_cast<int64_t>(packed_bytes(kBits, (first_row + row_count) * cols));
     for (int64_t first_col = 0; first_col < cols; first_col += kColumnBlock) {
       const int64_t width = std::min(kColumnBlock, cols - first_col);
       column_grids(params, first_col, width, scales, zeros);
       const ColumnGridsAvx2 grids{scales, zeros};
       for (int64_t r = 0; r < row_count; ++r) {
         const int64_t first_byte = ((first_row + r) * cols + first_col) / 8 * kBits;
-        decode_chunks_avx2<kBits>(packed_codes + first_byte, width / 8,
-                                  stream_bytes - first_byte, grids,
-                                  out + r * out_stride + first_col);
+        decode_chunks_avx2<kBits>(packed_codes + first_byte, width / 8, stream_bytes - first_byte,
+                                  grids, out + r * out_stride + first_col);
       }
     }
   });
@@ -407,8 +415,8 @@ MinMax min_max(const float* x, int64_t n) {
 #if defined(__AVX2__)
 // A chunk of 8 codes; lane k uses scale[k], zero[k], inverse[k] (1 / scale,
 // or 0) and max_code[k] (0 for a zero scale, so such lanes stay at code 0).
-inline void encode8_avx2(const float* x, __m256 scale, __m256 zero, __m256 inverse,
-                         __m256 max_code, uint8_t* codes) {
+inline void encode8_avx2(const float* x, __m256 scale, __m256 zero, __m256 inverse, __m256 max_code,
+                         uint8_t* codes) {
   const __m256 value = _mm256_loadu_ps(x);
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
   __m256 code = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(value, zero), inverse),
@@ -422,10 +430,10 @@ inline void encode8_avx2(const float* x, __m256 scale, __m256 zero, __m256 inver
   const __m256 lower_mid = _mm256_fmadd_ps(_mm256_sub_ps(code, half), scale, zero);
   const __m256 down = _mm256_and_ps(_mm256_cmp_ps(code, _mm256_setzero_ps(), _CMP_GT_OQ),
                                     _mm256_cmp_ps(value, lower_mid, _CMP_LT_OQ));
-  (void)down;
+  code = _mm256_sub_ps(code, _mm256_and_ps(down, one));
   const __m256i lanes = _mm256_cvtps_epi32(code);
-  const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(lanes),
-                                         _mm256_extracti128_si256(lanes, 1));
+  const __m128i words =
+      _mm_packus_epi32(_mm256_castsi256_si128(lanes), _mm256_extracti128_si256(lanes, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(codes), _mm_packus_epi16(words, words));
 }
 #endif
