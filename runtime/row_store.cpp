@@ -74,6 +74,12 @@ void RowStore::read(int32_t seq, int32_t count, float* out) const {
   if (axis_ == QuantAxis::kPerToken) {
     const uint8_t* codes = codes_.data() + seq * seq_code_bytes_;
     const cpu::GroupParams* params = params_.data() + seq * seq_params_;
+    if (width_ % row_groups_[0] == 0 && (row_groups_[0] * bits_) % 8 == 0) {
+      // Equal groups that end on byte boundaries: every token's codes and
+      // parameters are contiguous, so one call decodes them all.
+      cpu::dequantize_groups(codes, params, static_cast<int64_t>(count) * width_, row_groups_[0], bits_, out);
+      return;
+    }
     for (int32_t t = 0; t < count; ++t) {
       float* row = out + static_cast<size_t>(t) * width_;
       for (int64_t size : row_groups_) {
