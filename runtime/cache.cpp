@@ -10,7 +10,8 @@ namespace xq {
 namespace {
 
 // "name-B" with B one of `allowed`; returns B, or 0 when the name differs.
-int parse_bits(const std::string& mode, const std::string& name, std::initializer_list<int> allowed) {
+int parse_bits(const std::string& mode, const std::string& name,
+               std::initializer_list<int> allowed) {
   const std::string prefix = name + "-";
   if (mode.rfind(prefix, 0) != 0) return 0;
   const std::string digits = mode.substr(prefix.size());
@@ -31,7 +32,8 @@ std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOption
   if (int bits = parse_bits(mode, "xquant", {8, 4, 3, 2})) {
     // GQA: K+V (2 kv_dim values) narrower than X (dim): cache the latents instead.
     const ModelConfig& c = model.config();
-    const auto kind = 2 * c.kv_dim() < c.dim ? QuantizedCache::Kind::kXquantLatent : QuantizedCache::Kind::kXquantX;
+    const auto kind = 2 * c.kv_dim() < c.dim ? QuantizedCache::Kind::kXquantLatent
+                                             : QuantizedCache::Kind::kXquantX;
     return std::make_unique<QuantizedCache>(model, options, kind, bits);
   }
   throw Error("unknown cache mode '" + mode + "' (available: fp16, kivi-4/3/2, xquant-8/4/3/2)");

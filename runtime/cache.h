@@ -50,9 +50,14 @@ class AttentionCache {
   virtual void truncate(int32_t seq, int32_t from) = 0;
   virtual int32_t length(int32_t seq) const = 0;
 
-  // Bytes per cached token over all layers, from the mode's formula.
+  // Bytes per cached token over all layers, from the mode's formula: codes,
+  // scales and zero points, as the paper counts them (no fp16 window).
   virtual double bytes_per_token() const = 0;
-  // Bytes the cache's stored tokens really occupy now, counted from its buffers.
+  // Bytes one sequence of `tokens` tokens takes by the formula, including the
+  // fp16 window of tokens still waiting for their group.
+  virtual size_t bytes_for_tokens(int32_t tokens) const = 0;
+  // Bytes the cache's stored tokens really occupy now, counted as they are
+  // written (codes, parameters, window), not from the formula.
   virtual size_t bytes_in_use() const = 0;
 };
 

@@ -139,6 +139,10 @@ double Fp16KvCache::bytes_per_token() const {
   return 2.0 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
 }
 
+size_t Fp16KvCache::bytes_for_tokens(int32_t tokens) const {
+  return static_cast<size_t>(tokens) * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
+}
+
 size_t Fp16KvCache::bytes_in_use() const {
   size_t tokens = 0;
   for (int32_t len : lengths_) tokens += static_cast<size_t>(len);

@@ -11,9 +11,9 @@
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
 
-extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s, double* u,
-                        const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork, int* iwork,
-                        int* info);
+extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda,
+                        double* s, double* u, const int* ldu, double* vt, const int* ldvt,
+                        double* work, const int* lwork, int* iwork, int* info);
 
 namespace xq {
 namespace {
@@ -41,22 +41,29 @@ WeightMatrix QuantizedCache::Projection::view() const {
 // SVD of W (math shape d x kv: K = X W) = U S Bᵀ. The GGUF matrix (kv rows of
 // d) is W in column-major order, so it goes to LAPACK as is. Encoder: rows of
 // Uᵀ (kv x d); rebuild matrix: (S Bᵀ)ᵀ as rows (kv x kv).
-static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder, std::vector<float>& rebuild) {
+static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder,
+                            std::vector<float>& rebuild) {
   const int m = static_cast<int>(w.cols), n = static_cast<int>(w.rows);  // d, kv
   std::vector<float> wf = widen(w);
-  std::vector<double> a(wf.begin(), wf.end()), s(n), u(static_cast<size_t>(m) * n), vt(static_cast<size_t>(n) * n);
+  std::vector<double> a(wf.begin(), wf.end()), s(n), u(static_cast<size_t>(m) * n),
+      vt(static_cast<size_t>(n) * n);
   std::vector<int> iwork(8 * n);
   int lwork = -1, info = 0;
   double query = 0;
-  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, &query, &lwork, iwork.data(), &info);
+  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, &query, &lwork,
+          iwork.data(), &info);
   lwork = static_cast<int>(query);
   std::vector<double> work(lwork);
-  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, work.data(), &lwork, iwork.data(), &info);
-  if (info != 0) throw Error("xquant: SVD of a key/value projection failed (LAPACK info " + std::to_string(info) + ")");
+  dgesdd_("S", &m, &n, a.data(), &m, s.data(), u.data(), &m, vt.data(), &n, work.data(), &lwork,
+          iwork.data(), &info);
+  if (info != 0)
+    throw Error("xquant: SVD of a key/value projection failed (LAPACK info " +
+                std::to_string(info) + ")");
   encoder.assign(u.begin(), u.end());  // column j of U (contiguous in column-major) = encoder row j
   rebuild.resize(static_cast<size_t>(n) * n);
   for (int j = 0; j < n; ++j)
-    for (int i = 0; i < n; ++i) rebuild[static_cast<size_t>(j) * n + i] = static_cast<float>(s[i] * vt[i + j * n]);
+    for (int i = 0; i < n; ++i)
+      rebuild[static_cast<size_t>(j) * n + i] = static_cast<float>(s[i] * vt[i + j * n]);
 }
 
 void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Layer& layer) {
@@ -107,12 +114,14 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   switch (kind) {
     case Kind::kKivi:
       mode_ = "kivi-" + b;
-      description_ = mode_ + ": K before RoPE " + first.describe() + "; V " + layers_[0].stores[1].describe();
+      description_ =
+          mode_ + ": K before RoPE " + first.describe() + "; V " + layers_[0].stores[1].describe();
       break;
     case Kind::kXquantX:
       mode_ = "xquant-" + b;
-      description_ = mode_ + ": caching X (" + std::to_string(d) + " values/token) " + first.describe() +
-                     "; K+V would be " + std::to_string(2 * kv) + " values, so X is not larger";
+      description_ = mode_ + ": caching X (" + std::to_string(d) + " values/token) " +
+                     first.describe() + "; K+V would be " + std::to_string(2 * kv) +
+                     " values, so X is not larger";
       break;
     case Kind::kXquantLatent:
       mode_ = "xquant-" + b;
@@ -124,8 +133,8 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   }
 }
 
-void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n, const float* x, const float* k,
-                            const float* v) {
+void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                            const float* x, const float* k, const float* v) {
   Layer& layer = layers_[layer_index];
   switch (kind_) {
     case Kind::kKivi:
@@ -147,13 +156,15 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
   }
 }
 
-void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n, const float* q, float* out) {
+void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                            const float* q, float* out) {
   Layer& layer = layers_[layer_index];
   const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
   const int32_t group = heads / config_.n_kv_heads, kv = config_.kv_dim();
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  if (total > layer.stores[0].length(seq)) throw Error("cache: attend over tokens that were not appended");
+  if (total > layer.stores[0].length(seq))
+    throw Error("cache: attend over tokens that were not appended");
 
   // K: read the stored rows, rebuild, rotate.
   const RowStore& k_store = layer.stores[0];
@@ -168,8 +179,8 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   } else {
     std::copy(k_source_.begin(), k_source_.end(), keys_.begin());
   }
-  cpu::rope(keys_.data(), positions_.data(), total, config_.n_kv_heads, hd, config_.rope_dim, config_.rope_layout,
-            rope_cos_sin_);
+  cpu::rope(keys_.data(), positions_.data(), total, config_.n_kv_heads, hd, config_.rope_dim,
+            config_.rope_layout, rope_cos_sin_);
   const float* v_rows = k_source_.data();
   if (&v_store != &k_store) {
     v_source_.resize(static_cast<size_t>(total) * v_width);
@@ -189,16 +200,17 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
       std::vector<float> scores(static_cast<size_t>(n) * total);
       for (int64_t h = begin; h < end; ++h) {
         const int64_t g = h / group;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd, static_cast<int>(q_stride),
-                    keys_.data() + g * hd, kv, 0.0f, scores.data(), total);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
+                    static_cast<int>(q_stride), keys_.data() + g * hd, kv, 0.0f, scores.data(),
+                    total);
         for (int32_t i = 0; i < n; ++i) {
           float* row = scores.data() + static_cast<size_t>(i) * total;
           const int32_t visible = pos0 + i + 1;
           cpu::softmax(row, visible);
           std::fill(row + visible, row + total, 0.0f);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(), total,
-                    values + g * hd, kv, 0.0f, out + h * hd, static_cast<int>(q_stride));
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(),
+                    total, values + g * hd, kv, 0.0f, out + h * hd, static_cast<int>(q_stride));
       }
     });
     return;
@@ -215,14 +227,18 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
       const int32_t g = h / group, visible = pos0 + i + 1;
       const float* query = q + i * q_stride + h * hd;
       for (int32_t t = 0; t < visible; ++t)
-        scores[t] = cblas_sdot(hd, query, 1, keys_.data() + static_cast<size_t>(t) * kv + g * hd, 1) * scale;
+        scores[t] =
+            cblas_sdot(hd, query, 1, keys_.data() + static_cast<size_t>(t) * kv + g * hd, 1) *
+            scale;
       cpu::softmax(scores.data(), visible);
       std::fill(mixed.begin(), mixed.end(), 0.0f);
       for (int32_t t = 0; t < visible; ++t)
-        cblas_saxpy(static_cast<int>(v_width), scores[t], v_rows + static_cast<size_t>(t) * v_width, 1, mixed.data(), 1);
+        cblas_saxpy(static_cast<int>(v_width), scores[t], v_rows + static_cast<size_t>(t) * v_width,
+                    1, mixed.data(), 1);
       float* dst = out + i * q_stride + h * hd;
       for (int32_t c = 0; c < hd; ++c) {
-        const float* row = rebuild_v.values.data() + static_cast<size_t>(g * hd + c) * rebuild_v.cols;
+        const float* row =
+            rebuild_v.values.data() + static_cast<size_t>(g * hd + c) * rebuild_v.cols;
         dst[c] = cblas_sdot(static_cast<int>(v_width), row, 1, mixed.data(), 1);
       }
     }
@@ -234,12 +250,21 @@ void QuantizedCache::truncate(int32_t seq, int32_t from) {
     for (RowStore& store : layer.stores) store.truncate(seq, from);
 }
 
-int32_t QuantizedCache::length(int32_t seq) const { return layers_.back().stores[0].length(seq); }
+int32_t QuantizedCache::length(int32_t seq) const {
+  return layers_.back().stores[0].length(seq);
+}
 
 double QuantizedCache::bytes_per_token() const {
   double total = 0;
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_per_token();
+  return total;
+}
+
+size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
+  size_t total = 0;
+  for (const Layer& layer : layers_)
+    for (const RowStore& store : layer.stores) total += store.bytes_for_tokens(tokens);
   return total;
 }
 

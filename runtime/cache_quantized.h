@@ -30,10 +30,12 @@ class QuantizedCache : public AttentionCache {
   std::string describe() const override { return description_; }
   void append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x, const float* k,
               const float* v) override;
-  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q, float* out) override;
+  void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+              float* out) override;
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override;
   double bytes_per_token() const override;
+  size_t bytes_for_tokens(int32_t tokens) const override;
   size_t bytes_in_use() const override;
 
  private:
@@ -44,9 +46,10 @@ class QuantizedCache : public AttentionCache {
     WeightMatrix view() const;
   };
   struct Layer {
-    std::vector<RowStore> stores;  // 1 (X) or 2 (K-side, V-side)
+    std::vector<RowStore> stores;   // 1 (X) or 2 (K-side, V-side)
     Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent)
-    Projection rebuild_k, rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
+    Projection rebuild_k,
+        rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
   };
 
   void build_latents(const Model& model, int32_t layer_index, Layer& layer);

@@ -34,9 +34,11 @@ class RowStore {
   // Bytes per token from the formula: codes + scales/zeros (amortized), not
   // counting the fp16 window of a partial group.
   double bytes_per_token() const;
-  // Bytes the stored tokens of `seq` occupy now, counted from what is held:
-  // quantized groups with their parameters, plus the fp16 window.
-  size_t bytes_in_use(int32_t seq) const;
+  // Bytes `tokens` tokens take by the formula (window included).
+  size_t bytes_for_tokens(int32_t tokens) const;
+  // Bytes the stored tokens of `seq` occupy now, counted as they were written:
+  // quantized codes with their parameters, plus the fp16 window.
+  size_t bytes_in_use(int32_t seq) const { return held_bytes_[seq]; }
   // The group sizes along the row (per token) or the token group (per channel).
   std::string describe() const;
 
@@ -58,8 +60,10 @@ class RowStore {
   size_t seq_code_bytes_ = 0, seq_params_ = 0, seq_window_ = 0;
   std::vector<uint8_t> codes_;
   std::vector<cpu::GroupParams> params_;
-  std::vector<uint16_t> window_;  // fp16 rows not yet quantized (per channel), or all rows at 16 bits
+  std::vector<uint16_t>
+      window_;  // fp16 rows not yet quantized (per channel), or all rows at 16 bits
   std::vector<int32_t> lengths_;
+  std::vector<size_t> held_bytes_;  // per sequence, counted at each write
 };
 
 }  // namespace xq

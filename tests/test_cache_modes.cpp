@@ -14,11 +14,13 @@ namespace xq {
 namespace {
 
 const char* kText =
-    "Once upon a time, there was a little girl named Lily. She liked to play outside in the park with her "
-    "friends. One day, she saw a big red ball under a tree. She ran to get it, but a dog got there first.";
+    "Once upon a time, there was a little girl named Lily. She liked to play outside in the park "
+    "with her "
+    "friends. One day, she saw a big red ball under a tree. She ran to get it, but a dog got there "
+    "first.";
 
-std::vector<float> last_logits(const Model& model, const std::string& mode, const std::vector<int32_t>& tokens,
-                               int32_t decode_steps) {
+std::vector<float> last_logits(const Model& model, const std::string& mode,
+                               const std::vector<int32_t>& tokens, int32_t decode_steps) {
   EngineOptions options;
   options.threads = 2;
   options.max_tokens = 512;
@@ -27,7 +29,8 @@ std::vector<float> last_logits(const Model& model, const std::string& mode, cons
   const int32_t n = static_cast<int32_t>(tokens.size());
   const int32_t prefill = n - decode_steps;
   std::vector<float> logits(model.config().vocab_size);
-  engine.forward(0, tokens.data(), prefill, 0, decode_steps == 0 ? logits.data() : nullptr, prefill - 1);
+  engine.forward(0, tokens.data(), prefill, 0, decode_steps == 0 ? logits.data() : nullptr,
+                 prefill - 1);
   for (int32_t i = prefill; i < n; ++i) engine.forward(0, &tokens[i], 1, i, logits.data(), 0);
   return logits;
 }
@@ -47,7 +50,8 @@ TEST_P(CacheModes, PrefillThenDecodeEqualsOnePrefill) {
   std::vector<float> whole = last_logits(*model, GetParam(), tokens, 0);
   for (int32_t steps : {1, 5}) {
     std::vector<float> split = last_logits(*model, GetParam(), tokens, steps);
-    EXPECT_LT(max_difference(whole, split), 2e-3f) << GetParam() << ", " << steps << " decode steps";
+    EXPECT_LT(max_difference(whole, split), 2e-3f)
+        << GetParam() << ", " << steps << " decode steps";
   }
 }
 
@@ -59,19 +63,23 @@ TEST_P(CacheModes, LogitsStayNearTheFp16Cache) {
   // Stated bounds (max |logit difference|), loose enough for each bit width,
   // tight enough that a broken rebuild (wrong head, RoPE or scale) fails.
   const std::string& mode = GetParam();
-  const float bound = mode.back() == '8' ? 0.15f : mode.back() == '4' ? 2.0f : mode.back() == '3' ? 3.0f : 8.0f;
+  const float bound = mode.back() == '8'   ? 0.15f
+                      : mode.back() == '4' ? 2.0f
+                      : mode.back() == '3' ? 3.0f
+                                           : 8.0f;
   float worst = max_difference(reference, quantized);
   EXPECT_LT(worst, bound) << mode;
   // And the prediction is not noise: the fp16 favourite keeps a high rank.
-  int32_t best = static_cast<int32_t>(std::max_element(reference.begin(), reference.end()) - reference.begin());
+  int32_t best = static_cast<int32_t>(std::max_element(reference.begin(), reference.end()) -
+                                      reference.begin());
   int32_t rank = 0;
   for (float l : quantized) rank += l > quantized[best];
   EXPECT_LT(rank, mode.back() == '2' ? 20 : 3) << mode;
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CacheModes,
-                         ::testing::Values("kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3",
-                                           "xquant-2"),
+                         ::testing::Values("kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4",
+                                           "xquant-3", "xquant-2"),
                          [](const auto& info) {
                            std::string name = info.param;
                            for (char& c : name)
