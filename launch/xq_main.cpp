@@ -188,7 +188,6 @@ int run_perplexity(int argc, char** argv) {
   engine_options.max_tokens = options.ctx;
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
-  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
 
   const auto tokenize_start = std::chrono::steady_clock::now();
   std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
@@ -200,7 +199,7 @@ int run_perplexity(int argc, char** argv) {
                 " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
-               args.get("cache").c_str(), engine_options.threads);
+               engine.cache().describe().c_str(), engine_options.threads);
 
   const bool terminal = isatty(STDERR_FILENO);
   auto progress = [&](int32_t done, int32_t total, double running) {
@@ -250,7 +249,6 @@ int run_generate(int argc, char** argv) {
       static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
   Engine engine(*model, engine_options);
-  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
 
   SamplerOptions sampler_options;
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
@@ -259,6 +257,7 @@ int run_generate(int argc, char** argv) {
   sampler_options.seed = static_cast<uint64_t>(args.get_int(
       "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   Sampler sampler(sampler_options);
+  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
   const bool print_ids = args.has("ids");
 
   std::vector<float> logits(model->config().vocab_size);

@@ -29,6 +29,9 @@ std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOption
   if (mode == "fp16") return std::make_unique<Fp16KvCache>(model.config(), options);
   if (int bits = parse_bits(mode, "kivi", {4, 3, 2}))
     return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kKivi, bits);
+  if (int bits = parse_bits(mode, "xquant-cl", {4, 3, 2}))
+    return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kXquantCrossLayer,
+                                            bits);
   if (int bits = parse_bits(mode, "xquant", {8, 4, 3, 2})) {
     // GQA: K+V (2 kv_dim values) narrower than X (dim): cache the latents instead.
     const ModelConfig& c = model.config();
@@ -36,7 +39,8 @@ std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOption
                                              : QuantizedCache::Kind::kXquantX;
     return std::make_unique<QuantizedCache>(model, options, kind, bits);
   }
-  throw Error("unknown cache mode '" + mode + "' (available: fp16, kivi-4/3/2, xquant-8/4/3/2)");
+  throw Error("unknown cache mode '" + mode +
+              "' (available: fp16, kivi-4/3/2, xquant-8/4/3/2, xquant-cl-4/3/2)");
 }
 
 }  // namespace xq

@@ -19,6 +19,11 @@ namespace xq {
 namespace {
 
 constexpr int32_t kMinQueriesForRebuild = 16;
+// The paper pins the first three layers at 4 bits for every quantized method;
+// XQuant-CL takes the third as its base.
+constexpr int32_t kPinnedLayers = 3;
+constexpr int kPinnedBits = 4;
+constexpr int32_t kCrossLayerBase = 2;
 
 std::vector<float> widen(const WeightMatrix& w) {
   std::vector<float> out(static_cast<size_t>(w.rows * w.cols));
@@ -77,6 +82,35 @@ void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Laye
   layer.rebuild_k.cols = layer.rebuild_v.cols = kv;
 }
 
+// CL on GQA: the latent of [Wk | Wv] (math d x 2kv) = U S Bᵀ. Deltas are
+// coded as dX·U (2kv values) and decoded as (dX·U)·Uᵀ, which leaves [K | V]
+// exact for X in the span of U.
+void QuantizedCache::build_cross_layer_latent(const Model& model, int32_t layer_index,
+                                              Layer& layer) {
+  const LayerWeights& w = model.layers()[layer_index];
+  const int64_t kv = config_.kv_dim(), d = config_.dim;
+  // [Wk | Wv] in GGUF orientation: 2kv rows of d.
+  std::vector<float> stacked = widen(w.wk);
+  std::vector<float> wv = widen(w.wv);
+  stacked.insert(stacked.end(), wv.begin(), wv.end());
+  WeightMatrix both;
+  both.type = TensorType::kF32;
+  both.data = reinterpret_cast<const uint8_t*>(stacked.data());
+  both.rows = 2 * kv;
+  both.cols = d;
+  both.row_bytes = static_cast<size_t>(d) * sizeof(float);
+  std::vector<float> unused;
+  svd_projections(both, layer.encode_k.values, unused);
+  layer.encode_k.rows = 2 * kv;
+  layer.encode_k.cols = d;
+  layer.decode_x.rows = d;
+  layer.decode_x.cols = 2 * kv;
+  layer.decode_x.values.resize(static_cast<size_t>(d) * 2 * kv);
+  for (int64_t j = 0; j < 2 * kv; ++j)
+    for (int64_t r = 0; r < d; ++r)
+      layer.decode_x.values[r * 2 * kv + j] = layer.encode_k.values[j * d + r];
+}
+
 QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits)
     : config_(model.config()),
       kind_(kind),
@@ -89,8 +123,13 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   layers_.resize(config_.n_layers);
   positions_.resize(max_tokens_);
   std::iota(positions_.begin(), positions_.end(), 0);
+  const bool cl_latent = kind == Kind::kXquantCrossLayer && 2 * kv < d;
+  if (kind == Kind::kXquantCrossLayer)
+    accumulator_.resize(static_cast<size_t>(options.sequences) * max_tokens_ * d);
+  const int requested_bits = bits;
   for (int32_t i = 0; i < config_.n_layers; ++i) {
     Layer& layer = layers_[i];
+    bits = i < kPinnedLayers ? std::max(requested_bits, kPinnedBits) : requested_bits;
     switch (kind) {
       case Kind::kKivi:
         layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens_, options.sequences);
@@ -108,8 +147,18 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
         layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
         build_latents(model, i, layer);
         break;
+      case Kind::kXquantCrossLayer: {
+        layer.stores.emplace_back(cl_latent ? 2 * kv : d, bits, QuantAxis::kPerToken, max_tokens_,
+                                  options.sequences);
+        if (cl_latent) build_cross_layer_latent(model, i, layer);
+        const LayerWeights& w = model.layers()[i];
+        layer.rebuild_k = {widen(w.wk), kv, d};
+        layer.rebuild_v = {widen(w.wv), kv, d};
+        break;
+      }
     }
   }
+  bits = requested_bits;
   const RowStore& first = layers_[0].stores[0];
   switch (kind) {
     case Kind::kKivi:
@@ -122,6 +171,16 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
       description_ = mode_ + ": caching X (" + std::to_string(d) + " values/token) " +
                      first.describe() + "; K+V would be " + std::to_string(2 * kv) +
                      " values, so X is not larger";
+      break;
+    case Kind::kXquantCrossLayer:
+      mode_ = "xquant-cl-" + b;
+      description_ =
+          mode_ +
+          ": closed-loop cross-layer deltas of X, layers 0-2 at 4 bits with layer 2 as base; " +
+          (cl_latent ? "deltas in the latent of [Wk | Wv] (" + std::to_string(2 * kv) +
+                           " values/token, GQA) "
+                     : "deltas of X (" + std::to_string(d) + " values/token) ") +
+          layers_.back().stores[0].describe() + "; one fp32 accumulator per token";
       break;
     case Kind::kXquantLatent:
       mode_ = "xquant-" + b;
@@ -144,6 +203,24 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
     case Kind::kXquantX:
       layer.stores[0].append(seq, pos0, n, x);
       break;
+    case Kind::kXquantCrossLayer: {
+      // The encoder codes X_i minus what the decoder will have reconstructed
+      // for layer i-1: the accumulator rows attend() left for these tokens.
+      const int64_t d = config_.dim;
+      delta_.assign(x, x + static_cast<size_t>(n) * d);
+      if (layer_index > kCrossLayerBase) {
+        const float* previous = accumulator(seq) + static_cast<size_t>(pos0) * d;
+        for (size_t i = 0; i < delta_.size(); ++i) delta_[i] -= previous[i];
+      }
+      if (layer.encode_k.rows) {
+        encoded_.resize(static_cast<size_t>(n) * layer.encode_k.rows);
+        cpu::matmul(layer.encode_k.view(), delta_.data(), n, encoded_.data());
+        layer.stores[0].append(seq, pos0, n, encoded_.data());
+      } else {
+        layer.stores[0].append(seq, pos0, n, delta_.data());
+      }
+      break;
+    }
     case Kind::kXquantLatent: {
       // Latents are taken from the full-precision X, then quantized.
       encoded_.resize(static_cast<size_t>(n) * config_.kv_dim());
@@ -169,10 +246,29 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   // K: read the stored rows, rebuild, rotate.
   const RowStore& k_store = layer.stores[0];
   const RowStore& v_store = layer.stores.size() > 1 ? layer.stores[1] : layer.stores[0];
-  const int64_t k_width = kind_ == Kind::kXquantX ? config_.dim : kv;
+  const bool x_wide = kind_ == Kind::kXquantX || kind_ == Kind::kXquantCrossLayer;
+  const int64_t k_width = x_wide ? config_.dim : kv;
   const int64_t v_width = k_width;
   k_source_.resize(static_cast<size_t>(total) * k_width);
-  k_store.read(seq, total, k_source_.data());
+  if (kind_ == Kind::kXquantCrossLayer) {
+    // Xhat_i = (layer > base ? Xhat_{i-1} : 0) + decoded delta_i; from the
+    // base on, Xhat_i becomes the accumulator the next layer adds to.
+    const int64_t d = config_.dim;
+    if (layer.decode_x.rows) {
+      encoded_.resize(static_cast<size_t>(total) * layer.decode_x.cols);
+      k_store.read(seq, total, encoded_.data());
+      cpu::matmul(layer.decode_x.view(), encoded_.data(), total, k_source_.data());
+    } else {
+      k_store.read(seq, total, k_source_.data());
+    }
+    float* acc = accumulator(seq);
+    if (layer_index > kCrossLayerBase) {
+      for (size_t i = 0; i < static_cast<size_t>(total) * d; ++i) k_source_[i] += acc[i];
+    }
+    if (layer_index >= kCrossLayerBase) std::copy(k_source_.begin(), k_source_.end(), acc);
+  } else {
+    k_store.read(seq, total, k_source_.data());
+  }
   keys_.resize(static_cast<size_t>(total) * kv);
   if (layer.rebuild_k.rows) {
     cpu::matmul(layer.rebuild_k.view(), k_source_.data(), total, keys_.data());
@@ -254,15 +350,18 @@ int32_t QuantizedCache::length(int32_t seq) const {
   return layers_.back().stores[0].length(seq);
 }
 
+// XQuant-CL also holds one fp32 accumulator row (dim values) per token.
 double QuantizedCache::bytes_per_token() const {
-  double total = 0;
+  double total = kind_ == Kind::kXquantCrossLayer ? config_.dim * sizeof(float) : 0.0;
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_per_token();
   return total;
 }
 
 size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
-  size_t total = 0;
+  size_t total = kind_ == Kind::kXquantCrossLayer
+                     ? static_cast<size_t>(tokens) * config_.dim * sizeof(float)
+                     : 0;
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_for_tokens(tokens);
   return total;
@@ -270,6 +369,9 @@ size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
 
 size_t QuantizedCache::bytes_in_use() const {
   size_t total = 0;
+  if (kind_ == Kind::kXquantCrossLayer)  // accumulator rows of the stored tokens
+    for (int32_t s = 0; s < layers_[0].stores[0].sequences(); ++s)
+      total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.dim * sizeof(float);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores)
       for (int32_t s = 0; s < store.sequences(); ++s) total += store.bytes_in_use(s);

@@ -4,6 +4,11 @@
 //             on GQA models, where K+V is narrower than X, the SVD latents
 //             X·Uk (per channel) and X·Uv (per token) instead, rebuilt with
 //             the fused Σ·Bᵀ matrices.
+//   xquant-cl-B  closed-loop cross-layer deltas (§3): layers 0-2 at 4 bits,
+//             layer 2 the base, then Q(X_i - Xhat_{i-1}) per token; on GQA
+//             models in the latent of [Wk | Wv]. One accumulator per token.
+// Every quantized mode keeps layers 0-2 at 4 bits at least, as the paper's
+// Table 4 does.
 // A mode is a list of stored streams (what is quantized and how) plus, for K
 // and V, which stream they come from and the matrix that rebuilds them.
 // Decode never rebuilds V: the attention-weighted sum is taken over the stored
@@ -21,7 +26,7 @@ namespace xq {
 
 class QuantizedCache : public AttentionCache {
  public:
-  enum class Kind { kKivi, kXquantX, kXquantLatent };
+  enum class Kind { kKivi, kXquantX, kXquantLatent, kXquantCrossLayer };
 
   QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits);
 
@@ -47,12 +52,18 @@ class QuantizedCache : public AttentionCache {
   };
   struct Layer {
     std::vector<RowStore> stores;   // 1 (X) or 2 (K-side, V-side)
-    Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent)
+    Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent; CL uses encode_k)
+    Projection decode_x;            // CL on GQA: latent -> X (U as rows of d)
     Projection rebuild_k,
         rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
   };
 
   void build_latents(const Model& model, int32_t layer_index, Layer& layer);
+  void build_cross_layer_latent(const Model& model, int32_t layer_index, Layer& layer);
+  // Rows of the CL accumulator (Xhat of the last layer read), (max_tokens, dim) per sequence.
+  float* accumulator(int32_t seq) {
+    return accumulator_.data() + static_cast<size_t>(seq) * max_tokens_ * config_.dim;
+  }
 
   const ModelConfig config_;
   std::string mode_, description_;
@@ -62,7 +73,8 @@ class QuantizedCache : public AttentionCache {
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;  // 0, 1, 2, ...
   // Scratch for one attend call.
-  std::vector<float> k_source_, v_source_, keys_, values_, encoded_;
+  std::vector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
+  std::vector<float> accumulator_;
 };
 
 }  // namespace xq

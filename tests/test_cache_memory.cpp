@@ -78,10 +78,14 @@ TEST(CacheMemory, FormulaMatchesHandCountOnStories260K) {
   };
   EXPECT_DOUBLE_EQ(per_token("fp16"), 5 * 2 * 32 * 2);  // K and V, fp16
   EXPECT_DOUBLE_EQ(per_token("xquant-4"),
-                   5 * (64 * 4 / 8 + 4));                 // X codes + one fp16 scale/zero pair
-  EXPECT_DOUBLE_EQ(per_token("xquant-3"), 5 * (24 + 4));  // 64 x 3 bits = 24 bytes
+                   5 * (64 * 4 / 8 + 4));  // X codes + one fp16 scale/zero pair
+  // Layers 0-2 stay at 4 bits (paper Table 4); 64 x 3 bits = 24 bytes.
+  EXPECT_DOUBLE_EQ(per_token("xquant-3"), 3 * (32 + 4) + 2 * (24 + 4));
+  // K per channel (a scale/zero pair per channel per 128 tokens), V per token.
   EXPECT_DOUBLE_EQ(per_token("kivi-2"),
-                   5 * ((8 + 32 * 4 / 128.0) + (8 + 4)));  // K per channel, V per token
+                   3 * ((16 + 32 * 4 / 128.0) + (16 + 4)) + 2 * ((8 + 32 * 4 / 128.0) + (8 + 4)));
+  // CL: X deltas like xquant, plus the fp32 accumulator row.
+  EXPECT_DOUBLE_EQ(per_token("xquant-cl-2"), 3 * (32 + 4) + 2 * (16 + 4) + 64 * 4);
 }
 
 }  // namespace

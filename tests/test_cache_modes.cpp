@@ -79,7 +79,8 @@ TEST_P(CacheModes, LogitsStayNearTheFp16Cache) {
 
 INSTANTIATE_TEST_SUITE_P(Modes, CacheModes,
                          ::testing::Values("kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4",
-                                           "xquant-3", "xquant-2"),
+                                           "xquant-3", "xquant-2", "xquant-cl-4", "xquant-cl-3",
+                                           "xquant-cl-2"),
                          [](const auto& info) {
                            std::string name = info.param;
                            for (char& c : name)
