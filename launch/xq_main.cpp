@@ -217,6 +217,11 @@ int run_perplexity(int argc, char** argv) {
       "evaluated)\n",
       result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored),
       result.chunks, options.ctx, result.tokens_evaluated / result.seconds);
+  // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
+  const ModelConfig& config = model->config();
+  const double fp16_bytes = 2.0 * sizeof(uint16_t) * config.kv_dim() * config.n_layers;
+  std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n", engine.cache().mode().c_str(),
+              engine.cache().bytes_per_token(), engine.cache().bytes_per_token() / fp16_bytes);
   return 0;
 }
 
