@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
@@ -111,23 +112,8 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
     cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems,
                           static_cast<int64_t>(head_elems));
   }
-  cpu::parallel_for(heads, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(n) * total);
-    for (int64_t h = begin; h < end; ++h) {
-      const float* k_head = k_float.data() + (h / group) * head_elems;
-      const float* v_head = v_float.data() + (h / group) * head_elems;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
-                  static_cast<int>(q_stride), k_head, hd, 0.0f, scores.data(), total);
-      for (int32_t i = 0; i < n; ++i) {
-        float* row = scores.data() + static_cast<size_t>(i) * total;
-        const int32_t visible = pos0 + i + 1;
-        cpu::softmax(row, visible);
-        std::fill(row + visible, row + total, 0.0f);
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(),
-                  total, v_head, hd, 0.0f, out + h * hd, static_cast<int>(q_stride));
-    }
-  });
+  cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, k_float.data(),
+                        v_float.data(), static_cast<int64_t>(head_elems), hd, out);
 }
 
 void Fp16KvCache::truncate(int32_t seq, int32_t from) {

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <numeric>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
@@ -292,23 +293,8 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
       cpu::matmul(layer.rebuild_v.view(), v_rows, total, values_.data());
       values = values_.data();
     }
-    cpu::parallel_for(heads, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(static_cast<size_t>(n) * total);
-      for (int64_t h = begin; h < end; ++h) {
-        const int64_t g = h / group;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, total, hd, scale, q + h * hd,
-                    static_cast<int>(q_stride), keys_.data() + g * hd, kv, 0.0f, scores.data(),
-                    total);
-        for (int32_t i = 0; i < n; ++i) {
-          float* row = scores.data() + static_cast<size_t>(i) * total;
-          const int32_t visible = pos0 + i + 1;
-          cpu::softmax(row, visible);
-          std::fill(row + visible, row + total, 0.0f);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, hd, total, 1.0f, scores.data(),
-                    total, values + g * hd, kv, 0.0f, out + h * hd, static_cast<int>(q_stride));
-      }
-    });
+    cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, keys_.data(),
+                          values, hd, kv, out);
     return;
   }
 
