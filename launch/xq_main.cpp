@@ -236,6 +236,7 @@ int run_generate(int argc, char** argv) {
   args.option("top-p", "1", "sample from the smallest set with this probability mass");
   args.option("seed", "0", "random seed");
   args.flag("ids", "print token ids instead of text");
+  args.flag("margins", "with --ids: also print each step's top-1 minus top-2 logit");
   if (!args.parse(argc, argv)) return 0;
   if (!args.has("prompt")) throw Error("generate: --prompt is required (see --help)");
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
@@ -277,7 +278,20 @@ int run_generate(int argc, char** argv) {
     int32_t next = sampler.sample(logits.data(), model->config().vocab_size);
     if (next == tokenizer.eos_id()) break;
     ++generated;
-    if (print_ids) {
+    if (print_ids && args.has("margins")) {
+      // How close the step was to a tie: explains where two caches diverge.
+      const float* row = logits.data();
+      float first = -INFINITY, second = -INFINITY;
+      for (int32_t v = 0; v < model->config().vocab_size; ++v) {
+        if (row[v] > first) {
+          second = first;
+          first = row[v];
+        } else if (row[v] > second) {
+          second = row[v];
+        }
+      }
+      std::printf("%d %.4f\n", next, first - second);
+    } else if (print_ids) {
       std::printf("%d\n", next);
     } else {
       std::fputs(tokenizer.token_to_piece(next).c_str(), stdout);
