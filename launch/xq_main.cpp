@@ -127,7 +127,10 @@ void add_model_options(Arguments& args) {
   args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
   args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
   args.option("threads", "2", "CPU threads");
-  args.option("cache", "fp16", "attention cache mode");
+  args.option("cache", "fp16",
+              "attention cache mode: fp16, kivi-4/3/2, xquant-8/4/3/2, xquant-cl-4/3/2");
+  args.flag("keep-outlier-channel",
+            "xquant on GQA models: keep channel 0 of X·Uk in fp16 (paper appendix B)");
 }
 
 std::string read_text_file(const std::string& path) {
@@ -187,6 +190,7 @@ int run_perplexity(int argc, char** argv) {
   engine_options.threads = threads;
   engine_options.max_tokens = options.ctx;
   engine_options.cache_mode = args.get("cache");
+  engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
   Engine engine(*model, engine_options);
 
   const auto tokenize_start = std::chrono::steady_clock::now();
@@ -220,8 +224,9 @@ int run_perplexity(int argc, char** argv) {
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
   const ModelConfig& config = model->config();
   const double fp16_bytes = 2.0 * sizeof(uint16_t) * config.kv_dim() * config.n_layers;
-  std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n", engine.cache().mode().c_str(),
-              engine.cache().bytes_per_token(), engine.cache().bytes_per_token() / fp16_bytes);
+  std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n",
+              engine.cache().mode().c_str(), engine.cache().bytes_per_token(),
+              engine.cache().bytes_per_token() / fp16_bytes);
   return 0;
 }
 
@@ -254,6 +259,7 @@ int run_generate(int argc, char** argv) {
   engine_options.max_tokens =
       static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
+  engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
   Engine engine(*model, engine_options);
 
   SamplerOptions sampler_options;

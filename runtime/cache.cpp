@@ -26,6 +26,15 @@ int parse_bits(const std::string& mode, const std::string& name,
 
 std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOptions& options) {
   const std::string& mode = options.mode;
+  if (options.keep_outlier_channel) {
+    const ModelConfig& c = model.config();
+    const bool latent =
+        mode.rfind("xquant-", 0) == 0 && mode.rfind("xquant-cl-", 0) != 0 && 2 * c.kv_dim() < c.dim;
+    if (!latent)
+      throw Error(
+          "--keep-outlier-channel applies to xquant-B on GQA models (the latent X·Uk), not to '" +
+          mode + "' on this model");
+  }
   if (mode == "fp16") return std::make_unique<Fp16KvCache>(model.config(), options);
   if (int bits = parse_bits(mode, "kivi", {4, 3, 2}))
     return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kKivi, bits);

@@ -23,6 +23,9 @@ struct CacheOptions {
   // owned by the engine. Caches rotate keys themselves because some modes
   // (KIVI, XQuant) must keep or rebuild them before rotation.
   const float* rope_cos_sin = nullptr;
+  // The paper's appendix B: the outliers of X·Uk sit in its first channel;
+  // keep that channel in fp16 (xquant latent modes only).
+  bool keep_outlier_channel = false;
 };
 
 class AttentionCache {

@@ -9,6 +9,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/quant.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
 
@@ -125,6 +126,11 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   positions_.resize(max_tokens_);
   std::iota(positions_.begin(), positions_.end(), 0);
   const bool cl_latent = kind == Kind::kXquantCrossLayer && 2 * kv < d;
+  sequences_ = options.sequences;
+  keep_outlier_ = options.keep_outlier_channel && kind == Kind::kXquantLatent;
+  if (keep_outlier_)
+    outlier_channel_.resize(static_cast<size_t>(config_.n_layers) * options.sequences *
+                            max_tokens_);
   if (kind == Kind::kXquantCrossLayer)
     accumulator_.resize(static_cast<size_t>(options.sequences) * max_tokens_ * d);
   const int requested_bits = bits;
@@ -188,7 +194,8 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
       description_ = mode_ + ": caching SVD latents X·Uk, X·Uv (" + std::to_string(2 * kv) +
                      " values/token) instead of X (" + std::to_string(d) +
                      "): GQA makes K+V narrower than X; X·Uk " + first.describe() + "; X·Uv " +
-                     layers_[0].stores[1].describe();
+                     layers_[0].stores[1].describe() +
+                     (keep_outlier_ ? "; channel 0 of X·Uk kept in fp16 (appendix B)" : "");
       break;
   }
 }
@@ -226,6 +233,16 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
       // Latents are taken from the full-precision X, then quantized.
       encoded_.resize(static_cast<size_t>(n) * config_.kv_dim());
       cpu::matmul(layer.encode_k.view(), x, n, encoded_.data());
+      if (keep_outlier_) {
+        // Channel 0 goes to fp16 and is zeroed in the quantized stream, so its
+        // outliers no longer stretch that channel's groups.
+        const int64_t kv = config_.kv_dim();
+        uint16_t* kept = outliers(seq, layer_index) + pos0;
+        for (int32_t i = 0; i < n; ++i) {
+          kept[i] = cpu::fp32_to_fp16(encoded_[static_cast<size_t>(i) * kv]);
+          encoded_[static_cast<size_t>(i) * kv] = 0.0f;
+        }
+      }
       layer.stores[0].append(seq, pos0, n, encoded_.data());
       cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
       layer.stores[1].append(seq, pos0, n, encoded_.data());
@@ -269,6 +286,11 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
     if (layer_index >= kCrossLayerBase) std::copy(k_source_.begin(), k_source_.end(), acc);
   } else {
     k_store.read(seq, total, k_source_.data());
+    if (keep_outlier_) {
+      const uint16_t* kept = outliers(seq, layer_index);
+      for (int32_t t = 0; t < total; ++t)
+        k_source_[static_cast<size_t>(t) * k_width] = cpu::fp16_to_fp32(kept[t]);
+    }
   }
   keys_.resize(static_cast<size_t>(total) * kv);
   if (layer.rebuild_k.rows) {
@@ -339,6 +361,7 @@ int32_t QuantizedCache::length(int32_t seq) const {
 // XQuant-CL also holds one fp32 accumulator row (dim values) per token.
 double QuantizedCache::bytes_per_token() const {
   double total = kind_ == Kind::kXquantCrossLayer ? config_.dim * sizeof(float) : 0.0;
+  if (keep_outlier_) total += config_.n_layers * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_per_token();
   return total;
@@ -348,6 +371,7 @@ size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
   size_t total = kind_ == Kind::kXquantCrossLayer
                      ? static_cast<size_t>(tokens) * config_.dim * sizeof(float)
                      : 0;
+  if (keep_outlier_) total += static_cast<size_t>(tokens) * config_.n_layers * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_for_tokens(tokens);
   return total;
@@ -358,6 +382,10 @@ size_t QuantizedCache::bytes_in_use() const {
   if (kind_ == Kind::kXquantCrossLayer)  // accumulator rows of the stored tokens
     for (int32_t s = 0; s < layers_[0].stores[0].sequences(); ++s)
       total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.dim * sizeof(float);
+  if (keep_outlier_)  // one fp16 value per stored token per layer
+    for (int32_t s = 0; s < sequences_; ++s)
+      total +=
+          static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.n_layers * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores)
       for (int32_t s = 0; s < store.sequences(); ++s) total += store.bytes_in_use(s);

@@ -75,6 +75,13 @@ class QuantizedCache : public AttentionCache {
   // Scratch for one attend call.
   std::vector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
   std::vector<float> accumulator_;
+  // --keep-outlier-channel: channel 0 of X·Uk per (layer, sequence, token), fp16.
+  bool keep_outlier_ = false;
+  std::vector<uint16_t> outlier_channel_;
+  uint16_t* outliers(int32_t seq, int32_t layer) {
+    return outlier_channel_.data() + (static_cast<size_t>(layer) * sequences_ + seq) * max_tokens_;
+  }
+  int32_t sequences_ = 1;
 };
 
 }  // namespace xq

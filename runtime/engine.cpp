@@ -19,6 +19,7 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
   cache_options.mode = options.cache_mode;
   cache_options.max_tokens = max_tokens_;
   cache_options.sequences = options.sequences;
+  cache_options.keep_outlier_channel = options.keep_outlier_channel;
   cache_options.rope_cos_sin = rope_cos_sin_.data();
   cache_ = make_cache(model, cache_options);
 }

@@ -17,6 +17,7 @@ struct EngineOptions {
   int32_t max_tokens = 0;  // cache capacity per sequence; 0 = the model's context length
   int32_t sequences = 1;
   std::string cache_mode = "fp16";
+  bool keep_outlier_channel = false;  // xquant on GQA: channel 0 of X·Uk in fp16
 };
 
 class Engine {

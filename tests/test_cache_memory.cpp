@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "runtime/cache.h"
+#include "runtime/error.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
 
@@ -62,6 +63,20 @@ TEST(CacheMemory, CountedBytesMatchTheFormulaOnSmolLM2) {
   if (!testing::file_exists(path)) GTEST_SKIP() << path << " not fetched (run launch/setup.sh)";
   auto model = Model::load(path);
   for (const char* mode : kModes) check_accounting(*model, mode);
+  // --keep-outlier-channel adds one fp16 value per token per layer, and is
+  // refused where there is no X·Uk latent.
+  const ModelConfig& c = model->config();
+  std::vector<float> rope(static_cast<size_t>(256) * c.rope_dim);
+  cpu::rope_table(rope.data(), 256, c.rope_dim, c.rope_theta);
+  CacheOptions options;
+  options.mode = "xquant-2";
+  options.max_tokens = 256;
+  options.rope_cos_sin = rope.data();
+  const double plain = make_cache(*model, options)->bytes_per_token();
+  options.keep_outlier_channel = true;
+  EXPECT_DOUBLE_EQ(make_cache(*model, options)->bytes_per_token(), plain + 2.0 * c.n_layers);
+  options.mode = "kivi-2";
+  EXPECT_THROW(make_cache(*model, options), Error);
 }
 
 TEST(CacheMemory, FormulaMatchesHandCountOnStories260K) {
