@@ -131,6 +131,16 @@ void add_model_options(Arguments& args) {
               "attention cache mode: fp16, kivi-4/3/2, xquant-8/4/3/2, xquant-cl-4/3/2");
   args.flag("keep-outlier-channel",
             "xquant on GQA models: keep channel 0 of X·Uk in fp16 (paper appendix B)");
+  args.option("k-latent", "per-head",
+              "xquant on GQA models: 'per-head' (one SVD per KV head) or 'joint' (one SVD of "
+              "Wk, as the paper)");
+}
+
+bool k_latent_per_head(const Arguments& args) {
+  const std::string value = args.get("k-latent");
+  if (value != "per-head" && value != "joint")
+    throw Error("--k-latent must be 'per-head' or 'joint', got '" + value + "'");
+  return value == "per-head";
 }
 
 std::string read_text_file(const std::string& path) {
@@ -191,6 +201,7 @@ int run_perplexity(int argc, char** argv) {
   engine_options.max_tokens = options.ctx;
   engine_options.cache_mode = args.get("cache");
   engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
+  engine_options.k_latent_per_head = k_latent_per_head(args);
   Engine engine(*model, engine_options);
 
   const auto tokenize_start = std::chrono::steady_clock::now();
@@ -260,6 +271,7 @@ int run_generate(int argc, char** argv) {
       static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
   engine_options.cache_mode = args.get("cache");
   engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
+  engine_options.k_latent_per_head = k_latent_per_head(args);
   Engine engine(*model, engine_options);
 
   SamplerOptions sampler_options;

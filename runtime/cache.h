@@ -26,6 +26,11 @@ struct CacheOptions {
   // The paper's appendix B: the outliers of X·Uk sit in its first channel;
   // keep that channel in fp16 (xquant latent modes only).
   bool keep_outlier_channel = false;
+  // xquant on GQA: K's latent from one SVD per KV head (X·Uk_g, rebuilt with a
+  // head_dim x head_dim block each) or from one SVD of the whole Wk (the
+  // paper's; rebuilt with one kv x kv matrix). Same bytes; per head costs
+  // 1/group of the rebuild FLOPs in decode.
+  bool k_latent_per_head = true;
 };
 
 class AttentionCache {

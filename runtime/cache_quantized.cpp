@@ -4,12 +4,14 @@
 
 #include <cmath>
 #include <cstdio>
+#include <mutex>
 #include <numeric>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
 
@@ -20,7 +22,12 @@ extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a,
 namespace xq {
 namespace {
 
+// Below this many queries, attention walks the context block by block without
+// rebuilding V (decode); above it, K and V are rebuilt once for all queries.
 constexpr int32_t kMinQueriesForRebuild = 16;
+// Tokens per decode block: a block's dequantized rows and rebuilt keys
+// (64 x 576 + 64 x 192 floats for SmolLM2's X) stay in L2.
+constexpr int32_t kDecodeBlock = 64;
 // The paper pins the first three layers at 4 bits for every quantized method;
 // XQuant-CL takes the third as its base.
 constexpr int32_t kPinnedLayers = 3;
@@ -75,13 +82,60 @@ static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder,
 
 void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Layer& layer) {
   const LayerWeights& w = model.layers()[layer_index];
-  const int64_t kv = config_.kv_dim(), d = config_.dim;
-  svd_projections(w.wk, layer.encode_k.values, layer.rebuild_k.values);
+  const int64_t kv = config_.kv_dim(), d = config_.dim, hd = config_.head_dim;
+  if (k_latent_per_head_) {
+    layer.rebuild_k_per_head = true;
+    layer.encode_k.values.clear();
+    layer.rebuild_k.values.clear();
+    for (int64_t g = 0; g < config_.n_kv_heads; ++g) {
+      WeightMatrix head = w.wk;
+      head.data += static_cast<size_t>(g) * hd * w.wk.row_bytes;
+      head.rows = hd;
+      std::vector<float> encoder, rebuild;
+      svd_projections(head, encoder, rebuild);
+      layer.encode_k.values.insert(layer.encode_k.values.end(), encoder.begin(), encoder.end());
+      layer.rebuild_k.values.insert(layer.rebuild_k.values.end(), rebuild.begin(), rebuild.end());
+    }
+    layer.rebuild_k.cols = hd;
+  } else {
+    svd_projections(w.wk, layer.encode_k.values, layer.rebuild_k.values);
+    layer.rebuild_k.cols = kv;
+  }
   svd_projections(w.wv, layer.encode_v.values, layer.rebuild_v.values);
   layer.encode_k.rows = layer.encode_v.rows = kv;
   layer.encode_k.cols = layer.encode_v.cols = d;
   layer.rebuild_k.rows = layer.rebuild_v.rows = kv;
-  layer.rebuild_k.cols = layer.rebuild_v.cols = kv;
+  layer.rebuild_v.cols = kv;
+}
+
+// Puts the fp16 outlier channels of tokens [t0, t0 + rows) back into their
+// dequantized latent rows (kv wide), where the quantized stream holds zero.
+void QuantizedCache::restore_outliers(int32_t seq, int32_t layer_index, int32_t t0, int32_t rows,
+                                      float* latent_rows) {
+  const int64_t kv = config_.kv_dim();
+  const uint16_t* kept = outliers(seq, layer_index) + static_cast<size_t>(t0) * outliers_per_token_;
+  for (int32_t t = 0; t < rows; ++t)
+    for (int32_t k = 0; k < outliers_per_token_; ++k)
+      latent_rows[t * kv + outlier_channel(k)] =
+          cpu::fp16_to_fp32(kept[static_cast<size_t>(t) * outliers_per_token_ + k]);
+}
+
+// keys (rows, kv) = K source rows (rows, k_width) through the layer's rebuild
+// matrix: dense, or block-diagonal with one hd x hd block per KV head when
+// each head has its own latent. Single-threaded (called per block).
+void QuantizedCache::rebuild_keys(const Layer& layer, const float* source, int32_t rows,
+                                  int64_t k_width, float* keys) const {
+  const int64_t kv = config_.kv_dim();
+  if (!layer.rebuild_k_per_head) {
+    cpu::gemm_small(rows, kv, k_width, source, k_width, layer.rebuild_k_t.data(), kv, keys, kv,
+                    false);
+    return;
+  }
+  const int64_t hd = config_.head_dim;
+  for (int64_t g = 0; g < config_.n_kv_heads; ++g)
+    cpu::gemm_small(rows, hd, hd, source + g * hd, k_width,
+                    layer.rebuild_k_t.data() + static_cast<size_t>(g) * hd * hd, hd, keys + g * hd,
+                    kv, false);
 }
 
 // CL on GQA: the latent of [Wk | Wv] (math d x 2kv) = U S Bᵀ. Deltas are
@@ -127,10 +181,14 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   std::iota(positions_.begin(), positions_.end(), 0);
   const bool cl_latent = kind == Kind::kXquantCrossLayer && 2 * kv < d;
   sequences_ = options.sequences;
+  k_latent_per_head_ = options.k_latent_per_head;
   keep_outlier_ = options.keep_outlier_channel && kind == Kind::kXquantLatent;
+  // Appendix B's outlier channel is the first of each latent: one per KV head
+  // when every head has its own.
+  outliers_per_token_ = k_latent_per_head_ ? config_.n_kv_heads : 1;
   if (keep_outlier_)
     outlier_channel_.resize(static_cast<size_t>(config_.n_layers) * options.sequences *
-                            max_tokens_);
+                            outliers_per_token_ * max_tokens_);
   if (kind == Kind::kXquantCrossLayer)
     accumulator_.resize(static_cast<size_t>(options.sequences) * max_tokens_ * d);
   const int requested_bits = bits;
@@ -166,6 +224,17 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
     }
   }
   bits = requested_bits;
+  // Decode reads the K rebuild matrix input-major (one row per stored channel).
+  for (Layer& layer : layers_) {
+    const Projection& r = layer.rebuild_k;
+    if (!r.rows) continue;
+    const int64_t block_rows = layer.rebuild_k_per_head ? config_.head_dim : r.rows;
+    layer.rebuild_k_t.resize(r.values.size());
+    for (int64_t b0 = 0; b0 < r.rows; b0 += block_rows)  // each diagonal block on its own
+      for (int64_t j = 0; j < block_rows; ++j)
+        for (int64_t c = 0; c < r.cols; ++c)
+          layer.rebuild_k_t[b0 * r.cols + c * block_rows + j] = r.values[(b0 + j) * r.cols + c];
+  }
   const RowStore& first = layers_[0].stores[0];
   switch (kind) {
     case Kind::kKivi:
@@ -191,11 +260,19 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
       break;
     case Kind::kXquantLatent:
       mode_ = "xquant-" + b;
-      description_ = mode_ + ": caching SVD latents X·Uk, X·Uv (" + std::to_string(2 * kv) +
-                     " values/token) instead of X (" + std::to_string(d) +
-                     "): GQA makes K+V narrower than X; X·Uk " + first.describe() + "; X·Uv " +
-                     layers_[0].stores[1].describe() +
-                     (keep_outlier_ ? "; channel 0 of X·Uk kept in fp16 (appendix B)" : "");
+      description_ =
+          mode_ + ": caching SVD latents X·Uk, X·Uv (" + std::to_string(2 * kv) +
+          " values/token) instead of X (" + std::to_string(d) +
+          "): GQA makes K+V narrower than X; " +
+          (k_latent_per_head_
+               ? "X·Uk from one SVD per KV head (" + std::to_string(config_.n_kv_heads) + " x " +
+                     std::to_string(config_.head_dim) + ")"
+               : "X·Uk from one SVD of Wk") +
+          " " + first.describe() + "; X·Uv " + layers_[0].stores[1].describe() +
+          (keep_outlier_ ? k_latent_per_head_ ? "; channel 0 of each head's X·Uk kept in fp16 "
+                                                "(appendix B)"
+                                              : "; channel 0 of X·Uk kept in fp16 (appendix B)"
+                         : "");
       break;
   }
 }
@@ -237,11 +314,14 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
         // Channel 0 goes to fp16 and is zeroed in the quantized stream, so its
         // outliers no longer stretch that channel's groups.
         const int64_t kv = config_.kv_dim();
-        uint16_t* kept = outliers(seq, layer_index) + pos0;
-        for (int32_t i = 0; i < n; ++i) {
-          kept[i] = cpu::fp32_to_fp16(encoded_[static_cast<size_t>(i) * kv]);
-          encoded_[static_cast<size_t>(i) * kv] = 0.0f;
-        }
+        uint16_t* kept =
+            outliers(seq, layer_index) + static_cast<size_t>(pos0) * outliers_per_token_;
+        for (int32_t i = 0; i < n; ++i)
+          for (int32_t k = 0; k < outliers_per_token_; ++k) {
+            float& value = encoded_[static_cast<size_t>(i) * kv + outlier_channel(k)];
+            kept[static_cast<size_t>(i) * outliers_per_token_ + k] = cpu::fp32_to_fp16(value);
+            value = 0.0f;
+          }
       }
       layer.stores[0].append(seq, pos0, n, encoded_.data());
       cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
@@ -255,11 +335,14 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
                             const float* q, float* out) {
   Layer& layer = layers_[layer_index];
   const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
-  const int32_t group = heads / config_.n_kv_heads, kv = config_.kv_dim();
+  const int32_t kv = config_.kv_dim();
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   if (total > layer.stores[0].length(seq))
     throw Error("cache: attend over tokens that were not appended");
+  if (n < kMinQueriesForRebuild) {
+    attend_decode(seq, layer_index, pos0, n, q, out);
+    return;
+  }
 
   // K: read the stored rows, rebuild, rotate.
   const RowStore& k_store = layer.stores[0];
@@ -274,10 +357,10 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
     const int64_t d = config_.dim;
     if (layer.decode_x.rows) {
       encoded_.resize(static_cast<size_t>(total) * layer.decode_x.cols);
-      k_store.read(seq, total, encoded_.data());
+      k_store.read(seq, 0, total, encoded_.data());
       cpu::matmul(layer.decode_x.view(), encoded_.data(), total, k_source_.data());
     } else {
-      k_store.read(seq, total, k_source_.data());
+      k_store.read(seq, 0, total, k_source_.data());
     }
     float* acc = accumulator(seq);
     if (layer_index > kCrossLayerBase) {
@@ -285,15 +368,21 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
     }
     if (layer_index >= kCrossLayerBase) std::copy(k_source_.begin(), k_source_.end(), acc);
   } else {
-    k_store.read(seq, total, k_source_.data());
+    k_store.read(seq, 0, total, k_source_.data());
     if (keep_outlier_) {
-      const uint16_t* kept = outliers(seq, layer_index);
-      for (int32_t t = 0; t < total; ++t)
-        k_source_[static_cast<size_t>(t) * k_width] = cpu::fp16_to_fp32(kept[t]);
+      restore_outliers(seq, layer_index, 0, total, k_source_.data());
     }
   }
   keys_.resize(static_cast<size_t>(total) * kv);
-  if (layer.rebuild_k.rows) {
+  if (layer.rebuild_k_per_head) {
+    cpu::parallel_for(
+        total,
+        [&](int64_t begin, int64_t end) {
+          rebuild_keys(layer, k_source_.data() + begin * k_width, static_cast<int32_t>(end - begin),
+                       k_width, keys_.data() + begin * kv);
+        },
+        16);
+  } else if (layer.rebuild_k.rows) {
     cpu::matmul(layer.rebuild_k.view(), k_source_.data(), total, keys_.data());
   } else {
     std::copy(k_source_.begin(), k_source_.end(), keys_.begin());
@@ -303,50 +392,142 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   const float* v_rows = k_source_.data();
   if (&v_store != &k_store) {
     v_source_.resize(static_cast<size_t>(total) * v_width);
-    v_store.read(seq, total, v_source_.data());
+    v_store.read(seq, 0, total, v_source_.data());
     v_rows = v_source_.data();
   }
 
-  if (n >= kMinQueriesForRebuild || !layer.rebuild_v.rows) {
-    // Prefill (or V stored as is): V for every token once, then standard attention.
-    const float* values = v_rows;
-    if (layer.rebuild_v.rows) {
-      values_.resize(static_cast<size_t>(total) * kv);
-      cpu::matmul(layer.rebuild_v.view(), v_rows, total, values_.data());
-      values = values_.data();
-    }
-    cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, keys_.data(),
-                          values, hd, kv, out);
-    return;
+  // Prefill: V for every token once, then standard attention.
+  const float* values = v_rows;
+  if (layer.rebuild_v.rows) {
+    values_.resize(static_cast<size_t>(total) * kv);
+    cpu::matmul(layer.rebuild_v.view(), v_rows, total, values_.data());
+    values = values_.data();
   }
+  cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, keys_.data(),
+                        values, hd, kv, out);
+}
 
-  // Decode: V is never rebuilt. Per head, the attention-weighted sum of the
-  // stored rows (X or X·Uv) is projected once by that head's rows of the
-  // rebuild matrix: sum_t a_t (s_t M) = (sum_t a_t s_t) M.
-  const Projection& rebuild_v = layer.rebuild_v;
-  cpu::parallel_for(static_cast<int64_t>(n) * heads, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(total), mixed(v_width);
-    for (int64_t job = begin; job < end; ++job) {
-      const int32_t i = static_cast<int32_t>(job / heads), h = static_cast<int32_t>(job % heads);
-      const int32_t g = h / group, visible = pos0 + i + 1;
-      const float* query = q + i * q_stride + h * hd;
-      for (int32_t t = 0; t < visible; ++t)
-        scores[t] =
-            cblas_sdot(hd, query, 1, keys_.data() + static_cast<size_t>(t) * kv + g * hd, 1) *
-            scale;
-      cpu::softmax(scores.data(), visible);
-      std::fill(mixed.begin(), mixed.end(), 0.0f);
-      for (int32_t t = 0; t < visible; ++t)
-        cblas_saxpy(static_cast<int>(v_width), scores[t], v_rows + static_cast<size_t>(t) * v_width,
-                    1, mixed.data(), 1);
-      float* dst = out + i * q_stride + h * hd;
-      for (int32_t c = 0; c < hd; ++c) {
-        const float* row =
-            rebuild_v.values.data() + static_cast<size_t>(g * hd + c) * rebuild_v.cols;
-        dst[c] = cblas_sdot(static_cast<int>(v_width), row, 1, mixed.data(), 1);
+// Decode: the context is walked in blocks of kDecodeBlock tokens, split across
+// threads. Each block is dequantized, its K rebuilt (one small GEMM) and
+// rotated, and scored while it is still in cache; nothing the size of the
+// whole context is materialized. V is never rebuilt: each head keeps the
+// softmax-weighted sum of the stored rows (X or X·Uv; online softmax across
+// blocks) and projects it once at the end:
+// sum_t a_t (s_t M) = (sum_t a_t s_t) M.
+void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                                   const float* q, float* out) {
+  Layer& layer = layers_[layer_index];
+  const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
+  const int32_t kv_heads = config_.n_kv_heads, group = heads / kv_heads, kv = config_.kv_dim();
+  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const RowStore& k_store = layer.stores[0];
+  const bool separate_v = layer.stores.size() > 1;
+  const bool x_wide = kind_ == Kind::kXquantX || kind_ == Kind::kXquantCrossLayer;
+  const int64_t k_width = x_wide ? config_.dim : kv;
+  const bool project_v = layer.rebuild_v.rows != 0;
+  // Per head, the weighted sum runs over whole stored rows when they are
+  // projected afterwards, or over the head's own hd values of V (kivi).
+  const int64_t mix_width = project_v ? k_width : hd;
+  float* acc = kind_ == Kind::kXquantCrossLayer ? accumulator(seq) : nullptr;
+  const int64_t d = config_.dim;
+
+  cpu::PartialAttention result;
+  result.reset(static_cast<int64_t>(n) * heads, mix_width);
+  std::mutex result_mutex;
+  const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
+  cpu::parallel_for(blocks, [&](int64_t first_block, int64_t last_block) {
+    std::vector<float> source(static_cast<size_t>(kDecodeBlock) * k_width);
+    std::vector<float> latent, v_rows_buffer, keys_buffer;
+    std::vector<float> scores(static_cast<size_t>(heads) * kDecodeBlock);
+    if (layer.decode_x.rows) latent.resize(static_cast<size_t>(kDecodeBlock) * layer.decode_x.cols);
+    if (separate_v) v_rows_buffer.resize(static_cast<size_t>(kDecodeBlock) * k_width);
+    if (layer.rebuild_k.rows) keys_buffer.resize(static_cast<size_t>(kDecodeBlock) * kv);
+    cpu::PartialAttention mine;
+    mine.reset(static_cast<int64_t>(n) * heads, mix_width);
+    for (int64_t b = first_block; b < last_block; ++b) {
+      const int32_t t0 = static_cast<int32_t>(b * kDecodeBlock);
+      const int32_t rows = std::min<int32_t>(kDecodeBlock, total - t0);
+      // Stored rows -> K source (X, Xhat or latent).
+      if (layer.decode_x.rows) {
+        k_store.read(seq, t0, t0 + rows, latent.data());
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, static_cast<int>(d),
+                    static_cast<int>(layer.decode_x.cols), 1.0f, latent.data(),
+                    static_cast<int>(layer.decode_x.cols), layer.decode_x.values.data(),
+                    static_cast<int>(layer.decode_x.cols), 0.0f, source.data(),
+                    static_cast<int>(d));
+      } else {
+        k_store.read(seq, t0, t0 + rows, source.data());
+      }
+      if (acc) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer i+1
+        float* acc_rows = acc + static_cast<size_t>(t0) * d;
+        if (layer_index > kCrossLayerBase)
+          for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) source[i] += acc_rows[i];
+        if (layer_index >= kCrossLayerBase)
+          std::copy(source.begin(), source.begin() + static_cast<size_t>(rows) * d, acc_rows);
+      }
+      if (keep_outlier_) {
+        restore_outliers(seq, layer_index, t0, rows, source.data());
+      }
+      float* keys = source.data();
+      if (layer.rebuild_k.rows) {
+        keys = keys_buffer.data();
+        rebuild_keys(layer, source.data(), rows, k_width, keys);
+      }
+      cpu::rope(keys, positions_.data() + t0, rows, kv_heads, hd, config_.rope_dim,
+                config_.rope_layout, rope_cos_sin_);
+      const float* v_rows = source.data();
+      if (separate_v) {
+        layer.stores[1].read(seq, t0, t0 + rows, v_rows_buffer.data());
+        v_rows = v_rows_buffer.data();
+      }
+      const int64_t v_stride = project_v ? k_width : kv;
+      for (int32_t i = 0; i < n; ++i) {
+        const int32_t visible = std::min(rows, pos0 + i + 1 - t0);  // causal
+        if (visible <= 0) continue;
+        const int64_t first_row = static_cast<int64_t>(i) * heads;
+        for (int32_t g = 0; g < kv_heads; ++g) {
+          // The group's query heads are adjacent rows of q and of scores.
+          const float* group_queries = q + i * q_stride + static_cast<int64_t>(g) * group * hd;
+          float* group_scores = scores.data() + static_cast<size_t>(g) * group * kDecodeBlock;
+          cpu::scores_against_rows(group, hd, group_queries, hd, visible,
+                                   keys + static_cast<int64_t>(g) * hd, kv, scale, group_scores,
+                                   kDecodeBlock);
+          for (int32_t r = 0; r < group; ++r)
+            cpu::absorb_scores(mine, first_row + g * group + r, group_scores + r * kDecodeBlock,
+                               visible);
+          if (!project_v)  // kivi: each group mixes its own slice of V
+            cpu::gemm_small(group, mix_width, visible, group_scores, kDecodeBlock, v_rows + g * hd,
+                            v_stride, mine.acc.data() + (first_row + g * group) * mix_width,
+                            mix_width, true);
+        }
+        // Every head mixes the same stored rows (X or X·Uv): one GEMM for all.
+        if (project_v)
+          cpu::gemm_small(heads, mix_width, visible, scores.data(), kDecodeBlock, v_rows, v_stride,
+                          mine.acc.data() + first_row * mix_width, mix_width, true);
       }
     }
+    std::lock_guard<std::mutex> lock(result_mutex);
+    cpu::merge_partial_attention(result, mine);
   });
+
+  for (int32_t i = 0; i < n; ++i) {
+    for (int32_t h = 0; h < heads; ++h) {
+      const int64_t row = static_cast<int64_t>(i) * heads + h;
+      const float inv = 1.0f / result.sum[row];
+      const float* mixed = result.acc.data() + row * mix_width;
+      float* dst = out + i * q_stride + h * hd;
+      if (!project_v) {
+        for (int32_t c = 0; c < hd; ++c) dst[c] = mixed[c] * inv;
+        continue;
+      }
+      // This head's hd rows of the V rebuild matrix, applied once.
+      const int32_t g = h / group;
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, hd, static_cast<int>(mix_width), inv,
+                  layer.rebuild_v.values.data() + static_cast<size_t>(g) * hd * mix_width,
+                  static_cast<int>(mix_width), mixed, 1, 0.0f, dst, 1);
+    }
+  }
 }
 
 void QuantizedCache::truncate(int32_t seq, int32_t from) {
@@ -361,7 +542,7 @@ int32_t QuantizedCache::length(int32_t seq) const {
 // XQuant-CL also holds one fp32 accumulator row (dim values) per token.
 double QuantizedCache::bytes_per_token() const {
   double total = kind_ == Kind::kXquantCrossLayer ? config_.dim * sizeof(float) : 0.0;
-  if (keep_outlier_) total += config_.n_layers * sizeof(uint16_t);
+  if (keep_outlier_) total += config_.n_layers * outliers_per_token_ * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_per_token();
   return total;
@@ -371,7 +552,9 @@ size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
   size_t total = kind_ == Kind::kXquantCrossLayer
                      ? static_cast<size_t>(tokens) * config_.dim * sizeof(float)
                      : 0;
-  if (keep_outlier_) total += static_cast<size_t>(tokens) * config_.n_layers * sizeof(uint16_t);
+  if (keep_outlier_)
+    total +=
+        static_cast<size_t>(tokens) * config_.n_layers * outliers_per_token_ * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_for_tokens(tokens);
   return total;
@@ -384,8 +567,8 @@ size_t QuantizedCache::bytes_in_use() const {
       total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.dim * sizeof(float);
   if (keep_outlier_)  // one fp16 value per stored token per layer
     for (int32_t s = 0; s < sequences_; ++s)
-      total +=
-          static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.n_layers * sizeof(uint16_t);
+      total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.n_layers *
+               outliers_per_token_ * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores)
       for (int32_t s = 0; s < store.sequences(); ++s) total += store.bytes_in_use(s);

@@ -56,8 +56,14 @@ class QuantizedCache : public AttentionCache {
     Projection decode_x;            // CL on GQA: latent -> X (U as rows of d)
     Projection rebuild_k,
         rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
+    bool rebuild_k_per_head = false;  // rebuild_k is (kv, head_dim): one block per KV head
+    std::vector<float> rebuild_k_t;   // rebuild_k input-major (per diagonal block if per head)
   };
 
+  void attend_decode(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                     float* out);
+  void rebuild_keys(const Layer& layer, const float* source, int32_t rows, int64_t k_width,
+                    float* keys) const;
   void build_latents(const Model& model, int32_t layer_index, Layer& layer);
   void build_cross_layer_latent(const Model& model, int32_t layer_index, Layer& layer);
   // Rows of the CL accumulator (Xhat of the last layer read), (max_tokens, dim) per sequence.
@@ -78,9 +84,16 @@ class QuantizedCache : public AttentionCache {
   // --keep-outlier-channel: channel 0 of X·Uk per (layer, sequence, token), fp16.
   bool keep_outlier_ = false;
   std::vector<uint16_t> outlier_channel_;
+  // Per (layer, sequence): outliers_per_token_ fp16 values per token.
   uint16_t* outliers(int32_t seq, int32_t layer) {
-    return outlier_channel_.data() + (static_cast<size_t>(layer) * sequences_ + seq) * max_tokens_;
+    return outlier_channel_.data() +
+           (static_cast<size_t>(layer) * sequences_ + seq) * max_tokens_ * outliers_per_token_;
   }
+  // The latent channel of the k-th outlier: channel 0 of each head's latent.
+  int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }
+  void restore_outliers(int32_t seq, int32_t layer, int32_t t0, int32_t rows, float* latent_rows);
+  bool k_latent_per_head_ = true;
+  int32_t outliers_per_token_ = 1;
   int32_t sequences_ = 1;
 };
 

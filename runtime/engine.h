@@ -18,6 +18,7 @@ struct EngineOptions {
   int32_t sequences = 1;
   std::string cache_mode = "fp16";
   bool keep_outlier_channel = false;  // xquant on GQA: channel 0 of X·Uk in fp16
+  bool k_latent_per_head = true;      // xquant on GQA: see CacheOptions
 };
 
 class Engine {

@@ -83,20 +83,24 @@ void RowStore::append(int32_t seq, int32_t pos0, int32_t n, const float* rows) {
   lengths_[seq] = pos0 + n;
 }
 
-void RowStore::read(int32_t seq, int32_t count, float* out) const {
-  if (count > lengths_[seq]) throw Error("cache: reading past the stored tokens");
+void RowStore::read(int32_t seq, int32_t begin, int32_t end, float* out) const {
+  if (begin < 0 || begin > end || end > lengths_[seq])
+    throw Error("cache: reading past the stored tokens");
   if (axis_ == QuantAxis::kPerToken) {
-    const uint8_t* codes = codes_.data() + seq * seq_code_bytes_;
-    const cpu::GroupParams* params = params_.data() + seq * seq_params_;
+    // Every token's codes start on a byte boundary (groups are packed apart).
+    const uint8_t* codes =
+        codes_.data() + seq * seq_code_bytes_ + static_cast<size_t>(begin) * row_code_bytes_;
+    const cpu::GroupParams* params =
+        params_.data() + seq * seq_params_ + static_cast<size_t>(begin) * row_groups_.size();
     if (width_ % row_groups_[0] == 0 && (row_groups_[0] * bits_) % 8 == 0) {
-      // Equal groups that end on byte boundaries: every token's codes and
+      // Equal groups that end on byte boundaries: the tokens' codes and
       // parameters are contiguous, so one call decodes them all.
-      cpu::dequantize_groups(codes, params, static_cast<int64_t>(count) * width_, row_groups_[0],
-                             bits_, out);
+      cpu::dequantize_groups(codes, params, static_cast<int64_t>(end - begin) * width_,
+                             row_groups_[0], bits_, out);
       return;
     }
-    for (int32_t t = 0; t < count; ++t) {
-      float* row = out + static_cast<size_t>(t) * width_;
+    for (int32_t t = begin; t < end; ++t) {
+      float* row = out + static_cast<size_t>(t - begin) * width_;
       for (int64_t size : row_groups_) {
         cpu::dequantize_groups(codes, params, size, size, bits_, row);
         row += size;
@@ -107,18 +111,21 @@ void RowStore::read(int32_t seq, int32_t count, float* out) const {
     return;
   }
   const int32_t flushed = lengths_[seq] / kGroup;  // blocks already quantized
-  for (int32_t block = 0; block * kGroup < count; ++block) {
-    const int32_t rows = std::min(kGroup, count - block * kGroup);
-    float* dst = out + static_cast<size_t>(block) * kGroup * width_;
+  for (int32_t t = begin; t < end;) {
+    const int32_t block = t / kGroup, first = t % kGroup;
+    const int32_t rows = std::min(kGroup - first, end - t);
+    float* dst = out + static_cast<size_t>(t - begin) * width_;
     if (block < flushed) {
       cpu::dequantize_strided_rows(
           codes_.data() + seq * seq_code_bytes_ + static_cast<size_t>(block) * block_code_bytes_,
           params_.data() + seq * seq_params_ + static_cast<size_t>(block) * width_, width_, bits_,
-          0, rows, dst, width_);
+          first, rows, dst, width_);
     } else {
-      cpu::fp16_to_fp32_row(window_.data() + seq * seq_window_, dst,
-                            static_cast<int64_t>(rows) * width_);
+      cpu::fp16_to_fp32_row(
+          window_.data() + seq * seq_window_ + static_cast<size_t>(first) * width_, dst,
+          static_cast<int64_t>(rows) * width_);
     }
+    t += rows;
   }
 }
 

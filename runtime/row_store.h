@@ -25,8 +25,9 @@ class RowStore {
   // Stores rows (n, width) for positions [pos0, pos0 + n) of `seq`. Positions
   // must continue the sequence (pos0 == its current length) or restart it.
   void append(int32_t seq, int32_t pos0, int32_t n, const float* rows);
-  // Reads tokens [0, count) back as fp32 rows into out (count, width).
-  void read(int32_t seq, int32_t count, float* out) const;
+  // Reads tokens [begin, end) back as fp32 rows into out (end - begin, width).
+  // Safe to call from several threads at once (it only reads).
+  void read(int32_t seq, int32_t begin, int32_t end, float* out) const;
   void truncate(int32_t seq, int32_t from);
   int32_t length(int32_t seq) const { return lengths_[seq]; }
   int32_t sequences() const { return static_cast<int32_t>(lengths_.size()); }

@@ -63,8 +63,9 @@ TEST(CacheMemory, CountedBytesMatchTheFormulaOnSmolLM2) {
   if (!testing::file_exists(path)) GTEST_SKIP() << path << " not fetched (run launch/setup.sh)";
   auto model = Model::load(path);
   for (const char* mode : kModes) check_accounting(*model, mode);
-  // --keep-outlier-channel adds one fp16 value per token per layer, and is
-  // refused where there is no X·Uk latent.
+  // --keep-outlier-channel adds one fp16 value per token per layer and KV head
+  // (each head's latent has its own first channel), or one per layer with
+  // the joint latent, and is refused where there is no X·Uk latent.
   const ModelConfig& c = model->config();
   std::vector<float> rope(static_cast<size_t>(256) * c.rope_dim);
   cpu::rope_table(rope.data(), 256, c.rope_dim, c.rope_theta);
@@ -74,6 +75,9 @@ TEST(CacheMemory, CountedBytesMatchTheFormulaOnSmolLM2) {
   options.rope_cos_sin = rope.data();
   const double plain = make_cache(*model, options)->bytes_per_token();
   options.keep_outlier_channel = true;
+  EXPECT_DOUBLE_EQ(make_cache(*model, options)->bytes_per_token(),
+                   plain + 2.0 * c.n_layers * c.n_kv_heads);
+  options.k_latent_per_head = false;
   EXPECT_DOUBLE_EQ(make_cache(*model, options)->bytes_per_token(), plain + 2.0 * c.n_layers);
   options.mode = "kivi-2";
   EXPECT_THROW(make_cache(*model, options), Error);

@@ -6,7 +6,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <random>
 
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/cache.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
@@ -107,6 +112,85 @@ TEST(CacheModesGeneration, XquantCl4GreedyMatchesFp16OnStories260K) {
   for (const char* prompt : {"Once upon a time", "The little dog", "Lily and Tom went"}) {
     EXPECT_EQ(greedy(*model, "xquant-cl-4", prompt), greedy(*model, "fp16", prompt)) << prompt;
   }
+}
+
+// Decode attention walks the context in blocks across threads and never
+// rebuilds V; prefill attention rebuilds K and V for the whole context and
+// runs standard attention. Over the same stored codes (several blocks, past a
+// 128-token per-channel group so quantized blocks and the fp16 window are both
+// read) the two must agree to float rounding, layer by layer, for a single
+// query and for a causal burst of queries. Checked at the cache, so the
+// engine's int8 activations in decode do not blur the comparison.
+void expect_decode_attention_equals_prefill(const Model& model, const std::string& mode,
+                                            bool k_latent_per_head = true,
+                                            bool keep_outlier_channel = false) {
+  const ModelConfig& c = model.config();
+  const int32_t total = 300, prefill_queries = 16, burst = 5;
+  std::vector<float> rope(static_cast<size_t>(total) * c.rope_dim);
+  cpu::rope_table(rope.data(), total, c.rope_dim, c.rope_theta);
+  CacheOptions options;
+  options.mode = mode;
+  options.max_tokens = total;
+  options.rope_cos_sin = rope.data();
+  options.k_latent_per_head = k_latent_per_head;
+  options.keep_outlier_channel = keep_outlier_channel;
+  std::unique_ptr<AttentionCache> cache = make_cache(model, options);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int64_t q_width = static_cast<int64_t>(c.n_heads) * c.head_dim;
+  std::vector<float> x(static_cast<size_t>(total) * c.dim),
+      k(static_cast<size_t>(total) * c.kv_dim()), v(k.size()),
+      q(static_cast<size_t>(prefill_queries) * q_width);
+  std::vector<std::vector<float>> expected(c.n_layers);
+  cpu::set_thread_count(2);
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    for (float& f : x) f = normal(rng);
+    for (float& f : k) f = normal(rng);
+    for (float& f : v) f = normal(rng);
+    for (float& f : q) f = normal(rng);
+    cache->append(0, layer, 0, total, x.data(), k.data(), v.data());
+    expected[layer].resize(q.size());
+    cache->attend(0, layer, total - prefill_queries, prefill_queries, q.data(),
+                  expected[layer].data());
+  }
+  // The same queries again: the last `burst` in one decode call, then the last alone.
+  for (int32_t n : {burst, 1}) {
+    std::mt19937 replay(11);
+    std::normal_distribution<float> again(0.0f, 1.0f);
+    for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      for (float& f : x) f = again(replay);
+      for (float& f : k) f = again(replay);
+      for (float& f : v) f = again(replay);
+      for (float& f : q) f = again(replay);
+      std::vector<float> out(static_cast<size_t>(n) * q_width);
+      cache->attend(0, layer, total - n, n, q.data() + (prefill_queries - n) * q_width, out.data());
+      const float* want = expected[layer].data() + (prefill_queries - n) * q_width;
+      float worst = 0, scale = 0;
+      for (size_t i = 0; i < out.size(); ++i) {
+        worst = std::max(worst, std::abs(out[i] - want[i]));
+        scale = std::max(scale, std::abs(want[i]));
+      }
+      ASSERT_LT(worst, 1e-4f * std::max(scale, 1.0f))
+          << mode << ", layer " << layer << ", " << n << " decode queries";
+    }
+  }
+}
+
+TEST_P(CacheModes, DecodeAttentionEqualsPrefillAttention) {
+  auto model = Model::load(testing::shared_path("models/stories260K.bin"));
+  expect_decode_attention_equals_prefill(*model, GetParam());
+}
+
+// The GQA paths (latents X·Uk / X·Uv, the CL latent of [Wk | Wv]) on SmolLM2.
+TEST(CacheModesGqa, DecodeAttentionEqualsPrefillAttentionOnSmolLM2) {
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
+  auto model = Model::load(path);
+  for (const char* mode : {"kivi-2", "xquant-4", "xquant-8", "xquant-cl-3"})
+    expect_decode_attention_equals_prefill(*model, mode);
+  expect_decode_attention_equals_prefill(*model, "xquant-3", /*k_latent_per_head=*/false);
+  expect_decode_attention_equals_prefill(*model, "xquant-2", true, /*keep_outlier_channel=*/true);
+  expect_decode_attention_equals_prefill(*model, "xquant-2", false, true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CacheModes,

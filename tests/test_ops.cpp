@@ -7,7 +7,9 @@
 #include <random>
 #include <vector>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
 #include "runtime/sampler.h"
@@ -62,6 +64,113 @@ TEST(Ops, SoftmaxMatchesDoublePrecisionAndReturnsLogSumExp) {
     for (int i = 0; i < n; ++i)
       EXPECT_NEAR(y[i], std::exp(x[i] - max_value) / sum, 1e-6) << "n " << n << " i " << i;
   }
+}
+
+// Attention over tokens split into blocks, absorbed block by block and merged
+// across two holders in any order, equals one softmax-weighted sum in double
+// precision over all the tokens.
+TEST(PartialAttention, BlocksAndMergesEqualOneSoftmaxOverAllTokens) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  const int64_t rows = 3, width = 5, tokens = 97;
+  std::vector<float> scores(rows * tokens), values(tokens * width);
+  for (float& s : scores) s = normal(rng);
+  scores[5] = 60.0f;  // one dominant score: the rescaling must not overflow
+  for (float& v : values) v = normal(rng);
+  // Holder A sees tokens [0, 40) in blocks of 16, B sees [40, 97) in blocks of 16.
+  auto absorb_range = [&](cpu::PartialAttention& state, int64_t begin, int64_t end) {
+    for (int64_t t0 = begin; t0 < end; t0 += 16) {
+      const int64_t count = std::min<int64_t>(16, end - t0);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<float> block(scores.begin() + r * tokens + t0,
+                                 scores.begin() + r * tokens + t0 + count);
+        cpu::absorb_scores(state, r, block.data(), count);
+        for (int64_t t = 0; t < count; ++t)
+          for (int64_t c = 0; c < width; ++c)
+            state.acc[r * width + c] += block[t] * values[(t0 + t) * width + c];
+      }
+    }
+  };
+  for (bool a_first : {true, false}) {
+    cpu::PartialAttention a, b, empty;
+    a.reset(rows, width);
+    b.reset(rows, width);
+    empty.reset(rows, width);
+    absorb_range(a, 0, 40);
+    absorb_range(b, 40, tokens);
+    cpu::PartialAttention& into = a_first ? a : b;
+    cpu::merge_partial_attention(into, a_first ? b : a);
+    cpu::merge_partial_attention(into, empty);  // a holder with no tokens changes nothing
+    for (int64_t r = 0; r < rows; ++r) {
+      double top = -1e30, sum = 0;
+      for (int64_t t = 0; t < tokens; ++t) top = std::max<double>(top, scores[r * tokens + t]);
+      std::vector<double> expected(width, 0.0);
+      for (int64_t t = 0; t < tokens; ++t) {
+        double p = std::exp(scores[r * tokens + t] - top);
+        sum += p;
+        for (int64_t c = 0; c < width; ++c) expected[c] += p * values[t * width + c];
+      }
+      for (int64_t c = 0; c < width; ++c)
+        EXPECT_NEAR(into.acc[r * width + c] / into.sum[r], expected[c] / sum, 1e-5)
+            << "row " << r << " channel " << c;
+    }
+  }
+  cpu::PartialAttention wrong;
+  wrong.reset(rows, width + 1);
+  cpu::PartialAttention right;
+  right.reset(rows, width);
+  EXPECT_THROW(cpu::merge_partial_attention(right, wrong), std::invalid_argument);
+}
+
+// The decode-attention kernels against plain loops in double, over shapes that
+// hit every tile height (1-6 rows), a column tail (n not a multiple of 16),
+// strided operands, and accumulation into C.
+TEST(SmallGemm, MatchesPlainLoopsForEveryTileShape) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 9, 13})
+    for (int64_t n : {16, 40, 64, 7})
+      for (bool accumulate : {false, true}) {
+        const int64_t k = 37, lda = k + 3, ldb = n + 5, ldc = n + 2;
+        std::vector<float> a(m * lda), b(k * ldb), c(m * ldc);
+        for (float& v : a) v = uniform(rng);
+        for (float& v : b) v = uniform(rng);
+        for (float& v : c) v = uniform(rng);
+        std::vector<float> before = c;
+        cpu::gemm_small(m, n, k, a.data(), lda, b.data(), ldb, c.data(), ldc, accumulate);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < ldc; ++j) {
+            if (j >= n) {  // padding between rows is untouched
+              EXPECT_EQ(c[i * ldc + j], before[i * ldc + j]);
+              continue;
+            }
+            double want = accumulate ? before[i * ldc + j] : 0.0;
+            for (int64_t p = 0; p < k; ++p) want += double(a[i * lda + p]) * b[p * ldb + j];
+            EXPECT_NEAR(c[i * ldc + j], want, 1e-4) << m << "x" << n << " at " << i << "," << j;
+          }
+      }
+}
+
+TEST(SmallGemm, ScoresAgainstRowsMatchPlainDots) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  for (int64_t n : {64, 24, 5})
+    for (int64_t count : {1, 8, 21, 64}) {
+      const int64_t rows = 3, ldq = n + 1, ldk = 3 * n, ldo = 70;
+      std::vector<float> q(rows * ldq), keys(count * ldk), out(rows * ldo, -7.0f);
+      for (float& v : q) v = uniform(rng);
+      for (float& v : keys) v = uniform(rng);
+      cpu::scores_against_rows(rows, n, q.data(), ldq, count, keys.data() + n, ldk, 0.125f,
+                               out.data(), ldo);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t t = 0; t < count; ++t) {
+          double want = 0;
+          for (int64_t i = 0; i < n; ++i) want += double(q[r * ldq + i]) * keys[t * ldk + n + i];
+          EXPECT_NEAR(out[r * ldo + t], 0.125 * want, 1e-5) << n << " " << count << " " << r;
+        }
+        EXPECT_EQ(out[r * ldo + count], -7.0f);  // nothing written past count
+      }
+    }
 }
 
 TEST(Ops, RmsnormMatchesFormula) {

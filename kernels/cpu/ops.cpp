@@ -96,16 +96,14 @@ inline __m256 exp8(__m256 x) {
 
 }  // namespace
 
-float softmax(float* x, int64_t n) {
-  float max_value = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
+float exp_shifted(float* x, int64_t n, float shift) {
   int64_t i = 0;
   double sum = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 shift = _mm256_set1_ps(max_value);
+  const __m256 shift8 = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
-    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift));
+    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift8));
     _mm256_storeu_ps(x + i, e);
     acc = _mm256_add_ps(acc, e);
   }
@@ -114,9 +112,16 @@ float softmax(float* x, int64_t n) {
   for (float lane : lanes) sum += lane;
 #endif
   for (; i < n; ++i) {
-    x[i] = std::exp(x[i] - max_value);
+    x[i] = std::exp(x[i] - shift);
     sum += x[i];
   }
+  return static_cast<float>(sum);
+}
+
+float softmax(float* x, int64_t n) {
+  float max_value = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) max_value = std::max(max_value, x[i]);
+  const double sum = exp_shifted(x, n, max_value);
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t j = 0; j < n; ++j) x[j] *= inv;
   return static_cast<float>(std::log(sum)) + max_value;

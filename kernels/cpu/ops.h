@@ -23,6 +23,8 @@ void swiglu(const float* gate, float* x, int64_t n);
 
 // In place softmax over n values; returns log(sum exp(x - max)) + max (the log-sum-exp).
 float softmax(float* x, int64_t n);
+// In place x[i] = exp(x[i] - shift); returns the sum (a block of an online softmax).
+float exp_shifted(float* x, int64_t n, float shift);
 
 // y += x
 void add(float* y, const float* x, int64_t n);

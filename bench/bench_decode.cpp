@@ -1,0 +1,152 @@
+// Decode speed against context length for every cache mode, in one run:
+// each mode prefills up to 256, 1024, 2048 and 4096 tokens of context and is
+// timed over a few greedy decode steps at each, so the quantized modes' cost of
+// rebuilding K from the cached X (or latents) shows next to fp16's.
+//
+//   build/bench/bench_decode [--model M] [--threads 2] [--steps 8]
+//                            [--contexts 256,1024,2048,4096] [--modes fp16,xquant-4,...]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+#include "runtime/error.h"
+#include "runtime/model.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t comma = s.find(',', start);
+    if (comma == std::string::npos) comma = s.size();
+    if (comma > start) out.push_back(s.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return out;
+}
+
+// Decode tokens/s of `mode` at each context length. The context is prefilled
+// in chunks (as a server would), then `steps` greedy steps are timed; the
+// steps are removed again before the next, longer context is prefilled.
+std::vector<double> measure(const xq::Model& model, const std::string& mode, int threads,
+                            const std::vector<int>& contexts, int steps) {
+  const auto& c = model.config();
+  xq::EngineOptions options;
+  options.threads = threads;
+  options.cache_mode = mode;
+  options.max_tokens = contexts.back() + steps + 1;  // + the warm-up step
+  xq::Engine engine(model, options);
+  std::vector<int32_t> tokens(contexts.back());
+  for (size_t i = 0; i < tokens.size(); ++i)
+    tokens[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
+  std::vector<float> logits(c.vocab_size);
+  std::vector<double> speeds;
+  int32_t filled = 0;
+  constexpr int32_t kPrefillChunk = 512;
+  for (int context : contexts) {
+    while (filled < context) {
+      int32_t n = std::min(kPrefillChunk, context - filled);
+      engine.forward(0, tokens.data() + filled, n, filled, logits.data(), n - 1);
+      filled += n;
+    }
+    int32_t token = 1;
+    engine.forward(0, &token, 1, filled, logits.data(), 0);  // warm-up step
+    auto start = Clock::now();
+    for (int i = 1; i <= steps; ++i) {
+      token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      engine.forward(0, &token, 1, filled + i, logits.data(), 0);
+    }
+    speeds.push_back(steps / seconds_since(start));
+    engine.cache().truncate(0, filled);
+  }
+  return speeds;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const char* models_env = std::getenv("XQ_MODELS_DIR");
+  std::string model_path =
+      std::string(models_env ? models_env : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
+  std::string modes =
+      "fp16,kivi-4,kivi-3,kivi-2,xquant-8,xquant-4,xquant-3,xquant-2,xquant-cl-4,xquant-cl-3,"
+      "xquant-cl-2";
+  std::string context_list = "256,1024,2048,4096";
+  int threads = 2, steps = 8;
+  std::string command = argv[0];
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    command += " " + arg;
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "missing value for %s\n", arg.c_str());
+      return 2;
+    }
+    std::string value = argv[++i];
+    command += " " + value;
+    if (arg == "--model")
+      model_path = value;
+    else if (arg == "--modes")
+      modes = value;
+    else if (arg == "--contexts")
+      context_list = value;
+    else if (arg == "--threads")
+      threads = std::atoi(value.c_str());
+    else if (arg == "--steps")
+      steps = std::atoi(value.c_str());
+    else {
+      std::fprintf(stderr,
+                   "usage: %s [--model M] [--threads N] [--steps N] [--contexts a,b] [--modes "
+                   "a,b]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  std::vector<int> contexts;
+  for (const std::string& s : split(context_list)) contexts.push_back(std::atoi(s.c_str()));
+  std::sort(contexts.begin(), contexts.end());
+  if (contexts.empty() || contexts.front() <= 0 || steps <= 0 || threads <= 0) {
+    std::fprintf(stderr, "contexts, steps and threads must be positive\n");
+    return 2;
+  }
+  try {
+    auto model = xq::Model::load(model_path);
+    std::printf("command: %s\nmodel: %s, %d threads, %d timed decode steps per point\n\n",
+                command.c_str(), model_path.c_str(), threads, steps);
+    std::printf("| mode |");
+    for (int ctx : contexts) std::printf(" tok/s @%d |", ctx);
+    for (int ctx : contexts) std::printf(" vs fp16 @%d |", ctx);
+    std::printf("\n|---|");
+    for (size_t i = 0; i < 2 * contexts.size(); ++i) std::printf("---|");
+    std::printf("\n");
+    std::vector<double> fp16;
+    for (const std::string& mode : split(modes)) {
+      std::vector<double> speeds = measure(*model, mode, threads, contexts, steps);
+      if (mode == "fp16") fp16 = speeds;
+      std::printf("| %s |", mode.c_str());
+      for (double s : speeds) std::printf(" %.1f |", s);
+      for (size_t i = 0; i < speeds.size(); ++i) {
+        if (fp16.empty())
+          std::printf(" - |");
+        else
+          std::printf(" %.2fx |", speeds[i] / fp16[i]);
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  } catch (const xq::Error& e) {
+    std::fprintf(stderr, "bench_decode: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
