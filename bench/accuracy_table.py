@@ -2,6 +2,8 @@
 """Our version of the paper's Table 4: perplexity and memory (fraction of the
 fp16 KV cache) for every cache mode, from `xq perplexity`, plus a Pareto plot
 (memory fraction against perplexity, one marker per mode family).
+A mode written MODE@joint runs with --k-latent joint (xquant on GQA models:
+the paper's single SVD of Wk instead of one per KV head).
 
     python3 bench/accuracy_table.py --model M --file TEXT --ctx 256 [--chunks N] [--plot out.png]
 """
@@ -15,8 +17,13 @@ MODES = ["fp16", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3
 
 
 def run(xq, model, text, ctx, chunks, threads, mode):
+    name, _, variant = mode.partition("@")
     cmd = [xq, "perplexity", "--model", model, "--file", text, "--ctx", str(ctx), "--chunks", str(chunks),
-           "--threads", str(threads), "--cache", mode]
+           "--threads", str(threads), "--cache", name]
+    if variant == "joint":
+        cmd += ["--k-latent", "joint"]
+    elif variant:
+        raise SystemExit(f"unknown variant '{variant}' in {mode}")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     ppl = re.search(r"perplexity ([0-9.]+) \+/- ([0-9.]+)", out)
     mem = re.search(r"of the fp16 KV cache", out) and re.search(r"([0-9.]+) of the fp16 KV cache", out)
@@ -49,9 +56,15 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6, 4))
-        families = {"fp16": "s", "kivi": "o", "xquant": "^", "xquant-cl": "D"}
+        families = {"fp16": "s", "kivi": "o", "xquant": "^", "xquant@joint": "v", "xquant-cl": "D"}
+
+        def family_of(n):
+            name, _, variant = n.partition("@")
+            base = name if name == "fp16" else name.rsplit("-", 1)[0]
+            return base + ("@" + variant if variant else "")
+
         for family, marker in families.items():
-            pts = [(m, p, n) for n, m, p in rows if n == family or (n.rsplit("-", 1)[0] == family and n != "fp16")]
+            pts = [(m, p, n.partition("@")[0]) for n, m, p in rows if family_of(n) == family]
             if pts:
                 ax.plot([m for m, _, _ in pts], [p for _, p, _ in pts], marker=marker, linestyle="-", label=family)
                 for m, p, n in pts:

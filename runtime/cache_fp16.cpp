@@ -2,10 +2,14 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
+#include <vector>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/error.h"
 
@@ -15,6 +19,8 @@ namespace {
 // From this many queries on, attention runs as two sgemm calls per head
 // (prefill); below it, as dot products over the cached rows (decode).
 constexpr int32_t kMinQueriesForGemm = 16;
+// Tokens per decode job (as in the quantized cache).
+constexpr int32_t kDecodeBlock = 64;
 
 }  // namespace
 
@@ -79,24 +85,50 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
 
   if (n < kMinQueriesForGemm) {
-    cpu::parallel_for(static_cast<int64_t>(n) * heads, [&](int64_t begin, int64_t end) {
-      thread_local std::vector<float> scores;  // each thread's own
-      scores.resize(total);
-      for (int64_t job = begin; job < end; ++job) {
-        const int32_t i = static_cast<int32_t>(job / heads), h = static_cast<int32_t>(job % heads);
-        const int32_t g = h / group, visible = pos0 + i + 1;
-        const float* query = q + i * q_stride + h * hd;
-        const uint16_t* k_head = key_block + static_cast<size_t>(g) * max_tokens_ * hd;
-        const uint16_t* v_head = value_block + static_cast<size_t>(g) * max_tokens_ * hd;
-        for (int32_t t = 0; t < visible; ++t)
-          scores[t] = cpu::dot_fp16(query, k_head + static_cast<size_t>(t) * hd, hd) * scale;
-        cpu::softmax(scores.data(), visible);
-        float* acc = out + i * q_stride + h * hd;
-        std::fill(acc, acc + hd, 0.0f);
-        for (int32_t t = 0; t < visible; ++t)
-          cpu::axpy_fp16(scores[t], v_head + static_cast<size_t>(t) * hd, acc, hd);
+    // Decode: jobs of (KV head, block of kDecodeBlock tokens) across threads.
+    // Each job widens its block of keys and values to fp32 once for the
+    // group's query heads, scores eight keys per horizontal sum, and adds to
+    // an online softmax that is merged across jobs at the end.
+    const int32_t kv_heads = config_.n_kv_heads;
+    const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
+    cpu::PartialAttention result;
+    result.reset(static_cast<int64_t>(n) * heads, hd);
+    std::mutex result_mutex;
+    cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
+      std::vector<float> k_rows(static_cast<size_t>(kDecodeBlock) * hd), v_rows(k_rows.size());
+      std::vector<float> scores(static_cast<size_t>(group) * kDecodeBlock);
+      cpu::PartialAttention mine;
+      mine.reset(static_cast<int64_t>(n) * heads, hd);
+      for (int64_t job = first_job; job < last_job; ++job) {
+        const int32_t g = static_cast<int32_t>(job / blocks);
+        const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
+        const int32_t rows = std::min(kDecodeBlock, total - t0);
+        const size_t at = (static_cast<size_t>(g) * max_tokens_ + t0) * hd;
+        cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
+        cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
+        for (int32_t i = 0; i < n; ++i) {
+          const int32_t visible = std::min(rows, pos0 + i + 1 - t0);  // causal
+          if (visible <= 0) continue;
+          const int64_t first_row = static_cast<int64_t>(i) * heads + g * group;
+          cpu::scores_against_rows(group, hd,
+                                   q + i * q_stride + static_cast<int64_t>(g) * group * hd, hd,
+                                   visible, k_rows.data(), hd, scale, scores.data(), kDecodeBlock);
+          for (int32_t r = 0; r < group; ++r)
+            cpu::absorb_scores(mine, first_row + r, scores.data() + r * kDecodeBlock, visible);
+          cpu::gemm_small(group, hd, visible, scores.data(), kDecodeBlock, v_rows.data(), hd,
+                          mine.acc.data() + first_row * hd, hd, true);
+        }
       }
+      std::lock_guard<std::mutex> lock(result_mutex);
+      cpu::merge_partial_attention(result, mine);
     });
+    for (int32_t i = 0; i < n; ++i)
+      for (int32_t h = 0; h < heads; ++h) {
+        const int64_t row = static_cast<int64_t>(i) * heads + h;
+        const float inv = 1.0f / result.sum[row];
+        for (int32_t c = 0; c < hd; ++c)
+          out[i * q_stride + h * hd + c] = result.acc[row * hd + c] * inv;
+      }
     return;
   }
 

@@ -181,12 +181,17 @@ TEST_P(CacheModes, DecodeAttentionEqualsPrefillAttention) {
   expect_decode_attention_equals_prefill(*model, GetParam());
 }
 
+TEST(CacheModesFp16, DecodeAttentionEqualsPrefillAttention) {
+  auto model = Model::load(testing::shared_path("models/stories260K.bin"));
+  expect_decode_attention_equals_prefill(*model, "fp16");
+}
+
 // The GQA paths (latents X·Uk / X·Uv, the CL latent of [Wk | Wv]) on SmolLM2.
 TEST(CacheModesGqa, DecodeAttentionEqualsPrefillAttentionOnSmolLM2) {
   const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
   if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
   auto model = Model::load(path);
-  for (const char* mode : {"kivi-2", "xquant-4", "xquant-8", "xquant-cl-3"})
+  for (const char* mode : {"fp16", "kivi-2", "xquant-4", "xquant-8", "xquant-cl-3"})
     expect_decode_attention_equals_prefill(*model, mode);
   expect_decode_attention_equals_prefill(*model, "xquant-3", /*k_latent_per_head=*/false);
   expect_decode_attention_equals_prefill(*model, "xquant-2", true, /*keep_outlier_channel=*/true);
