@@ -1,7 +1,8 @@
 // Decode speed against context length for every cache mode, in one run:
 // each mode prefills up to 256, 1024, 2048 and 4096 tokens of context and is
 // timed over a few greedy decode steps at each, so the quantized modes' cost of
-// rebuilding K from the cached X (or latents) shows next to fp16's.
+// rebuilding K from the cached X (or latents) shows next to fp16's. Each
+// point is the median of the timed steps.
 //
 //   build/bench/bench_decode [--model M] [--threads 2] [--steps 8]
 //                            [--contexts 256,1024,2048,4096] [--modes fp16,xquant-4,...]
@@ -9,7 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -36,41 +37,59 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-// Decode tokens/s of `mode` at each context length. The context is prefilled
-// in chunks (as a server would), then `steps` greedy steps are timed; the
-// steps are removed again before the next, longer context is prefilled.
-std::vector<double> measure(const xq::Model& model, const std::string& mode, int threads,
-                            const std::vector<int>& contexts, int steps) {
+// One engine per mode, all alive at once, so the modes can take turns.
+struct ModeRun {
+  std::string mode;
+  std::unique_ptr<xq::Engine> engine;
+  int32_t filled = 0;
+  std::vector<float> logits;
+  std::vector<double> speeds;  // per context
+};
+
+// Decode tokens/s of every mode at each context length. Each engine prefills
+// the context in chunks (as a server would); then the modes take turns, a few
+// greedy steps each per round, so that a slow spell of this shared VM (runs
+// differ by up to 30%) falls on every mode alike; a point is the median step.
+// The steps are removed again before the next, longer context is prefilled.
+void measure(const xq::Model& model, std::vector<ModeRun>& runs, const std::vector<int>& contexts,
+             int steps) {
   const auto& c = model.config();
-  xq::EngineOptions options;
-  options.threads = threads;
-  options.cache_mode = mode;
-  options.max_tokens = contexts.back() + steps + 1;  // + the warm-up step
-  xq::Engine engine(model, options);
   std::vector<int32_t> tokens(contexts.back());
   for (size_t i = 0; i < tokens.size(); ++i)
     tokens[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
-  std::vector<float> logits(c.vocab_size);
-  std::vector<double> speeds;
-  int32_t filled = 0;
   constexpr int32_t kPrefillChunk = 512;
+  constexpr int kRounds = 4;
   for (int context : contexts) {
-    while (filled < context) {
-      int32_t n = std::min(kPrefillChunk, context - filled);
-      engine.forward(0, tokens.data() + filled, n, filled, logits.data(), n - 1);
-      filled += n;
+    std::vector<std::vector<double>> step_seconds(runs.size());
+    for (ModeRun& run : runs) {
+      while (run.filled < context) {
+        int32_t n = std::min(kPrefillChunk, context - run.filled);
+        run.engine->forward(0, tokens.data() + run.filled, n, run.filled, run.logits.data(), n - 1);
+        run.filled += n;
+      }
+      int32_t token = 1;
+      run.engine->forward(0, &token, 1, run.filled, run.logits.data(), 0);  // warm-up step
     }
-    int32_t token = 1;
-    engine.forward(0, &token, 1, filled, logits.data(), 0);  // warm-up step
-    auto start = Clock::now();
-    for (int i = 1; i <= steps; ++i) {
-      token = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-      engine.forward(0, &token, 1, filled + i, logits.data(), 0);
+    for (int round = 0; round < kRounds; ++round) {
+      for (size_t m = 0; m < runs.size(); ++m) {
+        ModeRun& run = runs[m];
+        for (int i = 0; i < (steps + kRounds - 1) / kRounds; ++i) {
+          const int32_t pos = run.filled + 1 + static_cast<int32_t>(step_seconds[m].size());
+          int32_t token = static_cast<int32_t>(
+              std::max_element(run.logits.begin(), run.logits.end()) - run.logits.begin());
+          auto start = Clock::now();
+          run.engine->forward(0, &token, 1, pos, run.logits.data(), 0);
+          step_seconds[m].push_back(seconds_since(start));
+        }
+      }
     }
-    speeds.push_back(steps / seconds_since(start));
-    engine.cache().truncate(0, filled);
+    for (size_t m = 0; m < runs.size(); ++m) {
+      std::vector<double>& times = step_seconds[m];
+      std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
+      runs[m].speeds.push_back(1.0 / times[times.size() / 2]);
+      runs[m].engine->cache().truncate(0, runs[m].filled);
+    }
   }
-  return speeds;
 }
 
 }  // namespace
@@ -121,28 +140,43 @@ int main(int argc, char** argv) {
   }
   try {
     auto model = xq::Model::load(model_path);
-    std::printf("command: %s\nmodel: %s, %d threads, %d timed decode steps per point\n\n",
-                command.c_str(), model_path.c_str(), threads, steps);
+    std::printf(
+        "command: %s\nmodel: %s, %d threads, median of %d timed decode steps per point, modes "
+        "taking turns\n\n",
+        command.c_str(), model_path.c_str(), threads, steps);
     std::printf("| mode |");
     for (int ctx : contexts) std::printf(" tok/s @%d |", ctx);
     for (int ctx : contexts) std::printf(" vs fp16 @%d |", ctx);
     std::printf("\n|---|");
     for (size_t i = 0; i < 2 * contexts.size(); ++i) std::printf("---|");
     std::printf("\n");
-    std::vector<double> fp16;
+    std::vector<ModeRun> runs;
+    const int rounded_steps = (steps + 3) / 4 * 4;
     for (const std::string& mode : split(modes)) {
-      std::vector<double> speeds = measure(*model, mode, threads, contexts, steps);
-      if (mode == "fp16") fp16 = speeds;
-      std::printf("| %s |", mode.c_str());
-      for (double s : speeds) std::printf(" %.1f |", s);
-      for (size_t i = 0; i < speeds.size(); ++i) {
-        if (fp16.empty())
+      xq::EngineOptions options;
+      options.threads = threads;
+      options.cache_mode = mode;
+      options.max_tokens = contexts.back() + rounded_steps + 1;  // + the warm-up step
+      ModeRun run;
+      run.mode = mode;
+      run.engine = std::make_unique<xq::Engine>(*model, options);
+      run.logits.resize(model->config().vocab_size);
+      runs.push_back(std::move(run));
+    }
+    measure(*model, runs, contexts, steps);
+    const std::vector<double>* fp16 = nullptr;
+    for (const ModeRun& run : runs)
+      if (run.mode == "fp16") fp16 = &run.speeds;
+    for (const ModeRun& run : runs) {
+      std::printf("| %s |", run.mode.c_str());
+      for (double s : run.speeds) std::printf(" %.1f |", s);
+      for (size_t i = 0; i < run.speeds.size(); ++i) {
+        if (!fp16)
           std::printf(" - |");
         else
-          std::printf(" %.2fx |", speeds[i] / fp16[i]);
+          std::printf(" %.2fx |", run.speeds[i] / (*fp16)[i]);
       }
       std::printf("\n");
-      std::fflush(stdout);
     }
   } catch (const xq::Error& e) {
     std::fprintf(stderr, "bench_decode: %s\n", e.what());

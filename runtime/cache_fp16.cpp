@@ -7,6 +7,7 @@
 #include <mutex>
 #include <vector>
 
+#include "kernels/cpu/aligned_vector.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
@@ -95,8 +96,9 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
     result.reset(static_cast<int64_t>(n) * heads, hd);
     std::mutex result_mutex;
     cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
-      std::vector<float> k_rows(static_cast<size_t>(kDecodeBlock) * hd), v_rows(k_rows.size());
-      std::vector<float> scores(static_cast<size_t>(group) * kDecodeBlock);
+      cpu::AlignedVector<float> k_rows(static_cast<size_t>(kDecodeBlock) * hd),
+          v_rows(k_rows.size());
+      cpu::AlignedVector<float> scores(static_cast<size_t>(group) * kDecodeBlock);
       cpu::PartialAttention mine;
       mine.reset(static_cast<int64_t>(n) * heads, hd);
       for (int64_t job = first_job; job < last_job; ++job) {

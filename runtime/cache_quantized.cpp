@@ -34,8 +34,8 @@ constexpr int32_t kPinnedLayers = 3;
 constexpr int kPinnedBits = 4;
 constexpr int32_t kCrossLayerBase = 2;
 
-std::vector<float> widen(const WeightMatrix& w) {
-  std::vector<float> out(static_cast<size_t>(w.rows * w.cols));
+cpu::AlignedVector<float> widen(const WeightMatrix& w) {
+  cpu::AlignedVector<float> out(static_cast<size_t>(w.rows * w.cols));
   for (int64_t r = 0; r < w.rows; ++r) cpu::matrix_row_to_float(w, r, out.data() + r * w.cols);
   return out;
 }
@@ -55,10 +55,15 @@ WeightMatrix QuantizedCache::Projection::view() const {
 // SVD of W (math shape d x kv: K = X W) = U S Bᵀ. The GGUF matrix (kv rows of
 // d) is W in column-major order, so it goes to LAPACK as is. Encoder: rows of
 // Uᵀ (kv x d); rebuild matrix: (S Bᵀ)ᵀ as rows (kv x kv).
-static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder,
-                            std::vector<float>& rebuild) {
+// Also from_output (n x n, input-major): the latent from the layer's own
+// output, X·U = (X W) V S⁻¹, so the engine's K (or V) is encoded with an
+// n x n product instead of a d x n one. Left empty where W is so close to
+// singular (s_min < 1e-4 s_max) that dividing by S would amplify noise.
+static void svd_projections(const WeightMatrix& w, cpu::AlignedVector<float>& encoder,
+                            cpu::AlignedVector<float>& rebuild,
+                            cpu::AlignedVector<float>* from_output = nullptr) {
   const int m = static_cast<int>(w.cols), n = static_cast<int>(w.rows);  // d, kv
-  std::vector<float> wf = widen(w);
+  cpu::AlignedVector<float> wf = widen(w);
   std::vector<double> a(wf.begin(), wf.end()), s(n), u(static_cast<size_t>(m) * n),
       vt(static_cast<size_t>(n) * n);
   std::vector<int> iwork(8 * n);
@@ -78,6 +83,13 @@ static void svd_projections(const WeightMatrix& w, std::vector<float>& encoder,
   for (int j = 0; j < n; ++j)
     for (int i = 0; i < n; ++i)
       rebuild[static_cast<size_t>(j) * n + i] = static_cast<float>(s[i] * vt[i + j * n]);
+  if (!from_output) return;
+  from_output->clear();
+  if (s[n - 1] < 1e-4 * s[0]) return;  // LAPACK orders s descending
+  from_output->resize(static_cast<size_t>(n) * n);
+  for (int i = 0; i < n; ++i)    // input channel (of K or V)
+    for (int j = 0; j < n; ++j)  // latent channel
+      (*from_output)[static_cast<size_t>(i) * n + j] = static_cast<float>(vt[j + i * n] / s[j]);
 }
 
 void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Layer& layer) {
@@ -87,25 +99,46 @@ void QuantizedCache::build_latents(const Model& model, int32_t layer_index, Laye
     layer.rebuild_k_per_head = true;
     layer.encode_k.values.clear();
     layer.rebuild_k.values.clear();
+    layer.latent_from_k.clear();
     for (int64_t g = 0; g < config_.n_kv_heads; ++g) {
       WeightMatrix head = w.wk;
       head.data += static_cast<size_t>(g) * hd * w.wk.row_bytes;
       head.rows = hd;
-      std::vector<float> encoder, rebuild;
-      svd_projections(head, encoder, rebuild);
+      cpu::AlignedVector<float> encoder, rebuild, from_k;
+      svd_projections(head, encoder, rebuild, &from_k);
       layer.encode_k.values.insert(layer.encode_k.values.end(), encoder.begin(), encoder.end());
       layer.rebuild_k.values.insert(layer.rebuild_k.values.end(), rebuild.begin(), rebuild.end());
+      layer.latent_from_k.insert(layer.latent_from_k.end(), from_k.begin(), from_k.end());
     }
     layer.rebuild_k.cols = hd;
   } else {
-    svd_projections(w.wk, layer.encode_k.values, layer.rebuild_k.values);
+    svd_projections(w.wk, layer.encode_k.values, layer.rebuild_k.values, &layer.latent_from_k);
     layer.rebuild_k.cols = kv;
   }
-  svd_projections(w.wv, layer.encode_v.values, layer.rebuild_v.values);
+  svd_projections(w.wv, layer.encode_v.values, layer.rebuild_v.values, &layer.latent_from_v);
+  // One ill-conditioned head (its block missing) sends every head back to X.
+  if (layer.latent_from_k.size() != static_cast<size_t>(kv) * (k_latent_per_head_ ? hd : kv))
+    layer.latent_from_k.clear();
   layer.encode_k.rows = layer.encode_v.rows = kv;
   layer.encode_k.cols = layer.encode_v.cols = d;
   layer.rebuild_k.rows = layer.rebuild_v.rows = kv;
   layer.rebuild_v.cols = kv;
+}
+
+// out (rows, kv) = in (rows, kv) times a block-diagonal matrix of kv / block
+// blocks of block x block, stored input-major (block == kv: one dense matrix).
+void QuantizedCache::multiply_blocks(const float* in, int32_t rows,
+                                     const cpu::AlignedVector<float>& blocks_t, int64_t block,
+                                     float* out) const {
+  const int64_t kv = config_.kv_dim();
+  cpu::parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t b0 = 0; b0 < kv; b0 += block)
+          cpu::gemm_small(end - begin, block, block, in + begin * kv + b0, kv,
+                          blocks_t.data() + b0 * block, block, out + begin * kv + b0, kv, false);
+      },
+      8);
 }
 
 // Puts the fp16 outlier channels of tokens [t0, t0 + rows) back into their
@@ -146,8 +179,8 @@ void QuantizedCache::build_cross_layer_latent(const Model& model, int32_t layer_
   const LayerWeights& w = model.layers()[layer_index];
   const int64_t kv = config_.kv_dim(), d = config_.dim;
   // [Wk | Wv] in GGUF orientation: 2kv rows of d.
-  std::vector<float> stacked = widen(w.wk);
-  std::vector<float> wv = widen(w.wv);
+  cpu::AlignedVector<float> stacked = widen(w.wk);
+  cpu::AlignedVector<float> wv = widen(w.wv);
   stacked.insert(stacked.end(), wv.begin(), wv.end());
   WeightMatrix both;
   both.type = TensorType::kF32;
@@ -155,7 +188,7 @@ void QuantizedCache::build_cross_layer_latent(const Model& model, int32_t layer_
   both.rows = 2 * kv;
   both.cols = d;
   both.row_bytes = static_cast<size_t>(d) * sizeof(float);
-  std::vector<float> unused;
+  cpu::AlignedVector<float> unused;
   svd_projections(both, layer.encode_k.values, unused);
   layer.encode_k.rows = 2 * kv;
   layer.encode_k.cols = d;
@@ -307,9 +340,14 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
       break;
     }
     case Kind::kXquantLatent: {
-      // Latents are taken from the full-precision X, then quantized.
-      encoded_.resize(static_cast<size_t>(n) * config_.kv_dim());
-      cpu::matmul(layer.encode_k.view(), x, n, encoded_.data());
+      // Latents of the unquantized K and V (or X), then quantized.
+      const int64_t kv_width = config_.kv_dim();
+      encoded_.resize(static_cast<size_t>(n) * kv_width);
+      if (!layer.latent_from_k.empty())
+        multiply_blocks(k, n, layer.latent_from_k, k_latent_per_head_ ? config_.head_dim : kv_width,
+                        encoded_.data());
+      else
+        cpu::matmul(layer.encode_k.view(), x, n, encoded_.data());
       if (keep_outlier_) {
         // Channel 0 goes to fp16 and is zeroed in the quantized stream, so its
         // outliers no longer stretch that channel's groups.
@@ -324,7 +362,10 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
           }
       }
       layer.stores[0].append(seq, pos0, n, encoded_.data());
-      cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
+      if (!layer.latent_from_v.empty())
+        multiply_blocks(v, n, layer.latent_from_v, kv_width, encoded_.data());
+      else
+        cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
       layer.stores[1].append(seq, pos0, n, encoded_.data());
       break;
     }
@@ -437,9 +478,9 @@ void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos
   std::mutex result_mutex;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
   cpu::parallel_for(blocks, [&](int64_t first_block, int64_t last_block) {
-    std::vector<float> source(static_cast<size_t>(kDecodeBlock) * k_width);
-    std::vector<float> latent, v_rows_buffer, keys_buffer;
-    std::vector<float> scores(static_cast<size_t>(heads) * kDecodeBlock);
+    cpu::AlignedVector<float> source(static_cast<size_t>(kDecodeBlock) * k_width);
+    cpu::AlignedVector<float> latent, v_rows_buffer, keys_buffer;
+    cpu::AlignedVector<float> scores(static_cast<size_t>(heads) * kDecodeBlock);
     if (layer.decode_x.rows) latent.resize(static_cast<size_t>(kDecodeBlock) * layer.decode_x.cols);
     if (separate_v) v_rows_buffer.resize(static_cast<size_t>(kDecodeBlock) * k_width);
     if (layer.rebuild_k.rows) keys_buffer.resize(static_cast<size_t>(kDecodeBlock) * kv);

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/aligned_vector.h"
 #include "runtime/cache.h"
 #include "runtime/row_store.h"
 
@@ -46,7 +47,7 @@ class QuantizedCache : public AttentionCache {
  private:
   // Row-major fp32 matrix whose rows are outputs: y = M x.
   struct Projection {
-    std::vector<float> values;
+    cpu::AlignedVector<float> values;
     int64_t rows = 0, cols = 0;
     WeightMatrix view() const;
   };
@@ -56,8 +57,12 @@ class QuantizedCache : public AttentionCache {
     Projection decode_x;            // CL on GQA: latent -> X (U as rows of d)
     Projection rebuild_k,
         rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
+    // Latents from the engine's K and V instead of X (V S⁻¹, input-major;
+    // per-head blocks for K when rebuild_k_per_head). Empty: encode from X.
+    cpu::AlignedVector<float> latent_from_k, latent_from_v;
     bool rebuild_k_per_head = false;  // rebuild_k is (kv, head_dim): one block per KV head
-    std::vector<float> rebuild_k_t;   // rebuild_k input-major (per diagonal block if per head)
+    cpu::AlignedVector<float>
+        rebuild_k_t;  // rebuild_k input-major (per diagonal block if per head)
   };
 
   void attend_decode(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
@@ -79,8 +84,8 @@ class QuantizedCache : public AttentionCache {
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;  // 0, 1, 2, ...
   // Scratch for one attend call.
-  std::vector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
-  std::vector<float> accumulator_;
+  cpu::AlignedVector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
+  cpu::AlignedVector<float> accumulator_;
   // --keep-outlier-channel: channel 0 of X·Uk per (layer, sequence, token), fp16.
   bool keep_outlier_ = false;
   std::vector<uint16_t> outlier_channel_;
@@ -91,6 +96,8 @@ class QuantizedCache : public AttentionCache {
   }
   // The latent channel of the k-th outlier: channel 0 of each head's latent.
   int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }
+  void multiply_blocks(const float* in, int32_t rows, const cpu::AlignedVector<float>& blocks_t,
+                       int64_t block, float* out) const;
   void restore_outliers(int32_t seq, int32_t layer, int32_t t0, int32_t rows, float* latent_rows);
   bool k_latent_per_head_ = true;
   int32_t outliers_per_token_ = 1;

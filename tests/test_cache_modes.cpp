@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <memory>
 #include <random>
@@ -26,8 +27,10 @@ const char* kText =
     "first.";
 
 std::vector<float> last_logits(const Model& model, const std::string& mode,
-                               const std::vector<int32_t>& tokens, int32_t decode_steps) {
+                               const std::vector<int32_t>& tokens, int32_t decode_steps,
+                               bool k_latent_per_head = true) {
   EngineOptions options;
+  options.k_latent_per_head = k_latent_per_head;
   options.threads = 2;
   options.max_tokens = 512;
   options.cache_mode = mode;
@@ -196,6 +199,24 @@ TEST(CacheModesGqa, DecodeAttentionEqualsPrefillAttentionOnSmolLM2) {
   expect_decode_attention_equals_prefill(*model, "xquant-3", /*k_latent_per_head=*/false);
   expect_decode_attention_equals_prefill(*model, "xquant-2", true, /*keep_outlier_channel=*/true);
   expect_decode_attention_equals_prefill(*model, "xquant-2", false, true);
+}
+
+// The latents are encoded from the engine's K and V (X·U = K·V·S⁻¹) and
+// rebuilt with S·Vᵀ: at 8 bits the logits must stay close to fp16's, with both
+// K latents (per head and joint), which a wrong block, transpose or scale breaks.
+TEST(CacheModesGqa, EightBitLatentsStayNearFp16OnSmolLM2) {
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
+  auto model = Model::load(path);
+  std::vector<int32_t> tokens = model->tokenizer().encode(kText, true);
+  std::vector<float> reference = last_logits(*model, "fp16", tokens, 3);
+  for (bool per_head : {true, false}) {
+    std::vector<float> latent = last_logits(*model, "xquant-8", tokens, 3, per_head);
+    float worst = max_difference(reference, latent);
+    std::printf("xquant-8 (%s K latent): max |logit - fp16| = %.4f\n",
+                per_head ? "per-head" : "joint", worst);
+    EXPECT_LT(worst, 1.0f) << (per_head ? "per-head" : "joint");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, CacheModes,

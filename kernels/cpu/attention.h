@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/cpu/aligned_vector.h"
+
 namespace xq::cpu {
 
 // q: (n, heads, head_dim), row stride q_stride; query i is at position pos0 + i
@@ -24,7 +26,8 @@ void causal_attention(const float* q, int64_t q_stride, int32_t n, int32_t pos0,
 // acc (width values) = Σ exp(s_t - max) · v_t. The full result is acc / sum.
 struct PartialAttention {
   int64_t rows = 0, width = 0;
-  std::vector<float> max, sum, acc;
+  std::vector<float> max, sum;
+  AlignedVector<float> acc;
   void reset(int64_t rows, int64_t width);  // to the empty set: max -inf, sum 0, acc 0
 };
 

@@ -47,7 +47,21 @@ void rope(float* x, const int32_t* positions, int64_t rows, int64_t heads, int64
     const float* table = cos_sin + static_cast<int64_t>(positions[r]) * pairs * 2;
     for (int64_t h = 0; h < heads; ++h) {
       float* head = x + (r * heads + h) * head_dim;
-      for (int64_t i = 0; i < pairs; ++i) {
+      int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+      if (layout == RopeLayout::kInterleaved) {
+        // Four pairs at a time: x = [a0 b0 a1 b1 ..], table = [c0 s0 c1 s1 ..];
+        // even lanes a c - b s, odd lanes b c + a s.
+        for (; i + 4 <= pairs; i += 4) {
+          const __m256 x = _mm256_loadu_ps(head + 2 * i), t = _mm256_loadu_ps(table + 2 * i);
+          const __m256 swapped = _mm256_permute_ps(x, 0xB1);
+          _mm256_storeu_ps(head + 2 * i,
+                           _mm256_fmaddsub_ps(x, _mm256_moveldup_ps(t),
+                                              _mm256_mul_ps(swapped, _mm256_movehdup_ps(t))));
+        }
+      }
+#endif
+      for (; i < pairs; ++i) {
         float c = table[2 * i], s = table[2 * i + 1];
         if (layout == RopeLayout::kInterleaved) {
           rope_rotate(head[2 * i], head[2 * i + 1], c, s);
