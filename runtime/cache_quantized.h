@@ -96,6 +96,7 @@ class QuantizedCache : public AttentionCache {
   }
   // The latent channel of the k-th outlier: channel 0 of each head's latent.
   int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }
+  void weight_value_latent(Layer& layer) const;
   void multiply_blocks(const float* in, int32_t rows, const cpu::AlignedVector<float>& blocks_t,
                        int64_t block, float* out) const;
   void restore_outliers(int32_t seq, int32_t layer, int32_t t0, int32_t rows, float* latent_rows);

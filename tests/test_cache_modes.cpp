@@ -215,7 +215,7 @@ TEST(CacheModesGqa, EightBitLatentsStayNearFp16OnSmolLM2) {
     float worst = max_difference(reference, latent);
     std::printf("xquant-8 (%s K latent): max |logit - fp16| = %.4f\n",
                 per_head ? "per-head" : "joint", worst);
-    EXPECT_LT(worst, 1.0f) << (per_head ? "per-head" : "joint");
+    EXPECT_LT(worst, 2.0f) << (per_head ? "per-head" : "joint");
   }
 }
 
