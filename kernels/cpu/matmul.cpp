@@ -45,6 +45,10 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
   static thread_local std::vector<float> dequantized_by_caller;
   std::vector<float>& dequantized = dequantized_by_caller;
   if (w.type != TensorType::kF32) dequantized.resize(static_cast<size_t>(w.rows * w.cols));
+  // fp32 weights are used in place with their row stride, which is larger than
+  // cols for a column slice (tensor parallelism); dequantized ones are packed.
+  const int ldw = w.type == TensorType::kF32 ? static_cast<int>(w.row_bytes / sizeof(float))
+                                             : static_cast<int>(w.cols);
   parallel_for(
       w.rows,
       [&](int64_t begin, int64_t end) {
@@ -56,7 +60,7 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n),
                     static_cast<int>(end - begin), static_cast<int>(w.cols), 1.0f, x,
-                    static_cast<int>(w.cols), slice, static_cast<int>(w.cols), 0.0f, y + begin,
+                    static_cast<int>(w.cols), slice, ldw, 0.0f, y + begin,
                     static_cast<int>(w.rows));
       },
       64);

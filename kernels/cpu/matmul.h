@@ -1,4 +1,6 @@
-// y = x W^T for a weight matrix in any supported type, CPU backend.
+// y = x W^T for a weight matrix in any supported type, CPU backend. Rows of W
+// are read at its row_bytes stride, which may exceed the bytes of cols values
+// (a column slice of a larger matrix: data at the first column's block).
 // Few rows of x (decode): integer dot products straight from the quantized
 // weights, rows of W split across threads; the weights stream once from memory.
 // Many rows (prefill): W dequantized to fp32 and multiplied by OpenBLAS sgemm.

@@ -1,0 +1,186 @@
+#include "parallel/tensor_parallel_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
+#include "runtime/error.h"
+
+namespace xq::parallel {
+namespace {
+
+Communicator& pp1_tp_group(Grid& grid) {
+  if (grid.pp() != 1)
+    throw Error("tensor parallel engine: the grid has " + std::to_string(grid.pp()) +
+                " pipeline stages; this engine runs pp = 1 only");
+  return grid.tp_group();
+}
+
+// Copies columns [col, col + width) of each of n rows of stride `stride`.
+void gather(const float* src, int64_t stride, int64_t col, int64_t width, int32_t n, float* dst) {
+  for (int32_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * width, src + i * stride + col,
+                static_cast<size_t>(width) * sizeof(float));
+}
+
+void scatter(const float* src, int64_t width, int32_t n, float* dst, int64_t stride, int64_t col) {
+  for (int32_t i = 0; i < n; ++i)
+    std::memcpy(dst + i * stride + col, src + i * width,
+                static_cast<size_t>(width) * sizeof(float));
+}
+
+}  // namespace
+
+TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptions& options,
+                                           Grid& grid)
+    : TensorParallelEngine(model, options, pp1_tp_group(grid)) {}
+
+TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptions& options,
+                                           Communicator& tp_group)
+    : model_(model), comm_(tp_group) {
+  if (options.cache_mode != "fp16")
+    throw Error("tensor parallel supports --cache fp16 so far (asked for --cache " +
+                options.cache_mode + ")");
+  const ModelConfig& c = model.config();
+  shard_ = plan_shard(model, comm_.size(), comm_.rank());
+  max_tokens_ = options.max_tokens > 0 ? options.max_tokens : c.max_seq_len;
+  cpu::set_thread_count(options.threads);
+  rope_cos_sin_.resize(static_cast<size_t>(max_tokens_) * c.rope_dim);
+  cpu::rope_table(rope_cos_sin_.data(), max_tokens_, c.rope_dim, c.rope_theta);
+  for (const LayerWeights& w : model.layers()) layers_.push_back(shard_layer(w, c, shard_));
+
+  CacheOptions cache_options;
+  cache_options.mode = "fp16";
+  cache_options.max_tokens = max_tokens_;
+  cache_options.sequences = options.sequences;
+  cache_options.rope_cos_sin = rope_cos_sin_.data();
+  const int64_t group = c.n_heads / c.n_kv_heads;
+  for (int64_t g = shard_.kv_heads.begin; g < shard_.kv_heads.end(); ++g) {
+    const int64_t first = std::max(shard_.heads.begin, g * group);
+    const int64_t last = std::min(shard_.heads.end(), (g + 1) * group);
+    KvGroup kv;
+    kv.kv_local = static_cast<int32_t>(g - shard_.kv_heads.begin);
+    kv.head_first = static_cast<int32_t>(first - shard_.heads.begin);
+    kv.heads = static_cast<int32_t>(last - first);
+    // A cache of one KV head read by kv.heads query heads.
+    ModelConfig local = c;
+    local.n_heads = kv.heads;
+    local.n_kv_heads = 1;
+    kv.cache = std::make_unique<Fp16KvCache>(local, cache_options);
+    groups_.push_back(std::move(kv));
+  }
+}
+
+size_t TensorParallelEngine::weight_bytes() const {
+  const ModelConfig& c = model_.config();
+  size_t total = model_.token_embedding().row_bytes + slice_bytes(model_.output()) +
+                 static_cast<size_t>(c.dim) * sizeof(float);
+  for (const LayerShard& l : layers_) {
+    total += slice_bytes(l.wq) + slice_bytes(l.wk) + slice_bytes(l.wv) + slice_bytes(l.wo) +
+             slice_bytes(l.w_gate) + slice_bytes(l.w_up) + slice_bytes(l.w_down) +
+             2 * static_cast<size_t>(c.dim) * sizeof(float);
+  }
+  return total;
+}
+
+size_t TensorParallelEngine::kv_cache_bytes_in_use() const {
+  size_t total = 0;
+  for (const KvGroup& g : groups_) total += g.cache->bytes_in_use();
+  return total;
+}
+
+void TensorParallelEngine::truncate(int32_t seq, int32_t from) {
+  for (KvGroup& g : groups_) g.cache->truncate(seq, from);
+}
+
+int32_t TensorParallelEngine::length(int32_t seq) const {
+  return groups_.front().cache->length(seq);
+}
+
+void TensorParallelEngine::ensure_scratch(int32_t n) {
+  const ModelConfig& c = model_.config();
+  const size_t rows = static_cast<size_t>(n);
+  const size_t q_width = static_cast<size_t>(shard_.heads.count) * c.head_dim;
+  const size_t kv_width = static_cast<size_t>(shard_.kv_heads.count) * c.head_dim;
+  hidden_.resize(rows * c.dim);
+  normed_.resize(rows * c.dim);
+  q_.resize(rows * q_width);
+  k_.resize(rows * kv_width);
+  v_.resize(rows * kv_width);
+  attn_.resize(rows * q_width);
+  proj_.resize(rows * c.dim);
+  gate_.resize(rows * static_cast<size_t>(shard_.ffn.count));
+  up_.resize(rows * static_cast<size_t>(shard_.ffn.count));
+  group_q_.resize(rows * q_width);
+  group_out_.resize(rows * q_width);
+  group_k_.resize(rows * c.head_dim);
+  group_v_.resize(rows * c.head_dim);
+  positions_.resize(rows);
+}
+
+void TensorParallelEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                                   float* logits, int32_t first_logit_row) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  if (pos0 < 0 || pos0 + n > max_tokens_)
+    throw Error("forward: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
+                ") exceed the context of " + std::to_string(max_tokens_) + " tokens");
+  for (int32_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      throw Error("forward: token id " + std::to_string(tokens[i]) +
+                  " is outside the vocabulary of " + std::to_string(c.vocab_size));
+  }
+  ensure_scratch(n);
+  for (int32_t i = 0; i < n; ++i) {
+    cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],
+                             hidden_.data() + static_cast<size_t>(i) * c.dim);
+    positions_[i] = pos0 + i;
+  }
+  const int64_t hd = c.head_dim;
+  const int64_t q_width = shard_.heads.count * hd, kv_width = shard_.kv_heads.count * hd;
+  const int32_t local_heads = static_cast<int32_t>(shard_.heads.count);
+  const size_t residual = static_cast<size_t>(n) * c.dim;
+
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const LayerShard& w = layers_[static_cast<size_t>(layer)];
+    // Attention block: this rank's heads.
+    cpu::rmsnorm(hidden_.data(), w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    cpu::matmul(w.wq, normed_.data(), n, q_.data());
+    cpu::matmul(w.wk, normed_.data(), n, k_.data());
+    cpu::matmul(w.wv, normed_.data(), n, v_.data());
+    cpu::rope(q_.data(), positions_.data(), n, local_heads, c.head_dim, c.rope_dim, c.rope_layout,
+              rope_cos_sin_.data());
+    for (KvGroup& g : groups_) {
+      const int64_t width = g.heads * hd;
+      gather(k_.data(), kv_width, g.kv_local * hd, hd, n, group_k_.data());
+      gather(v_.data(), kv_width, g.kv_local * hd, hd, n, group_v_.data());
+      gather(q_.data(), q_width, g.head_first * hd, width, n, group_q_.data());
+      g.cache->append(seq, layer, pos0, n, normed_.data(), group_k_.data(), group_v_.data());
+      g.cache->attend(seq, layer, pos0, n, group_q_.data(), group_out_.data());
+      scatter(group_out_.data(), width, n, attn_.data(), q_width, g.head_first * hd);
+    }
+    cpu::matmul(w.wo, attn_.data(), n, proj_.data());
+    comm_.all_reduce_sum(proj_.data(), residual);
+    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(residual));
+    // Feed-forward block (SwiGLU): this rank's FFN channels.
+    cpu::rmsnorm(hidden_.data(), w.ffn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    cpu::matmul(w.w_gate, normed_.data(), n, gate_.data());
+    cpu::matmul(w.w_up, normed_.data(), n, up_.data());
+    cpu::swiglu(gate_.data(), up_.data(), static_cast<int64_t>(n) * shard_.ffn.count);
+    cpu::matmul(w.w_down, up_.data(), n, proj_.data());
+    comm_.all_reduce_sum(proj_.data(), residual);
+    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(residual));
+  }
+
+  const int32_t first = std::clamp(first_logit_row, 0, n);
+  const int32_t scored = n - first;
+  if (scored == 0 || logits == nullptr) return;
+  const float* last_hidden = hidden_.data() + static_cast<size_t>(first) * c.dim;
+  cpu::rmsnorm(last_hidden, model_.output_norm(), normed_.data(), scored, c.dim, c.rms_eps);
+  cpu::matmul(model_.output(), normed_.data(), scored, logits);
+}
+
+}  // namespace xq::parallel

@@ -1,0 +1,68 @@
+// Tensor parallelism (pp = 1) of the forward pass: each rank of the grid's TP
+// group runs its share of every layer (see parallel/shard.h) and the group sums
+// the partial outputs once after Wo and once after down (all_reduce_sum).
+// Each rank's fp16 KV cache holds only its own KV heads. Embedding, norms and
+// the output head are replicated, so every rank ends with the full logits.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "parallel/communicator.h"
+#include "parallel/grid.h"
+#include "parallel/shard.h"
+#include "runtime/cache_fp16.h"
+#include "runtime/engine.h"
+#include "runtime/model.h"
+
+namespace xq::parallel {
+
+class TensorParallelEngine {
+ public:
+  // Collective-free; throws xq::Error unless grid.pp() == 1 and
+  // options.cache_mode is "fp16", or when the model does not split over tp.
+  TensorParallelEngine(const Model& model, const EngineOptions& options, Grid& grid);
+  // The same over any communicator (its size is tp, its rank the TP rank).
+  TensorParallelEngine(const Model& model, const EngineOptions& options, Communicator& tp_group);
+
+  // The xq::Engine contract; collective over the TP group (every member calls
+  // it with the same arguments) and every member gets the full logits.
+  void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+               int32_t first_logit_row);
+  void truncate(int32_t seq, int32_t from);
+  int32_t length(int32_t seq) const;
+
+  const TpShard& shard() const { return shard_; }
+  // Bytes of weights one decode step reads on this rank: its slices of every
+  // layer, the norms, one embedding row and the (replicated) output head.
+  size_t weight_bytes() const;
+  // fp16 K and V bytes this rank's cache holds now.
+  size_t kv_cache_bytes_in_use() const;
+  const Model& model() const { return model_; }
+  int32_t max_tokens() const { return max_tokens_; }
+
+ private:
+  // One local KV head and the contiguous local query heads that read it.
+  struct KvGroup {
+    int32_t kv_local = 0;               // index among this rank's KV heads
+    int32_t head_first = 0, heads = 0;  // local query heads
+    std::unique_ptr<Fp16KvCache> cache;
+  };
+
+  void ensure_scratch(int32_t n);
+
+  const Model& model_;
+  Communicator& comm_;
+  TpShard shard_;
+  int32_t max_tokens_;
+  std::vector<LayerShard> layers_;
+  std::vector<KvGroup> groups_;
+  std::vector<float> rope_cos_sin_;
+  std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_;
+  std::vector<float> group_q_, group_k_, group_v_, group_out_;
+  std::vector<int32_t> positions_;
+};
+
+}  // namespace xq::parallel
