@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "runtime/engine.h"
 #include "runtime/error.h"
 #include "runtime/model.h"
@@ -23,18 +24,6 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t comma = s.find(',', start);
-    if (comma == std::string::npos) comma = s.size();
-    if (comma > start) out.push_back(s.substr(start, comma - start));
-    start = comma + 1;
-  }
-  return out;
 }
 
 // One engine per mode, all alive at once, so the modes can take turns.
@@ -132,7 +121,8 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<int> contexts;
-  for (const std::string& s : split(context_list)) contexts.push_back(std::atoi(s.c_str()));
+  for (const std::string& s : xq::bench::split_commas(context_list))
+    contexts.push_back(std::atoi(s.c_str()));
   std::sort(contexts.begin(), contexts.end());
   if (contexts.empty() || contexts.front() <= 0 || steps <= 0 || threads <= 0) {
     std::fprintf(stderr, "contexts, steps and threads must be positive\n");
@@ -152,7 +142,7 @@ int main(int argc, char** argv) {
     std::printf("\n");
     std::vector<ModeRun> runs;
     const int rounded_steps = (steps + 3) / 4 * 4;
-    for (const std::string& mode : split(modes)) {
+    for (const std::string& mode : xq::bench::split_commas(modes)) {
       xq::EngineOptions options;
       options.threads = threads;
       options.cache_mode = mode;

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/engine.h"
@@ -118,18 +119,6 @@ double prefill_gemm_efficiency(const xq::Model& model, int threads, int n) {
   return reference / ours;
 }
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  size_t start = 0;
-  while (start <= s.size()) {
-    size_t comma = s.find(',', start);
-    if (comma == std::string::npos) comma = s.size();
-    if (comma > start) out.push_back(s.substr(start, comma - start));
-    start = comma + 1;
-  }
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -163,7 +152,7 @@ int main(int argc, char** argv) {
       "| model | threads | prefill tok/s | decode tok/s | decode bytes/token | decode GB/s | of "
       "copy bandwidth | prefill GEMM vs sgemm |\n");
   std::printf("|---|---|---|---|---|---|---|---|\n");
-  for (const std::string& path : split(models)) {
+  for (const std::string& path : xq::bench::split_commas(models)) {
     try {
       auto model = xq::Model::load(path);
       for (int threads : {1, 2}) {
