@@ -96,10 +96,12 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
     result.reset(static_cast<int64_t>(n) * heads, hd);
     std::mutex result_mutex;
     cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
-      cpu::AlignedVector<float> k_rows(static_cast<size_t>(kDecodeBlock) * hd),
-          v_rows(k_rows.size());
-      cpu::AlignedVector<float> scores(static_cast<size_t>(group) * kDecodeBlock);
-      cpu::PartialAttention mine;
+      // Each thread's buffers live across calls (once per layer per step).
+      thread_local cpu::AlignedVector<float> k_rows, v_rows, scores;
+      thread_local cpu::PartialAttention mine;
+      k_rows.resize(static_cast<size_t>(kDecodeBlock) * hd);
+      v_rows.resize(k_rows.size());
+      scores.resize(static_cast<size_t>(group) * kDecodeBlock);
       mine.reset(static_cast<int64_t>(n) * heads, hd);
       for (int64_t job = first_job; job < last_job; ++job) {
         const int32_t g = static_cast<int32_t>(job / blocks);

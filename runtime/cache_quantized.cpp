@@ -511,13 +511,15 @@ void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos
   std::mutex result_mutex;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
   cpu::parallel_for(blocks, [&](int64_t first_block, int64_t last_block) {
-    cpu::AlignedVector<float> source(static_cast<size_t>(kDecodeBlock) * k_width);
-    cpu::AlignedVector<float> latent, v_rows_buffer, keys_buffer;
-    cpu::AlignedVector<float> scores(static_cast<size_t>(heads) * kDecodeBlock);
+    // Each thread's block buffers live across calls: this runs once per layer
+    // per decode step, and the sizes only change with the model.
+    thread_local cpu::AlignedVector<float> source, latent, v_rows_buffer, keys_buffer, scores;
+    thread_local cpu::PartialAttention mine;
+    source.resize(static_cast<size_t>(kDecodeBlock) * k_width);
+    scores.resize(static_cast<size_t>(heads) * kDecodeBlock);
     if (layer.decode_x.rows) latent.resize(static_cast<size_t>(kDecodeBlock) * layer.decode_x.cols);
     if (separate_v) v_rows_buffer.resize(static_cast<size_t>(kDecodeBlock) * k_width);
     if (layer.rebuild_k.rows) keys_buffer.resize(static_cast<size_t>(kDecodeBlock) * kv);
-    cpu::PartialAttention mine;
     mine.reset(static_cast<int64_t>(n) * heads, mix_width);
     for (int64_t b = first_block; b < last_block; ++b) {
       const int32_t t0 = static_cast<int32_t>(b * kDecodeBlock);
