@@ -143,6 +143,17 @@ bool k_latent_per_head(const Arguments& args) {
   return value == "per-head";
 }
 
+// The engine as the model options (add_model_options) ask for it.
+EngineOptions engine_options(const Arguments& args, int threads, int32_t max_tokens) {
+  EngineOptions options;
+  options.threads = threads;
+  options.max_tokens = max_tokens;
+  options.cache_mode = args.get("cache");
+  options.keep_outlier_channel = args.has("keep-outlier-channel");
+  options.k_latent_per_head = k_latent_per_head(args);
+  return options;
+}
+
 std::string read_text_file(const std::string& path) {
   // An ifstream opens a directory without complaint and then reads nothing,
   // which would be reported as an empty file.
@@ -196,13 +207,7 @@ int run_perplexity(int argc, char** argv) {
     throw Error("perplexity: --ctx must be between 2 and the model's context of " +
                 std::to_string(model->config().max_seq_len));
 
-  EngineOptions engine_options;
-  engine_options.threads = threads;
-  engine_options.max_tokens = options.ctx;
-  engine_options.cache_mode = args.get("cache");
-  engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
-  engine_options.k_latent_per_head = k_latent_per_head(args);
-  Engine engine(*model, engine_options);
+  Engine engine(*model, engine_options(args, threads, options.ctx));
 
   const auto tokenize_start = std::chrono::steady_clock::now();
   std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
@@ -214,7 +219,7 @@ int run_perplexity(int argc, char** argv) {
                 " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
-               engine.cache().describe().c_str(), engine_options.threads);
+               engine.cache().describe().c_str(), threads);
 
   const bool terminal = isatty(STDERR_FILENO);
   auto progress = [&](int32_t done, int32_t total, double running) {
@@ -265,14 +270,10 @@ int run_generate(int argc, char** argv) {
     throw Error("generate: the prompt has " + std::to_string(prompt.size()) +
                 " tokens; the model's context is " + std::to_string(model->config().max_seq_len));
 
-  EngineOptions engine_options;
-  engine_options.threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-  engine_options.max_tokens =
-      static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len));
-  engine_options.cache_mode = args.get("cache");
-  engine_options.keep_outlier_channel = args.has("keep-outlier-channel");
-  engine_options.k_latent_per_head = k_latent_per_head(args);
-  Engine engine(*model, engine_options);
+  Engine engine(
+      *model,
+      engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
+                     static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len))));
 
   SamplerOptions sampler_options;
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
