@@ -40,17 +40,26 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
 
 TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptions& options,
                                            Communicator& tp_group)
-    : model_(model), comm_(tp_group) {
+    : TensorParallelEngine(model, options, tp_group, Range{0, model.config().n_layers}) {}
+
+TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptions& options,
+                                           Communicator& tp_group, Range layers)
+    : model_(model), comm_(tp_group), layer_range_(layers) {
   if (options.cache_mode != "fp16")
     throw Error("tensor parallel supports --cache fp16 so far (asked for --cache " +
                 options.cache_mode + ")");
   const ModelConfig& c = model.config();
+  if (layers.begin < 0 || layers.count < 1 || layers.end() > c.n_layers)
+    throw Error("tensor parallel engine: layers [" + std::to_string(layers.begin) + ", " +
+                std::to_string(layers.end()) + ") are not a non-empty part of the model's " +
+                std::to_string(c.n_layers));
   shard_ = plan_shard(model, comm_.size(), comm_.rank());
   max_tokens_ = options.max_tokens > 0 ? options.max_tokens : c.max_seq_len;
   cpu::set_thread_count(options.threads);
   rope_cos_sin_.resize(static_cast<size_t>(max_tokens_) * c.rope_dim);
   cpu::rope_table(rope_cos_sin_.data(), max_tokens_, c.rope_dim, c.rope_theta);
-  for (const LayerWeights& w : model.layers()) layers_.push_back(shard_layer(w, c, shard_));
+  for (int64_t l = layers.begin; l < layers.end(); ++l)
+    layers_.push_back(shard_layer(model.layers()[static_cast<size_t>(l)], c, shard_));
 
   CacheOptions cache_options;
   cache_options.mode = "fp16";
@@ -67,6 +76,7 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
     kv.heads = static_cast<int32_t>(last - first);
     // A cache of one KV head read by kv.heads query heads.
     ModelConfig local = c;
+    local.n_layers = static_cast<int32_t>(layers.count);  // this engine's layers only
     local.n_heads = kv.heads;
     local.n_kv_heads = 1;
     kv.cache = std::make_unique<Fp16KvCache>(local, cache_options);
@@ -76,8 +86,10 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
 
 size_t TensorParallelEngine::weight_bytes() const {
   const ModelConfig& c = model_.config();
-  size_t total = model_.token_embedding().row_bytes + slice_bytes(model_.output()) +
-                 static_cast<size_t>(c.dim) * sizeof(float);
+  size_t total = 0;
+  if (layer_range_.begin == 0) total += model_.token_embedding().row_bytes;
+  if (layer_range_.end() == c.n_layers)
+    total += slice_bytes(model_.output()) + static_cast<size_t>(c.dim) * sizeof(float);
   for (const LayerShard& l : layers_) {
     total += slice_bytes(l.wq) + slice_bytes(l.wk) + slice_bytes(l.wv) + slice_bytes(l.wo) +
              slice_bytes(l.w_gate) + slice_bytes(l.w_up) + slice_bytes(l.w_down) +
@@ -121,10 +133,8 @@ void TensorParallelEngine::ensure_scratch(int32_t n) {
   positions_.resize(rows);
 }
 
-void TensorParallelEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
-                                   float* logits, int32_t first_logit_row) {
+void TensorParallelEngine::check_input(const int32_t* tokens, int32_t n, int32_t pos0) const {
   const ModelConfig& c = model_.config();
-  if (n <= 0) return;
   if (pos0 < 0 || pos0 + n > max_tokens_)
     throw Error("forward: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
                 ") exceed the context of " + std::to_string(max_tokens_) + " tokens");
@@ -133,21 +143,55 @@ void TensorParallelEngine::forward(int32_t seq, const int32_t* tokens, int32_t n
       throw Error("forward: token id " + std::to_string(tokens[i]) +
                   " is outside the vocabulary of " + std::to_string(c.vocab_size));
   }
-  ensure_scratch(n);
-  for (int32_t i = 0; i < n; ++i) {
+}
+
+void TensorParallelEngine::embed(const int32_t* tokens, int32_t n, float* hidden) const {
+  const ModelConfig& c = model_.config();
+  for (int32_t i = 0; i < n; ++i)
     cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],
-                             hidden_.data() + static_cast<size_t>(i) * c.dim);
-    positions_[i] = pos0 + i;
-  }
+                             hidden + static_cast<size_t>(i) * c.dim);
+}
+
+void TensorParallelEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                                   float* logits, int32_t first_logit_row) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  if (layer_range_.begin != 0 || layer_range_.end() != c.n_layers)
+    throw Error("forward: this engine holds layers [" + std::to_string(layer_range_.begin) + ", " +
+                std::to_string(layer_range_.end()) + ") only; a pipeline stage runs run_layers");
+  check_input(tokens, n, pos0);
+  ensure_scratch(n);
+  embed(tokens, n, hidden_.data());
+  run_layers(seq, hidden_.data(), n, pos0);
+  const int32_t first = std::clamp(first_logit_row, 0, n);
+  const int32_t scored = n - first;
+  if (scored == 0 || logits == nullptr) return;
+  head(hidden_.data() + static_cast<size_t>(first) * c.dim, scored, logits);
+}
+
+void TensorParallelEngine::head(const float* hidden, int32_t n, float* logits) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  const size_t rows = static_cast<size_t>(n) * c.dim;
+  if (normed_.size() < rows) normed_.resize(rows);  // hidden may point into hidden_
+  cpu::rmsnorm(hidden, model_.output_norm(), normed_.data(), n, c.dim, c.rms_eps);
+  cpu::matmul(model_.output(), normed_.data(), n, logits);
+}
+
+void TensorParallelEngine::run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  ensure_scratch(n);
+  for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
   const int64_t hd = c.head_dim;
   const int64_t q_width = shard_.heads.count * hd, kv_width = shard_.kv_heads.count * hd;
   const int32_t local_heads = static_cast<int32_t>(shard_.heads.count);
   const size_t residual = static_cast<size_t>(n) * c.dim;
 
-  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+  for (int32_t layer = 0; layer < static_cast<int32_t>(layers_.size()); ++layer) {
     const LayerShard& w = layers_[static_cast<size_t>(layer)];
     // Attention block: this rank's heads.
-    cpu::rmsnorm(hidden_.data(), w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    cpu::rmsnorm(hidden, w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
     cpu::matmul(w.wq, normed_.data(), n, q_.data());
     cpu::matmul(w.wk, normed_.data(), n, k_.data());
     cpu::matmul(w.wv, normed_.data(), n, v_.data());
@@ -164,23 +208,16 @@ void TensorParallelEngine::forward(int32_t seq, const int32_t* tokens, int32_t n
     }
     cpu::matmul(w.wo, attn_.data(), n, proj_.data());
     comm_.all_reduce_sum(proj_.data(), residual);
-    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(residual));
+    cpu::add(hidden, proj_.data(), static_cast<int64_t>(residual));
     // Feed-forward block (SwiGLU): this rank's FFN channels.
-    cpu::rmsnorm(hidden_.data(), w.ffn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    cpu::rmsnorm(hidden, w.ffn_norm, normed_.data(), n, c.dim, c.rms_eps);
     cpu::matmul(w.w_gate, normed_.data(), n, gate_.data());
     cpu::matmul(w.w_up, normed_.data(), n, up_.data());
     cpu::swiglu(gate_.data(), up_.data(), static_cast<int64_t>(n) * shard_.ffn.count);
     cpu::matmul(w.w_down, up_.data(), n, proj_.data());
     comm_.all_reduce_sum(proj_.data(), residual);
-    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(residual));
+    cpu::add(hidden, proj_.data(), static_cast<int64_t>(residual));
   }
-
-  const int32_t first = std::clamp(first_logit_row, 0, n);
-  const int32_t scored = n - first;
-  if (scored == 0 || logits == nullptr) return;
-  const float* last_hidden = hidden_.data() + static_cast<size_t>(first) * c.dim;
-  cpu::rmsnorm(last_hidden, model_.output_norm(), normed_.data(), scored, c.dim, c.rms_eps);
-  cpu::matmul(model_.output(), normed_.data(), scored, logits);
 }
 
 }  // namespace xq::parallel

@@ -3,6 +3,9 @@
 // the partial outputs once after Wo and once after down (all_reduce_sum).
 // Each rank's fp16 KV cache holds only its own KV heads. Embedding, norms and
 // the output head are replicated, so every rank ends with the full logits.
+// An engine may also hold a contiguous range of layers only (one pipeline
+// stage, see parallel/pipeline_engine.h): its weights and cache cover those
+// layers, and embed / run_layers / head are the pieces forward() chains.
 #pragma once
 
 #include <cstddef>
@@ -26,17 +29,32 @@ class TensorParallelEngine {
   TensorParallelEngine(const Model& model, const EngineOptions& options, Grid& grid);
   // The same over any communicator (its size is tp, its rank the TP rank).
   TensorParallelEngine(const Model& model, const EngineOptions& options, Communicator& tp_group);
+  // Layers [layers.begin, layers.end()) only: a pipeline stage's share.
+  TensorParallelEngine(const Model& model, const EngineOptions& options, Communicator& tp_group,
+                       Range layers);
 
   // The xq::Engine contract; collective over the TP group (every member calls
   // it with the same arguments) and every member gets the full logits.
   void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
                int32_t first_logit_row);
   void truncate(int32_t seq, int32_t from);
+
+  // Throws xq::Error for positions beyond capacity or token ids out of range.
+  void check_input(const int32_t* tokens, int32_t n, int32_t pos0) const;
+  // hidden (n, dim) = the embeddings of tokens (no communication).
+  void embed(const int32_t* tokens, int32_t n, float* hidden) const;
+  // Runs this engine's layers in place on hidden (n, dim) at positions
+  // [pos0, pos0 + n); collective over the TP group.
+  void run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0);
+  // logits (n, vocab) = output head of the final norm of hidden (n, dim).
+  void head(const float* hidden, int32_t n, float* logits);
+  Range layers() const { return layer_range_; }
   int32_t length(int32_t seq) const;
 
   const TpShard& shard() const { return shard_; }
-  // Bytes of weights one decode step reads on this rank: its slices of every
-  // layer, the norms, one embedding row and the (replicated) output head.
+  // Bytes of weights one decode step reads on this rank: its slices of its
+  // layers and their norms, plus one embedding row when it holds layer 0 and
+  // the final norm and (replicated) output head when it holds the last layer.
   size_t weight_bytes() const;
   // fp16 K and V bytes this rank's cache holds now.
   size_t kv_cache_bytes_in_use() const;
@@ -56,6 +74,7 @@ class TensorParallelEngine {
   const Model& model_;
   Communicator& comm_;
   TpShard shard_;
+  Range layer_range_;
   int32_t max_tokens_;
   std::vector<LayerShard> layers_;
   std::vector<KvGroup> groups_;

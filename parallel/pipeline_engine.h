@@ -1,0 +1,70 @@
+// Pipeline parallelism (pp >= 1) over tensor parallelism inside each stage:
+// stage s of the grid holds a contiguous range of layers (balanced by default,
+// or counts[s] layers each) as a TensorParallelEngine over its TP group, so its
+// weights and fp16 KV cache cover those layers only. Stage 0 embeds the
+// tokens; each stage runs its layers and sends the hidden activations (rows x
+// dim floats) to the next stage over the grid's pipeline communicator; the last
+// stage applies the final norm and the output head, and broadcasts the logits
+// back along the pipeline so every rank returns them.
+//
+// A prefill is cut into ceil(n / micro_batch) micro-batches of near-equal
+// size (at most micro_batch tokens), each sent
+// on as soon as it is produced, so stage s + 1 works on micro-batch i while
+// stage s works on i + 1. Micro-batches reach each stage in order, and each
+// attends over the cache its predecessors filled, so the result does not
+// depend on micro_batch, up to summation order and the GEMM path a batch size
+// picks: with quantized weights, batches of at most 8 rows take the decode
+// path (int8 activations, see kernels/cpu/matmul.cpp), which moves logits by
+// up to ~1 on SmolLM2 Q4_1, so keep micro_batch well above 8 there.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "parallel/grid.h"
+#include "parallel/tensor_parallel_engine.h"
+#include "runtime/engine.h"
+#include "runtime/model.h"
+
+namespace xq::parallel {
+
+struct PipelineOptions {
+  int32_t micro_batch = 64;                 // tokens per micro-batch of a prefill
+  std::vector<int64_t> stage_layer_counts;  // empty: balanced (stage_layers)
+};
+
+class PipelineEngine {
+ public:
+  // Collective-free; throws xq::Error unless options.cache_mode is "fp16",
+  // when micro_batch < 1, when the counts do not split the layers or the
+  // model does not split over tp.
+  PipelineEngine(const Model& model, const EngineOptions& options, Grid& grid,
+                 const PipelineOptions& pipeline = {});
+
+  // The xq::Engine contract; collective over the whole grid (every rank calls
+  // it with the same arguments) and every rank gets the logits.
+  void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+               int32_t first_logit_row);
+  void truncate(int32_t seq, int32_t from) { stage_->truncate(seq, from); }
+  int32_t length(int32_t seq) const { return stage_->length(seq); }
+
+  // This rank's stage: its layers, weights and cache.
+  const TensorParallelEngine& stage_engine() const { return *stage_; }
+  Range layers() const { return stage_->layers(); }
+  size_t weight_bytes() const { return stage_->weight_bytes(); }
+  size_t kv_cache_bytes_in_use() const { return stage_->kv_cache_bytes_in_use(); }
+  int32_t micro_batch() const { return micro_batch_; }
+  const Model& model() const { return model_; }
+  int32_t max_tokens() const { return stage_->max_tokens(); }
+
+ private:
+  const Model& model_;
+  Grid& grid_;
+  int32_t micro_batch_;
+  std::unique_ptr<TensorParallelEngine> stage_;
+  std::vector<float> hidden_;  // one micro-batch, (rows, dim)
+};
+
+}  // namespace xq::parallel
