@@ -2,6 +2,7 @@
 //   xq perplexity   perplexity of a text file (llama.cpp's protocol)
 //   xq generate     stream a completion of a prompt
 // Every subcommand answers --help. Errors print one line and exit non-zero.
+#include <mpi.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -17,6 +18,9 @@
 #include <string>
 #include <vector>
 
+#include "parallel/grid.h"
+#include "parallel/mpi_communicator.h"
+#include "parallel/pipeline_engine.h"
 #include "runtime/engine.h"
 #include "runtime/error.h"
 #include "runtime/model.h"
@@ -246,10 +250,8 @@ int run_perplexity(int argc, char** argv) {
   return 0;
 }
 
-int run_generate(int argc, char** argv) {
-  Arguments args("generate",
-                 "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
-  add_model_options(args);
+// Options generate and worker share: the prompt and how to sample.
+void add_generation_options(Arguments& args) {
   args.option("prompt", "", "prompt text (required)");
   args.option("max-tokens", "128", "tokens to generate at most");
   args.option("temperature", "0", "sampling temperature; 0 = greedy");
@@ -258,23 +260,35 @@ int run_generate(int argc, char** argv) {
   args.option("seed", "0", "random seed");
   args.flag("ids", "print token ids instead of text");
   args.flag("margins", "with --ids: also print each step's top-1 minus top-2 logit");
-  if (!args.parse(argc, argv)) return 0;
-  if (!args.has("prompt")) throw Error("generate: --prompt is required (see --help)");
-  auto model = Model::load(args.get("model"), args.get("tokenizer"));
-  const Tokenizer& tokenizer = model->tokenizer();
+}
+
+std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, const char* command) {
+  if (!args.has("prompt"))
+    throw Error(std::string(command) + ": --prompt is required (see --help)");
+  const Tokenizer& tokenizer = model.tokenizer();
   std::vector<int32_t> prompt = tokenizer.encode(args.get("prompt"), tokenizer.add_bos());
+  if (prompt.empty()) throw Error(std::string(command) + ": the prompt has no tokens");
+  if (static_cast<int64_t>(prompt.size()) >= model.config().max_seq_len)
+    throw Error(std::string(command) + ": the prompt has " + std::to_string(prompt.size()) +
+                " tokens; the model's context is " + std::to_string(model.config().max_seq_len));
+  return prompt;
+}
+
+// Cache capacity for the prompt plus --max-tokens, within the model's context.
+int32_t generation_capacity(const Arguments& args, const Model& model, size_t prompt_tokens) {
+  const int64_t needed = static_cast<int64_t>(prompt_tokens) + args.get_int("max-tokens", 0);
+  return static_cast<int32_t>(std::min<int64_t>(needed, model.config().max_seq_len));
+}
+
+// Prefill, then token-by-token decode through any engine with xq::Engine's
+// forward() and max_tokens(). Every rank of a parallel engine runs this with
+// the same logits and the same sampler seed, so all pick the same tokens;
+// only the ranks with `print` write them.
+template <typename AnyEngine>
+void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& args,
+                     const std::vector<int32_t>& prompt, bool print) {
+  const Tokenizer& tokenizer = model.tokenizer();
   const int64_t max_new = args.get_int("max-tokens", 0);
-  if (prompt.empty()) throw Error("generate: the prompt has no tokens");
-  const int64_t needed = static_cast<int64_t>(prompt.size()) + max_new;
-  if (static_cast<int64_t>(prompt.size()) >= model->config().max_seq_len)
-    throw Error("generate: the prompt has " + std::to_string(prompt.size()) +
-                " tokens; the model's context is " + std::to_string(model->config().max_seq_len));
-
-  Engine engine(
-      *model,
-      engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
-                     static_cast<int32_t>(std::min<int64_t>(needed, model->config().max_seq_len))));
-
   SamplerOptions sampler_options;
   sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
   sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
@@ -282,26 +296,26 @@ int run_generate(int argc, char** argv) {
   sampler_options.seed = static_cast<uint64_t>(args.get_int(
       "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   Sampler sampler(sampler_options);
-  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
   const bool print_ids = args.has("ids");
 
-  std::vector<float> logits(model->config().vocab_size);
+  std::vector<float> logits(model.config().vocab_size);
   const auto start = std::chrono::steady_clock::now();
   const int32_t n_prompt = static_cast<int32_t>(prompt.size());
   engine.forward(0, prompt.data(), n_prompt, 0, logits.data(), n_prompt - 1);
   const auto prefill_done = std::chrono::steady_clock::now();
   int32_t position = n_prompt;
   int64_t generated = 0;
-  if (!print_ids) std::fputs(args.get("prompt").c_str(), stdout);
+  if (print && !print_ids) std::fputs(args.get("prompt").c_str(), stdout);
   while (generated < max_new && position < engine.max_tokens()) {
-    int32_t next = sampler.sample(logits.data(), model->config().vocab_size);
+    int32_t next = sampler.sample(logits.data(), model.config().vocab_size);
     if (next == tokenizer.eos_id()) break;
     ++generated;
-    if (print_ids && args.has("margins")) {
+    if (!print) {
+    } else if (print_ids && args.has("margins")) {
       // How close the step was to a tie: explains where two caches diverge.
       const float* row = logits.data();
       float first = -INFINITY, second = -INFINITY;
-      for (int32_t v = 0; v < model->config().vocab_size; ++v) {
+      for (int32_t v = 0; v < model.config().vocab_size; ++v) {
         if (row[v] > first) {
           second = first;
           first = row[v];
@@ -315,12 +329,13 @@ int run_generate(int argc, char** argv) {
     } else {
       std::fputs(tokenizer.token_to_piece(next).c_str(), stdout);
     }
-    std::fflush(stdout);
+    if (print) std::fflush(stdout);
     if (generated == max_new) break;
     engine.forward(0, &next, 1, position, logits.data(), 0);
     ++position;
   }
   const auto end = std::chrono::steady_clock::now();
+  if (!print) return;
   if (!print_ids) std::printf("\n");
   const double prefill_s = std::chrono::duration<double>(prefill_done - start).count();
   const double decode_s = std::chrono::duration<double>(end - prefill_done).count();
@@ -329,6 +344,68 @@ int run_generate(int argc, char** argv) {
                "tokens/s)\n",
                n_prompt, prefill_s, n_prompt / prefill_s, static_cast<long long>(generated),
                decode_s, generated > 0 ? generated / decode_s : 0.0);
+}
+
+int run_generate(int argc, char** argv) {
+  Arguments args("generate",
+                 "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
+  add_model_options(args);
+  add_generation_options(args);
+  if (!args.parse(argc, argv)) return 0;
+  auto model = Model::load(args.get("model"), args.get("tokenizer"));
+  std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
+  Engine engine(*model,
+                engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
+                               generation_capacity(args, *model, prompt.size())));
+  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
+  generate_tokens(engine, *model, args, prompt, /*print=*/true);
+  return 0;
+}
+
+// One rank of a tensor- and pipeline-parallel run: every rank loads the model
+// (mapping it; each reads only its own slices), joins the tp x pp grid and
+// runs the same generation loop; rank 0 prints.
+int run_worker(int argc, char** argv) {
+  Arguments args("worker",
+                 "One rank of a parallel run, started by mpirun: mpirun -np T*P xq worker --tp T "
+                 "--pp P --prompt TEXT. Rank 0 prints the completion.");
+  add_model_options(args);
+  add_generation_options(args);
+  args.option("tp", "1", "tensor-parallel ranks per pipeline stage");
+  args.option("pp", "1", "pipeline stages");
+  args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
+  if (!args.parse(argc, argv)) return 0;
+  const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
+  const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
+  parallel::check_mpi(MPI_Init(&argc, &argv), "MPI_Init");
+  int rank = 0;
+  parallel::check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "MPI_Comm_rank");
+  try {
+    auto model = Model::load(args.get("model"), args.get("tokenizer"));
+    std::vector<int32_t> prompt = encode_prompt(args, *model, "worker");
+    parallel::Grid grid(tp, pp);
+    parallel::PipelineOptions pipeline;
+    pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
+    parallel::PipelineEngine engine(
+        *model,
+        engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
+                       generation_capacity(args, *model, prompt.size())),
+        grid, pipeline);
+    if (rank == 0)
+      std::fprintf(stderr,
+                   "worker: tp %d x pp %d; rank 0 runs layers [%lld, %lld), %.1f MB of weights\n",
+                   tp, pp, static_cast<long long>(engine.layers().begin),
+                   static_cast<long long>(engine.layers().end()), engine.weight_bytes() / 1e6);
+    generate_tokens(engine, *model, args, prompt, /*print=*/rank == 0);
+  } catch (const parallel::LostRank& e) {
+    parallel::abort_job(e.what());
+  } catch (const Error& e) {
+    // Bad input fails the same way on every rank: one line is enough.
+    if (rank == 0) std::fprintf(stderr, "error: %s\n", e.what());
+    MPI_Finalize();
+    return 1;
+  }
+  MPI_Finalize();
   return 0;
 }
 
@@ -362,6 +439,7 @@ int usage(FILE* out) {
                "commands:\n"
                "  perplexity   perplexity of a text file (llama.cpp's protocol)\n"
                "  generate     complete a prompt, streamed to stdout\n"
+               "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
                "  tokenize     print the token ids of a text\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
@@ -376,6 +454,7 @@ int main(int argc, char** argv) {
   std::map<std::string, std::function<int(int, char**)>> commands = {
       {"perplexity", xq::run_perplexity},
       {"generate", xq::run_generate},
+      {"worker", xq::run_worker},
       {"tokenize", xq::run_tokenize},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
