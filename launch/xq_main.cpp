@@ -262,9 +262,23 @@ void add_generation_options(Arguments& args) {
   args.flag("margins", "with --ids: also print each step's top-1 minus top-2 logit");
 }
 
-std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, const char* command) {
+// Everything generation needs from the options, checked before the model is
+// loaded so that a bad option costs nothing and reads as the only error.
+SamplerOptions generation_sampler(const Arguments& args, const char* command) {
   if (!args.has("prompt"))
     throw Error(std::string(command) + ": --prompt is required (see --help)");
+  args.get_int("max-tokens", 0);
+  SamplerOptions options;
+  options.temperature = static_cast<float>(args.get_float("temperature"));
+  options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
+  options.top_p = static_cast<float>(args.get_float("top-p"));
+  options.seed = static_cast<uint64_t>(args.get_int("seed", std::numeric_limits<int64_t>::min(),
+                                                    std::numeric_limits<int64_t>::max()));
+  Sampler check(options);  // rejects bad combinations now
+  return options;
+}
+
+std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, const char* command) {
   const Tokenizer& tokenizer = model.tokenizer();
   std::vector<int32_t> prompt = tokenizer.encode(args.get("prompt"), tokenizer.add_bos());
   if (prompt.empty()) throw Error(std::string(command) + ": the prompt has no tokens");
@@ -286,15 +300,10 @@ int32_t generation_capacity(const Arguments& args, const Model& model, size_t pr
 // only the ranks with `print` write them.
 template <typename AnyEngine>
 void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& args,
-                     const std::vector<int32_t>& prompt, bool print) {
+                     const SamplerOptions& sampler_options, const std::vector<int32_t>& prompt,
+                     bool print) {
   const Tokenizer& tokenizer = model.tokenizer();
   const int64_t max_new = args.get_int("max-tokens", 0);
-  SamplerOptions sampler_options;
-  sampler_options.temperature = static_cast<float>(args.get_float("temperature"));
-  sampler_options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
-  sampler_options.top_p = static_cast<float>(args.get_float("top-p"));
-  sampler_options.seed = static_cast<uint64_t>(args.get_int(
-      "seed", std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max()));
   Sampler sampler(sampler_options);
   const bool print_ids = args.has("ids");
 
@@ -352,13 +361,14 @@ int run_generate(int argc, char** argv) {
   add_model_options(args);
   add_generation_options(args);
   if (!args.parse(argc, argv)) return 0;
+  const SamplerOptions sampler = generation_sampler(args, "generate");
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
   Engine engine(*model,
                 engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
                                generation_capacity(args, *model, prompt.size())));
   std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
-  generate_tokens(engine, *model, args, prompt, /*print=*/true);
+  generate_tokens(engine, *model, args, sampler, prompt, /*print=*/true);
   return 0;
 }
 
@@ -377,6 +387,7 @@ int run_worker(int argc, char** argv) {
   if (!args.parse(argc, argv)) return 0;
   const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
   const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
+  const SamplerOptions sampler = generation_sampler(args, "worker");
   parallel::check_mpi(MPI_Init(&argc, &argv), "MPI_Init");
   int rank = 0;
   parallel::check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "MPI_Comm_rank");
@@ -396,7 +407,7 @@ int run_worker(int argc, char** argv) {
                    "worker: tp %d x pp %d; rank 0 runs layers [%lld, %lld), %.1f MB of weights\n",
                    tp, pp, static_cast<long long>(engine.layers().begin),
                    static_cast<long long>(engine.layers().end()), engine.weight_bytes() / 1e6);
-    generate_tokens(engine, *model, args, prompt, /*print=*/rank == 0);
+    generate_tokens(engine, *model, args, sampler, prompt, /*print=*/rank == 0);
   } catch (const parallel::LostRank& e) {
     parallel::abort_job(e.what());
   } catch (const Error& e) {
