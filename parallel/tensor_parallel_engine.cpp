@@ -134,15 +134,7 @@ void TensorParallelEngine::ensure_scratch(int32_t n) {
 }
 
 void TensorParallelEngine::check_input(const int32_t* tokens, int32_t n, int32_t pos0) const {
-  const ModelConfig& c = model_.config();
-  if (pos0 < 0 || pos0 + n > max_tokens_)
-    throw Error("forward: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
-                ") exceed the context of " + std::to_string(max_tokens_) + " tokens");
-  for (int32_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
-      throw Error("forward: token id " + std::to_string(tokens[i]) +
-                  " is outside the vocabulary of " + std::to_string(c.vocab_size));
-  }
+  check_forward_input(model_.config(), max_tokens_, tokens, n, pos0);
 }
 
 void TensorParallelEngine::embed(const int32_t* tokens, int32_t n, float* hidden) const {

@@ -9,6 +9,18 @@
 
 namespace xq {
 
+void check_forward_input(const ModelConfig& c, int32_t max_tokens, const int32_t* tokens, int32_t n,
+                         int32_t pos0) {
+  if (pos0 < 0 || pos0 + n > max_tokens)
+    throw Error("forward: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
+                ") exceed the context of " + std::to_string(max_tokens) + " tokens");
+  for (int32_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
+      throw Error("forward: token id " + std::to_string(tokens[i]) +
+                  " is outside the vocabulary of " + std::to_string(c.vocab_size));
+  }
+}
+
 Engine::Engine(const Model& model, const EngineOptions& options) : model_(model) {
   const ModelConfig& c = model.config();
   max_tokens_ = options.max_tokens > 0 ? options.max_tokens : c.max_seq_len;
@@ -44,14 +56,7 @@ void Engine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0
                      int32_t first_logit_row) {
   const ModelConfig& c = model_.config();
   if (n <= 0) return;
-  if (pos0 < 0 || pos0 + n > max_tokens_)
-    throw Error("forward: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
-                ") exceed the context of " + std::to_string(max_tokens_) + " tokens");
-  for (int32_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab_size)
-      throw Error("forward: token id " + std::to_string(tokens[i]) +
-                  " is outside the vocabulary of " + std::to_string(c.vocab_size));
-  }
+  check_forward_input(c, max_tokens_, tokens, n, pos0);
   ensure_scratch(n);
   for (int32_t i = 0; i < n; ++i) {
     cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],

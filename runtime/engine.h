@@ -21,6 +21,11 @@ struct EngineOptions {
   bool k_latent_per_head = true;      // xquant on GQA: see CacheOptions
 };
 
+// Throws xq::Error for positions [pos0, pos0 + n) beyond max_tokens or a token
+// id outside the vocabulary: what every engine's forward() checks first.
+void check_forward_input(const ModelConfig& config, int32_t max_tokens, const int32_t* tokens,
+                         int32_t n, int32_t pos0);
+
 class Engine {
  public:
   Engine(const Model& model, const EngineOptions& options);
