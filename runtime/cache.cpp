@@ -24,6 +24,12 @@ int parse_bits(const std::string& mode, const std::string& name,
 
 }  // namespace
 
+void AttentionCache::attend_partial(int32_t, int32_t, int32_t, int32_t, const float*,
+                                    cpu::PartialAttention&) {
+  throw Error("cache mode '" + mode() +
+              "' has no partial attention (it is not sharded by sequence)");
+}
+
 std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOptions& options) {
   const std::string& mode = options.mode;
   if (options.keep_outlier_channel) {
@@ -35,7 +41,13 @@ std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOption
           "--keep-outlier-channel applies to xquant-B on GQA models (the latent X·Uk), not to '" +
           mode + "' on this model");
   }
-  if (mode == "fp16") return std::make_unique<Fp16KvCache>(model.config(), options);
+  if (mode == "fp16") {
+    if (options.sequence_shards != 1 || options.first_layer != 0 || options.layers != 0)
+      throw Error(
+          "cache mode 'fp16' is sharded by head (one cache per KV head), not by sequence "
+          "or layer range");
+    return std::make_unique<Fp16KvCache>(model.config(), options);
+  }
   if (int bits = parse_bits(mode, "kivi", {4, 3, 2}))
     return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kKivi, bits);
   if (int bits = parse_bits(mode, "xquant-cl", {4, 3, 2}))

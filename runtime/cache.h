@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "kernels/cpu/attention.h"
 #include "runtime/model.h"
 
 namespace xq {
@@ -31,6 +33,22 @@ struct CacheOptions {
   // paper's; rebuilt with one kv x kv matrix). Same bytes; per head costs
   // 1/group of the rebuild FLOPs in decode.
   bool k_latent_per_head = true;
+  // A pipeline stage's cache covers `layers` layers from `first_layer` on
+  // (0: all of them). Weights, pinned bits and XQuant-CL bases go by the
+  // model's layer index.
+  int32_t first_layer = 0;
+  int32_t layers = 0;
+  // XQuant-CL: model layers (beyond the base) where the chain of deltas starts
+  // over from X itself, as a pipeline stage's first layer does so that stages
+  // never need each other's accumulators. A single-process run names a
+  // pipeline's stage boundaries here to reproduce its numbers.
+  std::vector<int32_t> cross_layer_restarts;
+  // Sequence sharding (architecture.md, "Sharding"): this cache is member
+  // `sequence_shard` of `sequence_shards` caches that split each sequence's
+  // tokens between them; it keeps only its own tokens and answers
+  // attend_partial() over them. Quantized modes only.
+  int32_t sequence_shards = 1;
+  int32_t sequence_shard = 0;
 };
 
 class AttentionCache {
@@ -53,6 +71,15 @@ class AttentionCache {
   // been appended. Writes out (n, n_heads * head_dim), before the output projection.
   virtual void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
                       float* out) = 0;
+
+  // attend() as an unnormalized online-softmax state over the tokens this
+  // cache holds (all of them, or its shard's): rows n * n_heads (query-major),
+  // width head_dim, V already projected. Sharded caches merge these across
+  // their group (parallel/partial_attention_merge.h); attend() is
+  // attend_partial() divided by the sums. Throws xq::Error in modes that do
+  // not support it.
+  virtual void attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                              cpu::PartialAttention& state);
 
   // Drops the tokens of `seq` from position `from` on.
   virtual void truncate(int32_t seq, int32_t from) = 0;

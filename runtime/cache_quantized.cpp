@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <mutex>
@@ -37,6 +38,12 @@ constexpr int32_t kCrossLayerBase = 2;
 cpu::AlignedVector<float> widen(const WeightMatrix& w) {
   cpu::AlignedVector<float> out(static_cast<size_t>(w.rows * w.cols));
   for (int64_t r = 0; r < w.rows; ++r) cpu::matrix_row_to_float(w, r, out.data() + r * w.cols);
+  return out;
+}
+
+std::string join_numbers(const std::vector<int32_t>& numbers) {
+  std::string out;
+  for (int32_t v : numbers) out += (out.empty() ? "" : ", ") + std::to_string(v);
   return out;
 }
 
@@ -204,6 +211,32 @@ void QuantizedCache::rebuild_keys(const Layer& layer, const float* source, int32
                     kv, false);
 }
 
+// Xhat rows (rows, dim) from CL latent rows (rows, 2 kv). Prefill and the
+// block walk share it, and each row's arithmetic is the same however the
+// tokens are batched or sharded: a rounding difference in Xhat can flip a
+// code of the next layer's delta and so travel down the chain.
+void QuantizedCache::decode_cross_layer_latent(const Layer& layer, const float* latent,
+                                               int32_t rows, float* x_rows) const {
+  // encode_k (2kv rows of d) is the decoder's input-major matrix; gemm_small
+  // computes every row alike whatever the number of rows.
+  const int64_t d = config_.dim, width = layer.decode_x.cols;
+  cpu::gemm_small(rows, d, width, latent, width, layer.encode_k.values.data(), d, x_rows, d, false);
+}
+
+// CL latent rows (rows, 2 kv) of X deltas (rows, dim); row by row alike, as
+// decode_cross_layer_latent (decode_x is the encoder's input-major matrix).
+void QuantizedCache::encode_cross_layer_latent(const Layer& layer, const float* deltas,
+                                               int32_t rows, float* latent) const {
+  const int64_t d = config_.dim, width = layer.decode_x.cols;
+  cpu::parallel_for(
+      rows,
+      [&](int64_t begin, int64_t end) {
+        cpu::gemm_small(end - begin, width, d, deltas + begin * d, d, layer.decode_x.values.data(),
+                        width, latent + begin * width, width, false);
+      },
+      16);
+}
+
 // CL on GQA: the latent of [Wk | Wv] (math d x 2kv) = U S Bᵀ. Deltas are
 // coded as dX·U (2kv values) and decoded as (dX·U)·Uᵀ, which leaves [K | V]
 // exact for X in the span of U.
@@ -233,19 +266,62 @@ void QuantizedCache::build_cross_layer_latent(const Model& model, int32_t layer_
       layer.decode_x.values[r * 2 * kv + j] = layer.encode_k.values[j * d + r];
 }
 
+namespace {
+
+// The model's configuration with n_layers = the layers this cache covers.
+ModelConfig covered_layers(const ModelConfig& model, const CacheOptions& options) {
+  ModelConfig c = model;
+  const int32_t count = options.layers > 0 ? options.layers : model.n_layers - options.first_layer;
+  if (options.first_layer < 0 || count < 1 || options.first_layer + count > model.n_layers)
+    throw Error("cache: layers [" + std::to_string(options.first_layer) + ", " +
+                std::to_string(options.first_layer + count) + ") are not part of the model's " +
+                std::to_string(model.n_layers));
+  c.n_layers = count;
+  return c;
+}
+
+}  // namespace
+
 QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits)
-    : config_(model.config()),
+    : config_(covered_layers(model.config(), options)),
       kind_(kind),
       max_tokens_(options.max_tokens),
-      rope_cos_sin_(options.rope_cos_sin) {
+      rope_cos_sin_(options.rope_cos_sin),
+      first_layer_(options.first_layer),
+      shards_(options.sequence_shards),
+      shard_(options.sequence_shard) {
   if (max_tokens_ <= 0 || options.sequences <= 0) throw Error("cache: capacity must be positive");
   if (!rope_cos_sin_) throw Error("cache: no RoPE table");
+  if (shards_ < 1 || shard_ < 0 || shard_ >= shards_)
+    throw Error("cache: sequence shard " + std::to_string(shard_) + " of " +
+                std::to_string(shards_) + " does not exist");
   const int64_t d = config_.dim, kv = config_.kv_dim();
   const std::string b = std::to_string(bits);
+  // A stream quantized per channel takes its scales from 128-token groups:
+  // shards own whole groups so those are the same tokens as unsharded.
+  shard_unit_ = kind == Kind::kKivi || kind == Kind::kXquantLatent ? RowStore::kGroup : 1;
+  capacity_ = own_tokens(max_tokens_);
   layers_.resize(config_.n_layers);
-  positions_.resize(max_tokens_);
-  std::iota(positions_.begin(), positions_.end(), 0);
+  positions_.resize(capacity_);
+  for (int32_t j = 0; j < capacity_; ++j)
+    positions_[j] =
+        (j / shard_unit_) * shard_unit_ * shards_ + shard_ * shard_unit_ + j % shard_unit_;
+  lengths_.assign(static_cast<size_t>(options.sequences), 0);
   const bool cl_latent = kind == Kind::kXquantCrossLayer && 2 * kv < d;
+  // XQuant-CL chains: a layer codes a delta unless it is at or below the base,
+  // the first of this cache (a pipeline stage) or a named restart.
+  std::vector<int32_t> restarts;
+  cross_layer_delta_.assign(config_.n_layers, false);
+  cross_layer_keeps_.assign(config_.n_layers, false);
+  for (int32_t i = 0; i < config_.n_layers; ++i) {
+    const int32_t global = first_layer_ + i;
+    const bool restart = global > kCrossLayerBase &&
+                         (i == 0 || std::count(options.cross_layer_restarts.begin(),
+                                               options.cross_layer_restarts.end(), global) > 0);
+    if (kind == Kind::kXquantCrossLayer && restart) restarts.push_back(global);
+    cross_layer_delta_[i] = global > kCrossLayerBase && !restart;
+    cross_layer_keeps_[i] = global >= kCrossLayerBase;
+  }
   sequences_ = options.sequences;
   k_latent_per_head_ = options.k_latent_per_head;
   keep_outlier_ = options.keep_outlier_channel && kind == Kind::kXquantLatent;
@@ -254,35 +330,40 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   outliers_per_token_ = k_latent_per_head_ ? config_.n_kv_heads : 1;
   if (keep_outlier_)
     outlier_channel_.resize(static_cast<size_t>(config_.n_layers) * options.sequences *
-                            outliers_per_token_ * max_tokens_);
+                            outliers_per_token_ * capacity_);
   if (kind == Kind::kXquantCrossLayer)
-    accumulator_.resize(static_cast<size_t>(options.sequences) * max_tokens_ * d);
+    accumulator_.resize(static_cast<size_t>(options.sequences) * capacity_ * d);
   const int requested_bits = bits;
+  const int32_t max_tokens = capacity_;  // what each row store holds
   for (int32_t i = 0; i < config_.n_layers; ++i) {
     Layer& layer = layers_[i];
-    bits = i < kPinnedLayers ? std::max(requested_bits, kPinnedBits) : requested_bits;
+    const int32_t global = first_layer_ + i;
+    // A chain's start carries every later delta: as precise as the base.
+    const bool pinned =
+        global < kPinnedLayers || (kind == Kind::kXquantCrossLayer && !cross_layer_delta_[i]);
+    bits = pinned ? std::max(requested_bits, kPinnedBits) : requested_bits;
     switch (kind) {
       case Kind::kKivi:
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens_, options.sequences);
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens, options.sequences);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
         break;
       case Kind::kXquantX: {
-        layer.stores.emplace_back(d, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
-        const LayerWeights& w = model.layers()[i];
+        layer.stores.emplace_back(d, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
+        const LayerWeights& w = model.layers()[global];
         layer.rebuild_k = {widen(w.wk), kv, d};
         layer.rebuild_v = {widen(w.wv), kv, d};
         break;
       }
       case Kind::kXquantLatent:
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens_, options.sequences);
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens_, options.sequences);
-        build_latents(model, i, layer);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens, options.sequences);
+        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
+        build_latents(model, global, layer);
         break;
       case Kind::kXquantCrossLayer: {
-        layer.stores.emplace_back(cl_latent ? 2 * kv : d, bits, QuantAxis::kPerToken, max_tokens_,
+        layer.stores.emplace_back(cl_latent ? 2 * kv : d, bits, QuantAxis::kPerToken, max_tokens,
                                   options.sequences);
-        if (cl_latent) build_cross_layer_latent(model, i, layer);
-        const LayerWeights& w = model.layers()[i];
+        if (cl_latent) build_cross_layer_latent(model, global, layer);
+        const LayerWeights& w = model.layers()[global];
         layer.rebuild_k = {widen(w.wk), kv, d};
         layer.rebuild_v = {widen(w.wv), kv, d};
         break;
@@ -319,6 +400,10 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
       description_ =
           mode_ +
           ": closed-loop cross-layer deltas of X, layers 0-2 at 4 bits with layer 2 as base; " +
+          (restarts.empty() ? std::string()
+                            : "new chains (from X, at 4 bits) at layer" +
+                                  std::string(restarts.size() > 1 ? "s" : "") + " " +
+                                  join_numbers(restarts) + "; ") +
           (cl_latent ? "deltas in the latent of [Wk | Wv] (" + std::to_string(2 * kv) +
                            " values/token, GQA) "
                      : "deltas of X (" + std::to_string(d) + " values/token) ") +
@@ -343,8 +428,42 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   }
 }
 
+int32_t QuantizedCache::own_tokens(int32_t end) const {
+  if (shards_ == 1) return end;
+  const int32_t cycle = shard_unit_ * shards_;
+  return end / cycle * shard_unit_ + std::clamp(end % cycle - shard_ * shard_unit_, 0, shard_unit_);
+}
+
 void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                             const float* x, const float* k, const float* v) {
+  if (shards_ == 1) {
+    append_own(seq, layer_index, pos0, n, x, k, v);
+  } else {
+    // This shard's rows of the batch, in order: they continue its own tokens.
+    const int32_t own_pos0 = own_tokens(pos0);
+    const int64_t d = config_.dim, kv = config_.kv_dim();
+    own_x_.resize(static_cast<size_t>(n) * d);
+    own_k_.resize(static_cast<size_t>(n) * kv);
+    own_v_.resize(static_cast<size_t>(n) * kv);
+    int32_t own = 0;
+    for (int32_t i = 0; i < n; ++i) {
+      if (!owns(pos0 + i)) continue;
+      if (x) std::copy_n(x + i * d, d, own_x_.data() + own * d);
+      if (k) std::copy_n(k + i * kv, kv, own_k_.data() + own * kv);
+      if (v) std::copy_n(v + i * kv, kv, own_v_.data() + own * kv);
+      ++own;
+    }
+    if (pos0 == 0)  // a new sequence, even where this shard gets none of its first tokens
+      for (RowStore& store : layers_[layer_index].stores) store.truncate(seq, 0);
+    if (own > 0)
+      append_own(seq, layer_index, own_pos0, own, x ? own_x_.data() : nullptr,
+                 k ? own_k_.data() : nullptr, v ? own_v_.data() : nullptr);
+  }
+  if (layer_index == config_.n_layers - 1) lengths_[seq] = pos0 + n;
+}
+
+void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                                const float* x, const float* k, const float* v) {
   Layer& layer = layers_[layer_index];
   switch (kind_) {
     case Kind::kKivi:
@@ -359,13 +478,13 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
       // for layer i-1: the accumulator rows attend() left for these tokens.
       const int64_t d = config_.dim;
       delta_.assign(x, x + static_cast<size_t>(n) * d);
-      if (layer_index > kCrossLayerBase) {
+      if (cross_layer_delta_[layer_index]) {
         const float* previous = accumulator(seq) + static_cast<size_t>(pos0) * d;
         for (size_t i = 0; i < delta_.size(); ++i) delta_[i] -= previous[i];
       }
       if (layer.encode_k.rows) {
         encoded_.resize(static_cast<size_t>(n) * layer.encode_k.rows);
-        cpu::matmul(layer.encode_k.view(), delta_.data(), n, encoded_.data());
+        encode_cross_layer_latent(layer, delta_.data(), n, encoded_.data());
         layer.stores[0].append(seq, pos0, n, encoded_.data());
       } else {
         layer.stores[0].append(seq, pos0, n, delta_.data());
@@ -411,10 +530,18 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
   const int32_t kv = config_.kv_dim();
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+  if (shards_ > 1) throw Error("cache: a sequence-sharded cache attends through attend_partial()");
   if (total > layer.stores[0].length(seq))
     throw Error("cache: attend over tokens that were not appended");
   if (n < kMinQueriesForRebuild) {
-    attend_decode(seq, layer_index, pos0, n, q, out);
+    thread_local cpu::PartialAttention state;
+    attend_blocks(seq, layer_index, pos0, n, q, state);
+    for (int64_t row = 0; row < state.rows; ++row) {
+      const float inv = 1.0f / state.sum[row];
+      const float* acc = state.acc.data() + row * hd;
+      float* dst = out + row * hd;  // rows are (query, head): out's layout
+      for (int32_t c = 0; c < hd; ++c) dst[c] = acc[c] * inv;
+    }
     return;
   }
 
@@ -432,15 +559,15 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
     if (layer.decode_x.rows) {
       encoded_.resize(static_cast<size_t>(total) * layer.decode_x.cols);
       k_store.read(seq, 0, total, encoded_.data());
-      cpu::matmul(layer.decode_x.view(), encoded_.data(), total, k_source_.data());
+      decode_cross_layer_latent(layer, encoded_.data(), total, k_source_.data());
     } else {
       k_store.read(seq, 0, total, k_source_.data());
     }
     float* acc = accumulator(seq);
-    if (layer_index > kCrossLayerBase) {
+    if (cross_layer_delta_[layer_index]) {
       for (size_t i = 0; i < static_cast<size_t>(total) * d; ++i) k_source_[i] += acc[i];
     }
-    if (layer_index >= kCrossLayerBase) std::copy(k_source_.begin(), k_source_.end(), acc);
+    if (cross_layer_keeps_[layer_index]) std::copy(k_source_.begin(), k_source_.end(), acc);
   } else {
     k_store.read(seq, 0, total, k_source_.data());
     if (keep_outlier_) {
@@ -488,10 +615,17 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
 // softmax-weighted sum of the stored rows (X or X·Uv; online softmax across
 // blocks) and projects it once at the end:
 // sum_t a_t (s_t M) = (sum_t a_t s_t) M.
-void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
-                                   const float* q, float* out) {
+void QuantizedCache::attend_partial(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                                    const float* q, cpu::PartialAttention& state) {
+  if (own_tokens(pos0 + n) > layers_[layer_index].stores[0].length(seq))
+    throw Error("cache: attend over tokens that were not appended");
+  attend_blocks(seq, layer_index, pos0, n, q, state);
+}
+
+void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
+                                   const float* q, cpu::PartialAttention& state) {
   Layer& layer = layers_[layer_index];
-  const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
+  const int32_t total = own_tokens(pos0 + n), hd = config_.head_dim, heads = config_.n_heads;
   const int32_t kv_heads = config_.n_kv_heads, group = heads / kv_heads, kv = config_.kv_dim();
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -527,19 +661,15 @@ void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos
       // Stored rows -> K source (X, Xhat or latent).
       if (layer.decode_x.rows) {
         k_store.read(seq, t0, t0 + rows, latent.data());
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, static_cast<int>(d),
-                    static_cast<int>(layer.decode_x.cols), 1.0f, latent.data(),
-                    static_cast<int>(layer.decode_x.cols), layer.decode_x.values.data(),
-                    static_cast<int>(layer.decode_x.cols), 0.0f, source.data(),
-                    static_cast<int>(d));
+        decode_cross_layer_latent(layer, latent.data(), rows, source.data());
       } else {
         k_store.read(seq, t0, t0 + rows, source.data());
       }
       if (acc) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer i+1
         float* acc_rows = acc + static_cast<size_t>(t0) * d;
-        if (layer_index > kCrossLayerBase)
+        if (cross_layer_delta_[layer_index])
           for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) source[i] += acc_rows[i];
-        if (layer_index >= kCrossLayerBase)
+        if (cross_layer_keeps_[layer_index])
           std::copy(source.begin(), source.begin() + static_cast<size_t>(rows) * d, acc_rows);
       }
       if (keep_outlier_) {
@@ -559,7 +689,8 @@ void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos
       }
       const int64_t v_stride = project_v ? k_width : kv;
       for (int32_t i = 0; i < n; ++i) {
-        const int32_t visible = std::min(rows, pos0 + i + 1 - t0);  // causal
+        // Causal: the stored tokens at positions up to the query's.
+        const int32_t visible = std::min(rows, own_tokens(pos0 + i + 1) - t0);
         if (visible <= 0) continue;
         const int64_t first_row = static_cast<int64_t>(i) * heads;
         for (int32_t g = 0; g < kv_heads; ++g) {
@@ -587,32 +718,34 @@ void QuantizedCache::attend_decode(int32_t seq, int32_t layer_index, int32_t pos
     cpu::merge_partial_attention(result, mine);
   });
 
-  for (int32_t i = 0; i < n; ++i) {
-    for (int32_t h = 0; h < heads; ++h) {
-      const int64_t row = static_cast<int64_t>(i) * heads + h;
-      const float inv = 1.0f / result.sum[row];
-      const float* mixed = result.acc.data() + row * mix_width;
-      float* dst = out + i * q_stride + h * hd;
-      if (!project_v) {
-        for (int32_t c = 0; c < hd; ++c) dst[c] = mixed[c] * inv;
-        continue;
-      }
-      // This head's hd rows of the V rebuild matrix, applied once.
-      const int32_t g = h / group;
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, hd, static_cast<int>(mix_width), inv,
-                  layer.rebuild_v.values.data() + static_cast<size_t>(g) * hd * mix_width,
-                  static_cast<int>(mix_width), mixed, 1, 0.0f, dst, 1);
-    }
+  if (!project_v) {  // kivi: the sums are already over V
+    state = std::move(result);
+    return;
+  }
+  // Each head's hd rows of the V rebuild matrix, applied once to its
+  // (unnormalized) weighted sum of stored rows: linear, so shards may merge after.
+  state.reset(result.rows, hd);
+  state.max = result.max;
+  state.sum = result.sum;
+  for (int64_t row = 0; row < result.rows; ++row) {
+    if (result.sum[row] == 0.0f) continue;  // saw no token
+    const int32_t g = static_cast<int32_t>(row % heads) / group;
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, hd, static_cast<int>(mix_width), 1.0f,
+                layer.rebuild_v.values.data() + static_cast<size_t>(g) * hd * mix_width,
+                static_cast<int>(mix_width), result.acc.data() + row * mix_width, 1, 0.0f,
+                state.acc.data() + row * hd, 1);
   }
 }
 
 void QuantizedCache::truncate(int32_t seq, int32_t from) {
+  const int32_t own_from = own_tokens(std::max(from, 0));
   for (Layer& layer : layers_)
-    for (RowStore& store : layer.stores) store.truncate(seq, from);
+    for (RowStore& store : layer.stores) store.truncate(seq, own_from);
+  lengths_[seq] = std::clamp(from, 0, lengths_[seq]);
 }
 
 int32_t QuantizedCache::length(int32_t seq) const {
-  return layers_.back().stores[0].length(seq);
+  return lengths_[seq];
 }
 
 // XQuant-CL also holds one fp32 accumulator row (dim values) per token.
@@ -624,7 +757,8 @@ double QuantizedCache::bytes_per_token() const {
   return total;
 }
 
-size_t QuantizedCache::bytes_for_tokens(int32_t tokens) const {
+size_t QuantizedCache::bytes_for_tokens(int32_t all_tokens) const {
+  const int32_t tokens = own_tokens(all_tokens);  // a shard holds its own share
   size_t total = kind_ == Kind::kXquantCrossLayer
                      ? static_cast<size_t>(tokens) * config_.dim * sizeof(float)
                      : 0;

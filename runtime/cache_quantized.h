@@ -13,6 +13,14 @@
 // and V, which stream they come from and the matrix that rebuilds them.
 // Decode never rebuilds V: the attention-weighted sum is taken over the stored
 // rows and projected once per head.
+// Sequence sharding (CacheOptions::sequence_shards = S, shard r): token t
+// belongs to shard (t / unit) % S, where unit is one token for modes whose
+// streams are all quantized per token, and one 128-token group where a stream
+// is quantized per channel (KIVI's K, the latent X·Uk), so that each group's
+// scales come from the same tokens as in one unsharded cache. Each shard
+// stores and reads only its own tokens (at their global positions for RoPE and
+// the causal mask), so the shards' bytes add up to one unsharded cache's and
+// their merged attend_partial() results equal its attend() up to rounding.
 #pragma once
 
 #include <memory>
@@ -38,6 +46,8 @@ class QuantizedCache : public AttentionCache {
               const float* v) override;
   void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
               float* out) override;
+  void attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                      cpu::PartialAttention& state) override;
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override;
   double bytes_per_token() const override;
@@ -65,24 +75,44 @@ class QuantizedCache : public AttentionCache {
         rebuild_k_t;  // rebuild_k input-major (per diagonal block if per head)
   };
 
-  void attend_decode(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
-                     float* out);
+  // The block walk behind decode and attend_partial: positions are global,
+  // the walk covers this cache's own tokens.
+  void attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                     cpu::PartialAttention& state);
+  void append_own(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x,
+                  const float* k, const float* v);
+  // How many of the tokens at positions [0, end) this shard owns.
+  int32_t own_tokens(int32_t end) const;
+  bool owns(int32_t position) const { return (position / shard_unit_) % shards_ == shard_; }
   void rebuild_keys(const Layer& layer, const float* source, int32_t rows, int64_t k_width,
                     float* keys) const;
   void build_latents(const Model& model, int32_t layer_index, Layer& layer);
+  void decode_cross_layer_latent(const Layer& layer, const float* latent, int32_t rows,
+                                 float* x_rows) const;
+  void encode_cross_layer_latent(const Layer& layer, const float* deltas, int32_t rows,
+                                 float* latent) const;
   void build_cross_layer_latent(const Model& model, int32_t layer_index, Layer& layer);
   // Rows of the CL accumulator (Xhat of the last layer read), (max_tokens, dim) per sequence.
   float* accumulator(int32_t seq) {
-    return accumulator_.data() + static_cast<size_t>(seq) * max_tokens_ * config_.dim;
+    return accumulator_.data() + static_cast<size_t>(seq) * capacity_ * config_.dim;
   }
 
   const ModelConfig config_;
   std::string mode_, description_;
   Kind kind_;
-  int32_t max_tokens_;
+  int32_t max_tokens_;  // per sequence, all shards together
+  int32_t capacity_;    // this shard's share of max_tokens_
   const float* rope_cos_sin_;
   std::vector<Layer> layers_;
-  std::vector<int32_t> positions_;  // 0, 1, 2, ...
+  std::vector<int32_t> positions_;  // global position of each stored token: 0, 1, 2, ... unsharded
+  int32_t first_layer_ = 0;         // model index of this cache's layer 0
+  int32_t shards_ = 1, shard_ = 0, shard_unit_ = 1;
+  std::vector<int32_t> lengths_;  // per sequence, global (every shard knows it)
+  // Per model layer of this cache: XQuant-CL codes a delta from the previous
+  // layer's reconstruction (else X itself), and keeps its reconstruction in
+  // the accumulator for the next layer.
+  std::vector<bool> cross_layer_delta_, cross_layer_keeps_;
+  cpu::AlignedVector<float> own_x_, own_k_, own_v_;  // this shard's rows of an append
   // Scratch for one attend call.
   cpu::AlignedVector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
   cpu::AlignedVector<float> accumulator_;
@@ -92,7 +122,7 @@ class QuantizedCache : public AttentionCache {
   // Per (layer, sequence): outliers_per_token_ fp16 values per token.
   uint16_t* outliers(int32_t seq, int32_t layer) {
     return outlier_channel_.data() +
-           (static_cast<size_t>(layer) * sequences_ + seq) * max_tokens_ * outliers_per_token_;
+           (static_cast<size_t>(layer) * sequences_ + seq) * capacity_ * outliers_per_token_;
   }
   // The latent channel of the k-th outlier: channel 0 of each head's latent.
   int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }

@@ -33,6 +33,7 @@ Engine::Engine(const Model& model, const EngineOptions& options) : model_(model)
   cache_options.sequences = options.sequences;
   cache_options.keep_outlier_channel = options.keep_outlier_channel;
   cache_options.k_latent_per_head = options.k_latent_per_head;
+  cache_options.cross_layer_restarts = options.cross_layer_restarts;
   cache_options.rope_cos_sin = rope_cos_sin_.data();
   cache_ = make_cache(model, cache_options);
 }

@@ -19,6 +19,9 @@ struct EngineOptions {
   std::string cache_mode = "fp16";
   bool keep_outlier_channel = false;  // xquant on GQA: channel 0 of X·Uk in fp16
   bool k_latent_per_head = true;      // xquant on GQA: see CacheOptions
+  // xquant-cl: layers where a new chain starts (see CacheOptions); a
+  // pipeline's stages start one at their first layers by themselves.
+  std::vector<int32_t> cross_layer_restarts;
 };
 
 // Throws xq::Error for positions [pos0, pos0 + n) beyond max_tokens or a token
