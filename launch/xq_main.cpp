@@ -5,6 +5,7 @@
 #include <mpi.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -138,6 +139,23 @@ void add_model_options(Arguments& args) {
   args.option("k-latent", "per-head",
               "xquant on GQA models: 'per-head' (one SVD per KV head) or 'joint' (one SVD of "
               "Wk, as the paper)");
+  args.option("cl-restarts", "",
+              "xquant-cl: layers where the delta chain starts over from X, comma-separated (a "
+              "pipeline's stage boundaries, which its stages do themselves)");
+}
+
+std::vector<int32_t> cl_restarts(const Arguments& args) {
+  std::vector<int32_t> layers;
+  std::stringstream list(args.get("cl-restarts"));
+  for (std::string item; std::getline(list, item, ',');) {
+    char* end = nullptr;
+    const long layer = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || layer < 0 || layer > std::numeric_limits<int32_t>::max())
+      throw Error("--cl-restarts wants layer numbers separated by commas, got '" +
+                  args.get("cl-restarts") + "'");
+    layers.push_back(static_cast<int32_t>(layer));
+  }
+  return layers;
 }
 
 bool k_latent_per_head(const Arguments& args) {
@@ -155,6 +173,7 @@ EngineOptions engine_options(const Arguments& args, int threads, int32_t max_tok
   options.cache_mode = args.get("cache");
   options.keep_outlier_channel = args.has("keep-outlier-channel");
   options.k_latent_per_head = k_latent_per_head(args);
+  options.cross_layer_restarts = cl_restarts(args);
   return options;
 }
 
@@ -174,73 +193,123 @@ std::string read_text_file(const std::string& path) {
   return text;
 }
 
+// Options perplexity and worker share: the text and how it is scored.
+void add_perplexity_options(Arguments& args) {
+  args.option("file", "", "text file to score");
+  args.option("ctx", "512", "tokens per chunk");
+  args.option("chunks", "0", "score at most this many chunks (0 = all)");
+  args.option("score", "half", "'half' (second half of each chunk) or 'all'");
+  args.option("bos", "on",
+              "'on': BOS starts every chunk; 'auto': only where the model file asks for BOS");
+  args.option("batch", "0",
+              "run each chunk as ceil(ctx / N) near-equal forward passes, as a pipeline's "
+              "micro-batches do (0 = one pass)");
+}
+
+// Forward passes over [0, n) cut as PipelineEngine cuts a prefill: ceil(n /
+// batch) pieces of near-equal size, the larger first.
+template <typename AnyEngine>
+void forward_in_pieces(AnyEngine& engine, const int32_t* tokens, int32_t n, float* logits,
+                       int32_t first, int32_t batch) {
+  const int32_t pieces = batch > 0 ? (n + batch - 1) / batch : 1;
+  const int32_t vocab = engine.model().config().vocab_size;
+  for (int32_t i = 0, begin = 0; i < pieces; ++i) {
+    const int32_t size = n / pieces + (i < n % pieces ? 1 : 0);
+    // Rows of this piece at or after `first` go to their place in logits.
+    const int32_t from = std::max(first, begin);
+    float* out = from < begin + size ? logits + static_cast<size_t>(from - first) * vocab : nullptr;
+    engine.forward(0, tokens + begin, size, begin, out, from - begin);
+    begin += size;
+  }
+}
+
+// The scoring options, checked before the text is read and the model loaded,
+// so that a typo fails at once.
+PerplexityOptions perplexity_options(const Arguments& args, const std::string& command) {
+  if (!args.has("file")) throw Error(command + ": --file is required (see --help)");
+  if (args.get("score") != "half" && args.get("score") != "all")
+    throw Error(command + ": --score must be 'half' or 'all'");
+  if (args.get("bos") != "on" && args.get("bos") != "auto")
+    throw Error(command + ": --bos must be 'on' or 'auto'");
+  PerplexityOptions options;
+  options.ctx = static_cast<int32_t>(args.get_int("ctx", 2));
+  options.max_chunks = static_cast<int32_t>(args.get_int("chunks", 0));
+  options.score_all = args.get("score") == "all";
+  args.get_int("batch", 0);
+  // Scoring the second half of a 2-token chunk scores nothing (NaN perplexity).
+  if (!options.score_all && options.ctx < 3)
+    throw Error(command + ": --ctx " + std::to_string(options.ctx) +
+                " leaves no token to score (use at least 3, or --score all)");
+  return options;
+}
+
+// The text's tokens for scoring; settles options.bos_first for this model.
+std::vector<int32_t> perplexity_tokens(const Arguments& args, const std::string& text,
+                                       const Model& model, PerplexityOptions& options,
+                                       const std::string& command, double* tokenize_seconds) {
+  options.bos_first = args.get("bos") == "on" || model.tokenizer().add_bos();
+  if (options.ctx > model.config().max_seq_len)
+    throw Error(command + ": --ctx must be between 2 and the model's context of " +
+                std::to_string(model.config().max_seq_len));
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<int32_t> tokens = model.tokenizer().encode(text, options.bos_first);
+  *tokenize_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (tokens.size() < static_cast<size_t>(options.ctx))
+    throw Error(args.get("file") + ": the text has " + std::to_string(tokens.size()) +
+                " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
+  return tokens;
+}
+
+// A progress bar on stderr when it is a terminal.
+void print_progress(int32_t done, int32_t total, double running) {
+  if (!isatty(STDERR_FILENO)) return;
+  const int width = 30;
+  int filled = static_cast<int>(static_cast<int64_t>(width) * done / total);
+  std::fprintf(stderr, "\r[%s%s] %d/%d chunks, ppl %.4f", std::string(filled, '#').c_str(),
+               std::string(width - filled, ' ').c_str(), done, total, running);
+  if (done == total) std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
+void print_perplexity(const PerplexityResult& result, const PerplexityOptions& options) {
+  std::printf(
+      "perplexity %.4f +/- %.4f  (%lld tokens scored in %d chunks of %d, %.1f tokens/s "
+      "evaluated)\n",
+      result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored),
+      result.chunks, options.ctx, result.tokens_evaluated / result.seconds);
+}
+
 int run_perplexity(int argc, char** argv) {
   Arguments args("perplexity",
                  "Perplexity of a text file: chunks of --ctx tokens, each starting with BOS, the "
                  "second half of "
                  "each chunk scored (llama.cpp's protocol).");
   add_model_options(args);
-  args.option("file", "", "text file to score (required)");
-  args.option("ctx", "512", "tokens per chunk");
-  args.option("chunks", "0", "score at most this many chunks (0 = all)");
-  args.option("score", "half", "'half' (second half of each chunk) or 'all'");
-  args.option("bos", "on",
-              "'on': BOS starts every chunk; 'auto': only where the model file asks for BOS");
+  add_perplexity_options(args);
   if (!args.parse(argc, argv)) return 0;
-  if (!args.has("file")) throw Error("perplexity: --file is required (see --help)");
-  if (args.get("score") != "half" && args.get("score") != "all")
-    throw Error("perplexity: --score must be 'half' or 'all'");
-  if (args.get("bos") != "on" && args.get("bos") != "auto")
-    throw Error("perplexity: --bos must be 'on' or 'auto'");
-  // Numbers are checked before the text is read and the model loaded, so a
-  // typo fails at once.
-  PerplexityOptions options;
-  options.ctx = static_cast<int32_t>(args.get_int("ctx", 2));
-  options.max_chunks = static_cast<int32_t>(args.get_int("chunks", 0));
+  PerplexityOptions options = perplexity_options(args, "perplexity");
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-  options.score_all = args.get("score") == "all";
-  // Scoring the second half of a 2-token chunk scores nothing (NaN perplexity).
-  if (!options.score_all && options.ctx < 3)
-    throw Error("perplexity: --ctx " + std::to_string(options.ctx) +
-                " leaves no token to score (use at least 3, or --score all)");
   const std::string text = read_text_file(args.get("file"));
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
-
-  options.bos_first = args.get("bos") == "on" || model->tokenizer().add_bos();
-  if (options.ctx > model->config().max_seq_len)
-    throw Error("perplexity: --ctx must be between 2 and the model's context of " +
-                std::to_string(model->config().max_seq_len));
-
+  double tokenize_seconds = 0;
+  std::vector<int32_t> tokens =
+      perplexity_tokens(args, text, *model, options, "perplexity", &tokenize_seconds);
   Engine engine(*model, engine_options(args, threads, options.ctx));
-
-  const auto tokenize_start = std::chrono::steady_clock::now();
-  std::vector<int32_t> tokens = model->tokenizer().encode(text, options.bos_first);
-  const double tokenize_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - tokenize_start).count();
-  // Checked here, before the progress line, so that the error is the only output.
-  if (tokens.size() < static_cast<size_t>(options.ctx))
-    throw Error(args.get("file") + ": the text has " + std::to_string(tokens.size()) +
-                " tokens, fewer than one chunk of --ctx " + std::to_string(options.ctx));
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
                engine.cache().describe().c_str(), threads);
-
-  const bool terminal = isatty(STDERR_FILENO);
-  auto progress = [&](int32_t done, int32_t total, double running) {
-    if (!terminal) return;
-    const int width = 30;
-    int filled = static_cast<int>(static_cast<int64_t>(width) * done / total);
-    std::fprintf(stderr, "\r[%s%s] %d/%d chunks, ppl %.4f", std::string(filled, '#').c_str(),
-                 std::string(width - filled, ' ').c_str(), done, total, running);
-    if (done == total) std::fprintf(stderr, "\n");
-    std::fflush(stderr);
+  ScoredModel scored;
+  const int32_t batch = static_cast<int32_t>(args.get_int("batch", 0));
+  scored.forward = [&engine, batch](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
+    engine.cache().truncate(0, 0);
+    forward_in_pieces(engine, chunk, n, logits, first, batch);
   };
-  PerplexityResult result = evaluate_perplexity(engine, tokens, options, progress);
-  std::printf(
-      "perplexity %.4f +/- %.4f  (%lld tokens scored in %d chunks of %d, %.1f tokens/s "
-      "evaluated)\n",
-      result.perplexity, result.standard_error, static_cast<long long>(result.tokens_scored),
-      result.chunks, options.ctx, result.tokens_evaluated / result.seconds);
+  scored.vocab_size = model->config().vocab_size;
+  scored.bos_id = model->tokenizer().bos_id();
+  scored.max_tokens = engine.max_tokens();
+  PerplexityResult result = evaluate_perplexity(scored, tokens, options, print_progress);
+  print_perplexity(result, options);
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
   const ModelConfig& config = model->config();
   const double fp16_bytes = 2.0 * sizeof(uint16_t) * config.kv_dim() * config.n_layers;
@@ -372,48 +441,124 @@ int run_generate(int argc, char** argv) {
   return 0;
 }
 
+// What each rank holds and sent, printed by rank 0 in rank order.
+void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, int32_t tokens) {
+  constexpr int kFields = 7;
+  const double mine[kFields] = {
+      static_cast<double>(grid.stage()),
+      static_cast<double>(grid.tp_rank()),
+      static_cast<double>(engine.layers().begin),
+      static_cast<double>(engine.layers().end()),
+      static_cast<double>(engine.weight_bytes()),
+      static_cast<double>(engine.cache_bytes_in_use()),
+      static_cast<double>(grid.tp_group().bytes_sent() + grid.pipeline().bytes_sent())};
+  const int ranks = grid.tp() * grid.pp();
+  std::vector<double> all(static_cast<size_t>(kFields) * ranks);
+  parallel::check_mpi(
+      MPI_Gather(mine, kFields, MPI_DOUBLE, all.data(), kFields, MPI_DOUBLE, 0, MPI_COMM_WORLD),
+      "MPI_Gather");
+  if (grid.world_rank() != 0) return;
+  std::fprintf(stderr, "cache %s\n", engine.stage_engine().cache_description().c_str());
+  for (int r = 0; r < ranks; ++r) {
+    const double* v = all.data() + static_cast<size_t>(r) * kFields;
+    std::fprintf(stderr,
+                 "rank %d (stage %d, tp rank %d, layers [%d, %d)): weights %.2f MB, cache %.0f "
+                 "bytes for %d tokens, sent %.0f bytes\n",
+                 r, static_cast<int>(v[0]), static_cast<int>(v[1]), static_cast<int>(v[2]),
+                 static_cast<int>(v[3]), v[4] / 1e6, v[5], tokens, v[6]);
+  }
+}
+
 // One rank of a tensor- and pipeline-parallel run: every rank loads the model
 // (mapping it; each reads only its own slices), joins the tp x pp grid and
-// runs the same generation loop; rank 0 prints.
+// runs the same generation loop (or, with --file, the same perplexity
+// evaluation); rank 0 prints.
 int run_worker(int argc, char** argv) {
   Arguments args("worker",
                  "One rank of a parallel run, started by mpirun: mpirun -np T*P xq worker --tp T "
-                 "--pp P --prompt TEXT. Rank 0 prints the completion.");
+                 "--pp P --prompt TEXT (generation) or --file TEXT_FILE (perplexity). Rank 0 "
+                 "prints the result.");
   add_model_options(args);
   add_generation_options(args);
+  add_perplexity_options(args);
   args.option("tp", "1", "tensor-parallel ranks per pipeline stage");
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
   if (!args.parse(argc, argv)) return 0;
-  const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
-  const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
-  const SamplerOptions sampler = generation_sampler(args, "worker");
   parallel::check_mpi(MPI_Init(&argc, &argv), "MPI_Init");
   int rank = 0;
   parallel::check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "MPI_Comm_rank");
   try {
+    const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
+    const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
+    const bool scoring = args.has("file");
+    SamplerOptions sampler;
+    PerplexityOptions scoring_options;
+    std::string text;
+    if (scoring) {
+      if (args.has("prompt")) throw Error("worker: give --prompt or --file, not both");
+      scoring_options = perplexity_options(args, "worker");
+      if (args.get_int("batch", 0) != 0)
+        throw Error(
+            "worker: --batch is for xq perplexity; the worker cuts prefills by --micro-batch");
+      text = read_text_file(args.get("file"));
+    } else {
+      sampler = generation_sampler(args, "worker");
+    }
     auto model = Model::load(args.get("model"), args.get("tokenizer"));
-    std::vector<int32_t> prompt = encode_prompt(args, *model, "worker");
+    std::vector<int32_t> tokens;
+    double tokenize_seconds = 0;
+    if (scoring)
+      tokens = perplexity_tokens(args, text, *model, scoring_options, "worker", &tokenize_seconds);
+    else
+      tokens = encode_prompt(args, *model, "worker");
     parallel::Grid grid(tp, pp);
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
+    const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
     parallel::PipelineEngine engine(
         *model,
-        engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
-                       generation_capacity(args, *model, prompt.size())),
+        engine_options(
+            args, threads,
+            scoring ? scoring_options.ctx : generation_capacity(args, *model, tokens.size())),
         grid, pipeline);
     if (rank == 0)
       std::fprintf(stderr,
                    "worker: tp %d x pp %d; rank 0 runs layers [%lld, %lld), %.1f MB of weights\n",
                    tp, pp, static_cast<long long>(engine.layers().begin),
                    static_cast<long long>(engine.layers().end()), engine.weight_bytes() / 1e6);
-    generate_tokens(engine, *model, args, sampler, prompt, /*print=*/rank == 0);
+    if (scoring) {
+      ScoredModel scored;
+      scored.forward = [&engine](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
+        engine.truncate(0, 0);
+        engine.forward(0, chunk, n, 0, logits, first);
+      };
+      scored.vocab_size = model->config().vocab_size;
+      scored.bos_id = model->tokenizer().bos_id();
+      scored.max_tokens = engine.max_tokens();
+      if (rank == 0)
+        std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, %d threads per rank\n",
+                     args.get("file").c_str(), tokens.size(), tokenize_seconds, scoring_options.ctx,
+                     threads);
+      PerplexityResult result = evaluate_perplexity(
+          scored, tokens, scoring_options,
+          rank == 0 ? print_progress : std::function<void(int32_t, int32_t, double)>());
+      if (rank == 0) print_perplexity(result, scoring_options);
+    } else {
+      generate_tokens(engine, *model, args, sampler, tokens, /*print=*/rank == 0);
+    }
+    report_ranks(grid, engine, engine.length(0));
   } catch (const parallel::LostRank& e) {
     parallel::abort_job(e.what());
   } catch (const Error& e) {
-    // Bad input fails the same way on every rank: one line is enough.
+    // Bad input fails the same way on every rank: one line is enough. The job
+    // ends with MPI_Abort so that mpirun's exit status says so (with
+    // orte_abort_on_non_zero_status 0, which lets our own fault messages
+    // speak, mpirun returns 0 for ranks that merely exit 1), and so that a
+    // rank that failed alone never leaves the others waiting.
     if (rank == 0) std::fprintf(stderr, "error: %s\n", e.what());
-    MPI_Finalize();
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
     return 1;
   }
   MPI_Finalize();

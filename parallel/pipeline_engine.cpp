@@ -10,9 +10,6 @@ namespace xq::parallel {
 PipelineEngine::PipelineEngine(const Model& model, const EngineOptions& options, Grid& grid,
                                const PipelineOptions& pipeline)
     : model_(model), grid_(grid), micro_batch_(pipeline.micro_batch) {
-  if (options.cache_mode != "fp16")
-    throw Error("pipeline parallel supports --cache fp16 so far (asked for --cache " +
-                options.cache_mode + ")");
   if (micro_batch_ < 1)
     throw Error("pipeline parallel: micro-batch of " + std::to_string(micro_batch_) +
                 " tokens; want at least 1");
@@ -36,7 +33,9 @@ void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int3
   const int32_t vocab = c.vocab_size;
   // ceil(n / micro_batch) micro-batches of near-equal size (41 tokens at 20:
   // 14, 14, 13, not 20, 20, 1), so none is needlessly small.
-  const std::vector<Range> batches = even_split(n, (n + micro_batch_ - 1) / micro_batch_);
+  // One stage has nothing to overlap: one batch.
+  const int32_t pieces = grid_.pp() == 1 ? 1 : (n + micro_batch_ - 1) / micro_batch_;
+  const std::vector<Range> batches = even_split(n, pieces);
   hidden_.resize(static_cast<size_t>(batches.front().count) * c.dim);
 
   for (const Range& batch : batches) {

@@ -1,21 +1,26 @@
 // Pipeline parallelism (pp >= 1) over tensor parallelism inside each stage:
 // stage s of the grid holds a contiguous range of layers (balanced by default,
 // or counts[s] layers each) as a TensorParallelEngine over its TP group, so its
-// weights and fp16 KV cache cover those layers only. Stage 0 embeds the
+// weights and cache cover those layers only (XQuant-CL starts a new chain at
+// each stage's first layer, so no stage needs another's accumulator). Stage 0 embeds the
 // tokens; each stage runs its layers and sends the hidden activations (rows x
 // dim floats) to the next stage over the grid's pipeline communicator; the last
 // stage applies the final norm and the output head, and broadcasts the logits
 // back along the pipeline so every rank returns them.
 //
 // A prefill is cut into ceil(n / micro_batch) micro-batches of near-equal
-// size (at most micro_batch tokens), each sent
+// size (at most micro_batch tokens; one batch when pp = 1), each sent
 // on as soon as it is produced, so stage s + 1 works on micro-batch i while
 // stage s works on i + 1. Micro-batches reach each stage in order, and each
 // attends over the cache its predecessors filled, so the result does not
 // depend on micro_batch, up to summation order and the GEMM path a batch size
 // picks: with quantized weights, batches of at most 8 rows take the decode
 // path (int8 activations, see kernels/cpu/matmul.cpp), which moves logits by
-// up to ~1 on SmolLM2 Q4_1, so keep micro_batch well above 8 there.
+// up to ~1 on SmolLM2 Q4_1, so keep micro_batch well above 8 there. Modes
+// with a per-channel stream (kivi, xquant latents on GQA) are the exception:
+// a token waits in fp16 until its 128-token group is full, so queries of an
+// early micro-batch see the fp16 window where one whole prefill would have
+// seen the group quantized; `xq perplexity --batch M` reproduces the split.
 #pragma once
 
 #include <cstddef>
@@ -37,8 +42,8 @@ struct PipelineOptions {
 
 class PipelineEngine {
  public:
-  // Collective-free; throws xq::Error unless options.cache_mode is "fp16",
-  // when micro_batch < 1, when the counts do not split the layers or the
+  // Collective-free; throws xq::Error for an unknown cache mode, when
+  // micro_batch < 1, when the counts do not split the layers or the
   // model does not split over tp.
   PipelineEngine(const Model& model, const EngineOptions& options, Grid& grid,
                  const PipelineOptions& pipeline = {});
@@ -54,7 +59,7 @@ class PipelineEngine {
   const TensorParallelEngine& stage_engine() const { return *stage_; }
   Range layers() const { return stage_->layers(); }
   size_t weight_bytes() const { return stage_->weight_bytes(); }
-  size_t kv_cache_bytes_in_use() const { return stage_->kv_cache_bytes_in_use(); }
+  size_t cache_bytes_in_use() const { return stage_->cache_bytes_in_use(); }
   int32_t micro_batch() const { return micro_batch_; }
   const Model& model() const { return model_; }
   int32_t max_tokens() const { return stage_->max_tokens(); }

@@ -7,6 +7,7 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
+#include "parallel/partial_attention_merge.h"
 #include "runtime/error.h"
 
 namespace xq::parallel {
@@ -45,9 +46,6 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
 TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptions& options,
                                            Communicator& tp_group, Range layers)
     : model_(model), comm_(tp_group), layer_range_(layers) {
-  if (options.cache_mode != "fp16")
-    throw Error("tensor parallel supports --cache fp16 so far (asked for --cache " +
-                options.cache_mode + ")");
   const ModelConfig& c = model.config();
   if (layers.begin < 0 || layers.count < 1 || layers.end() > c.n_layers)
     throw Error("tensor parallel engine: layers [" + std::to_string(layers.begin) + ", " +
@@ -62,10 +60,21 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
     layers_.push_back(shard_layer(model.layers()[static_cast<size_t>(l)], c, shard_));
 
   CacheOptions cache_options;
-  cache_options.mode = "fp16";
+  cache_options.mode = options.cache_mode;
   cache_options.max_tokens = max_tokens_;
   cache_options.sequences = options.sequences;
   cache_options.rope_cos_sin = rope_cos_sin_.data();
+  if (options.cache_mode != "fp16") {
+    cache_options.keep_outlier_channel = options.keep_outlier_channel;
+    cache_options.k_latent_per_head = options.k_latent_per_head;
+    cache_options.first_layer = static_cast<int32_t>(layers.begin);
+    cache_options.layers = static_cast<int32_t>(layers.count);
+    cache_options.cross_layer_restarts = options.cross_layer_restarts;
+    cache_options.sequence_shards = comm_.size();
+    cache_options.sequence_shard = comm_.rank();
+    sharded_cache_ = make_cache(model, cache_options);
+    return;
+  }
   const int64_t group = c.n_heads / c.n_kv_heads;
   for (int64_t g = shard_.kv_heads.begin; g < shard_.kv_heads.end(); ++g) {
     const int64_t first = std::max(shard_.heads.begin, g * group);
@@ -90,26 +99,41 @@ size_t TensorParallelEngine::weight_bytes() const {
   if (layer_range_.begin == 0) total += model_.token_embedding().row_bytes;
   if (layer_range_.end() == c.n_layers)
     total += slice_bytes(model_.output()) + static_cast<size_t>(c.dim) * sizeof(float);
-  for (const LayerShard& l : layers_) {
-    total += slice_bytes(l.wq) + slice_bytes(l.wk) + slice_bytes(l.wv) + slice_bytes(l.wo) +
-             slice_bytes(l.w_gate) + slice_bytes(l.w_up) + slice_bytes(l.w_down) +
-             2 * static_cast<size_t>(c.dim) * sizeof(float);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerShard& l = layers_[i];
+    const LayerWeights& whole = model_.layers()[layer_range_.begin + i];
+    // Sequence-sharded caches need every head's Q, K and V on every rank.
+    total += sharded_cache_ ? slice_bytes(whole.wq) + slice_bytes(whole.wk) + slice_bytes(whole.wv)
+                            : slice_bytes(l.wq) + slice_bytes(l.wk) + slice_bytes(l.wv);
+    total += slice_bytes(l.wo) + slice_bytes(l.w_gate) + slice_bytes(l.w_up) +
+             slice_bytes(l.w_down) + 2 * static_cast<size_t>(c.dim) * sizeof(float);
   }
   return total;
 }
 
-size_t TensorParallelEngine::kv_cache_bytes_in_use() const {
+size_t TensorParallelEngine::cache_bytes_in_use() const {
+  if (sharded_cache_) return sharded_cache_->bytes_in_use();
   size_t total = 0;
   for (const KvGroup& g : groups_) total += g.cache->bytes_in_use();
   return total;
 }
 
+std::string TensorParallelEngine::cache_description() const {
+  if (sharded_cache_)
+    return sharded_cache_->describe() + "; sharded by sequence over " +
+           std::to_string(comm_.size()) + " TP rank(s)";
+  return "fp16 K and V, sharded by KV head (this rank: KV heads [" +
+         std::to_string(shard_.kv_heads.begin) + ", " + std::to_string(shard_.kv_heads.end()) +
+         "))";
+}
+
 void TensorParallelEngine::truncate(int32_t seq, int32_t from) {
+  if (sharded_cache_) sharded_cache_->truncate(seq, from);
   for (KvGroup& g : groups_) g.cache->truncate(seq, from);
 }
 
 int32_t TensorParallelEngine::length(int32_t seq) const {
-  return groups_.front().cache->length(seq);
+  return sharded_cache_ ? sharded_cache_->length(seq) : groups_.front().cache->length(seq);
 }
 
 void TensorParallelEngine::ensure_scratch(int32_t n) {
@@ -131,6 +155,11 @@ void TensorParallelEngine::ensure_scratch(int32_t n) {
   group_k_.resize(rows * c.head_dim);
   group_v_.resize(rows * c.head_dim);
   positions_.resize(rows);
+  if (sharded_cache_) {
+    q_all_.resize(rows * c.q_dim());
+    k_all_.resize(rows * c.kv_dim());
+    v_all_.resize(rows * c.kv_dim());
+  }
 }
 
 void TensorParallelEngine::check_input(const int32_t* tokens, int32_t n, int32_t pos0) const {
@@ -170,33 +199,68 @@ void TensorParallelEngine::head(const float* hidden, int32_t n, float* logits) {
   cpu::matmul(model_.output(), normed_.data(), n, logits);
 }
 
+// fp16, sharded by head: this rank's Q, K, V heads and its KV caches.
+void TensorParallelEngine::attend_by_head(int32_t seq, int32_t layer, int32_t n, int32_t pos0) {
+  const ModelConfig& c = model_.config();
+  const LayerShard& w = layers_[static_cast<size_t>(layer)];
+  const int64_t hd = c.head_dim;
+  const int64_t q_width = shard_.heads.count * hd, kv_width = shard_.kv_heads.count * hd;
+  cpu::matmul(w.wq, normed_.data(), n, q_.data());
+  cpu::matmul(w.wk, normed_.data(), n, k_.data());
+  cpu::matmul(w.wv, normed_.data(), n, v_.data());
+  cpu::rope(q_.data(), positions_.data(), n, static_cast<int32_t>(shard_.heads.count), c.head_dim,
+            c.rope_dim, c.rope_layout, rope_cos_sin_.data());
+  for (KvGroup& g : groups_) {
+    const int64_t width = g.heads * hd;
+    gather(k_.data(), kv_width, g.kv_local * hd, hd, n, group_k_.data());
+    gather(v_.data(), kv_width, g.kv_local * hd, hd, n, group_v_.data());
+    gather(q_.data(), q_width, g.head_first * hd, width, n, group_q_.data());
+    g.cache->append(seq, layer, pos0, n, normed_.data(), group_k_.data(), group_v_.data());
+    g.cache->attend(seq, layer, pos0, n, group_q_.data(), group_out_.data());
+    scatter(group_out_.data(), width, n, attn_.data(), q_width, g.head_first * hd);
+  }
+}
+
+// Quantized modes, sharded by sequence: every head's Q, K, V (the same rows as
+// one rank computes), attention over this rank's tokens, merged across the
+// group; this rank keeps its own heads' rows for its slice of Wo.
+void TensorParallelEngine::attend_sharded(int32_t seq, int32_t layer, int32_t n, int32_t pos0) {
+  const ModelConfig& c = model_.config();
+  const LayerWeights& w = model_.layers()[static_cast<size_t>(layer_range_.begin + layer)];
+  const int64_t hd = c.head_dim, q_width = shard_.heads.count * hd;
+  cpu::matmul(w.wq, normed_.data(), n, q_all_.data());
+  cpu::matmul(w.wk, normed_.data(), n, k_all_.data());
+  cpu::matmul(w.wv, normed_.data(), n, v_all_.data());
+  cpu::rope(q_all_.data(), positions_.data(), n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout,
+            rope_cos_sin_.data());
+  sharded_cache_->append(seq, layer, pos0, n, normed_.data(), k_all_.data(), v_all_.data());
+  sharded_cache_->attend_partial(seq, layer, pos0, n, q_all_.data(), partial_);
+  merge_across(comm_, partial_);
+  for (int32_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < shard_.heads.count; ++h) {
+      const int64_t row = static_cast<int64_t>(i) * c.n_heads + shard_.heads.begin + h;
+      const float inv = 1.0f / partial_.sum[row];
+      const float* merged = partial_.acc.data() + row * hd;
+      float* dst = attn_.data() + i * q_width + h * hd;
+      for (int64_t j = 0; j < hd; ++j) dst[j] = merged[j] * inv;
+    }
+}
+
 void TensorParallelEngine::run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0) {
   const ModelConfig& c = model_.config();
   if (n <= 0) return;
   ensure_scratch(n);
   for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
-  const int64_t hd = c.head_dim;
-  const int64_t q_width = shard_.heads.count * hd, kv_width = shard_.kv_heads.count * hd;
-  const int32_t local_heads = static_cast<int32_t>(shard_.heads.count);
   const size_t residual = static_cast<size_t>(n) * c.dim;
 
   for (int32_t layer = 0; layer < static_cast<int32_t>(layers_.size()); ++layer) {
     const LayerShard& w = layers_[static_cast<size_t>(layer)];
-    // Attention block: this rank's heads.
+    // Attention block: this rank's heads through its rows of Wo.
     cpu::rmsnorm(hidden, w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
-    cpu::matmul(w.wq, normed_.data(), n, q_.data());
-    cpu::matmul(w.wk, normed_.data(), n, k_.data());
-    cpu::matmul(w.wv, normed_.data(), n, v_.data());
-    cpu::rope(q_.data(), positions_.data(), n, local_heads, c.head_dim, c.rope_dim, c.rope_layout,
-              rope_cos_sin_.data());
-    for (KvGroup& g : groups_) {
-      const int64_t width = g.heads * hd;
-      gather(k_.data(), kv_width, g.kv_local * hd, hd, n, group_k_.data());
-      gather(v_.data(), kv_width, g.kv_local * hd, hd, n, group_v_.data());
-      gather(q_.data(), q_width, g.head_first * hd, width, n, group_q_.data());
-      g.cache->append(seq, layer, pos0, n, normed_.data(), group_k_.data(), group_v_.data());
-      g.cache->attend(seq, layer, pos0, n, group_q_.data(), group_out_.data());
-      scatter(group_out_.data(), width, n, attn_.data(), q_width, g.head_first * hd);
+    if (sharded_cache_) {
+      attend_sharded(seq, layer, n, pos0);
+    } else {
+      attend_by_head(seq, layer, n, pos0);
     }
     cpu::matmul(w.wo, attn_.data(), n, proj_.data());
     comm_.all_reduce_sum(proj_.data(), residual);

@@ -1,8 +1,15 @@
 // Tensor parallelism (pp = 1) of the forward pass: each rank of the grid's TP
 // group runs its share of every layer (see parallel/shard.h) and the group sums
 // the partial outputs once after Wo and once after down (all_reduce_sum).
-// Each rank's fp16 KV cache holds only its own KV heads. Embedding, norms and
-// the output head are replicated, so every rank ends with the full logits.
+// Caches: fp16 is sharded by head (each rank's cache holds only its own KV
+// heads). The quantized modes (kivi, xquant, xquant-cl) are sharded by
+// sequence (architecture.md, "Sharding"): each rank computes Q, K and V for
+// all heads (replicated, no communication), keeps only its own tokens' codes,
+// attends over them for all heads, and the group merges the partial results
+// (merge_across: one all_gather of n * heads * (head_dim + 2) floats per
+// layer, whatever the context length); each rank then projects its own heads
+// through its rows of Wo as before. Embedding, norms and the output head are
+// replicated, so every rank ends with the full logits.
 // An engine may also hold a contiguous range of layers only (one pipeline
 // stage, see parallel/pipeline_engine.h): its weights and cache cover those
 // layers, and embed / run_layers / head are the pieces forward() chains.
@@ -11,8 +18,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
+#include "kernels/cpu/attention.h"
 #include "parallel/communicator.h"
 #include "parallel/grid.h"
 #include "parallel/shard.h"
@@ -24,8 +33,8 @@ namespace xq::parallel {
 
 class TensorParallelEngine {
  public:
-  // Collective-free; throws xq::Error unless grid.pp() == 1 and
-  // options.cache_mode is "fp16", or when the model does not split over tp.
+  // Collective-free; throws xq::Error unless grid.pp() == 1, for an unknown
+  // cache mode, or when the model does not split over tp.
   TensorParallelEngine(const Model& model, const EngineOptions& options, Grid& grid);
   // The same over any communicator (its size is tp, its rank the TP rank).
   TensorParallelEngine(const Model& model, const EngineOptions& options, Communicator& tp_group);
@@ -56,8 +65,12 @@ class TensorParallelEngine {
   // layers and their norms, plus one embedding row when it holds layer 0 and
   // the final norm and (replicated) output head when it holds the last layer.
   size_t weight_bytes() const;
-  // fp16 K and V bytes this rank's cache holds now.
-  size_t kv_cache_bytes_in_use() const;
+  // Bytes this rank's cache holds now (fp16 K and V of its heads, or the
+  // codes of its tokens), counted as written.
+  size_t cache_bytes_in_use() const;
+  // What the cache keeps (the mode's description).
+  std::string cache_description() const;
+  bool sequence_sharded() const { return sharded_cache_ != nullptr; }
   const Model& model() const { return model_; }
   int32_t max_tokens() const { return max_tokens_; }
 
@@ -70,6 +83,9 @@ class TensorParallelEngine {
   };
 
   void ensure_scratch(int32_t n);
+  // The attention block's heads into attn_ (n, this rank's heads * head_dim).
+  void attend_by_head(int32_t seq, int32_t layer, int32_t n, int32_t pos0);
+  void attend_sharded(int32_t seq, int32_t layer, int32_t n, int32_t pos0);
 
   const Model& model_;
   Communicator& comm_;
@@ -77,10 +93,13 @@ class TensorParallelEngine {
   Range layer_range_;
   int32_t max_tokens_;
   std::vector<LayerShard> layers_;
-  std::vector<KvGroup> groups_;
+  std::vector<KvGroup> groups_;                    // fp16: one cache per local KV head
+  std::unique_ptr<AttentionCache> sharded_cache_;  // quantized modes: this rank's tokens
+  cpu::PartialAttention partial_;
   std::vector<float> rope_cos_sin_;
   std::vector<float> hidden_, normed_, q_, k_, v_, attn_, proj_, gate_, up_;
   std::vector<float> group_q_, group_k_, group_v_, group_out_;
+  std::vector<float> q_all_, k_all_, v_all_;  // every head's (sequence-sharded modes)
   std::vector<int32_t> positions_;
 };
 

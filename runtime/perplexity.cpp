@@ -10,12 +10,26 @@ namespace xq {
 PerplexityResult evaluate_perplexity(
     Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
     const std::function<void(int32_t, int32_t, double)>& progress) {
+  ScoredModel scored;
+  scored.forward = [&engine](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
+    engine.cache().truncate(0, 0);
+    engine.forward(0, chunk, n, 0, logits, first);
+  };
+  scored.vocab_size = engine.model().config().vocab_size;
+  scored.bos_id = engine.model().tokenizer().bos_id();
+  scored.max_tokens = engine.max_tokens();
+  return evaluate_perplexity(scored, tokens, options, progress);
+}
+
+PerplexityResult evaluate_perplexity(
+    const ScoredModel& model, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
+    const std::function<void(int32_t, int32_t, double)>& progress) {
   const int32_t ctx = options.ctx;
-  const int32_t vocab = engine.model().config().vocab_size;
+  const int32_t vocab = model.vocab_size;
   if (ctx < 2) throw Error("perplexity: --ctx must be at least 2");
-  if (ctx > engine.max_tokens())
+  if (ctx > model.max_tokens)
     throw Error("perplexity: --ctx " + std::to_string(ctx) + " exceeds the engine's context of " +
-                std::to_string(engine.max_tokens()));
+                std::to_string(model.max_tokens));
   int32_t chunks = static_cast<int32_t>(tokens.size() / ctx);
   if (options.max_chunks > 0) chunks = std::min(chunks, options.max_chunks);
   if (chunks == 0)
@@ -37,9 +51,8 @@ PerplexityResult evaluate_perplexity(
   for (int32_t c = 0; c < chunks; ++c) {
     std::copy(tokens.begin() + static_cast<int64_t>(c) * ctx,
               tokens.begin() + static_cast<int64_t>(c + 1) * ctx, chunk.begin());
-    if (options.bos_first) chunk[0] = engine.model().tokenizer().bos_id();
-    engine.cache().truncate(0, 0);
-    engine.forward(0, chunk.data(), ctx, 0, logits.data(), first_scored);
+    if (options.bos_first) chunk[0] = model.bos_id;
+    model.forward(chunk.data(), ctx, logits.data(), first_scored);
     for (int32_t j = 0; j < scored_per_chunk; ++j) {
       const float* row = logits.data() + static_cast<size_t>(j) * vocab;
       const int32_t target = chunk[first_scored + j + 1];

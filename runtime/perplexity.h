@@ -29,7 +29,23 @@ struct PerplexityResult {
   double seconds = 0;
 };
 
+// Runs one chunk of n tokens from an empty cache and writes the logits of rows
+// [first_logit_row, n): how any engine (single-process or parallel) is scored.
+using ChunkForward =
+    std::function<void(const int32_t* tokens, int32_t n, float* logits, int32_t first_logit_row)>;
+
+struct ScoredModel {
+  ChunkForward forward;
+  int32_t vocab_size = 0;
+  int32_t bos_id = 0;
+  int32_t max_tokens = 0;  // the engine's context
+};
+
 // progress(chunk_done, chunks_total, running_ppl) after each chunk.
+PerplexityResult evaluate_perplexity(
+    const ScoredModel& model, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
+    const std::function<void(int32_t, int32_t, double)>& progress = {});
+
 PerplexityResult evaluate_perplexity(
     Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
     const std::function<void(int32_t, int32_t, double)>& progress = {});

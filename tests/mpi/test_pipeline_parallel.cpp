@@ -100,9 +100,9 @@ void expect_stage_cache_bytes(const Model& model, Engine& reference, const Pipel
       reference.cache().bytes_in_use() / static_cast<size_t>(c.n_layers * c.n_kv_heads);
   const size_t want = per_layer_head * static_cast<size_t>(pp.layers().count) *
                       static_cast<size_t>(pp.stage_engine().shard().kv_heads.count);
-  EXPECT_EQ(pp.kv_cache_bytes_in_use(), want)
+  EXPECT_EQ(pp.cache_bytes_in_use(), want)
       << "layers [" << pp.layers().begin << ", " << pp.layers().end() << ")";
-  long long mine = static_cast<long long>(pp.kv_cache_bytes_in_use());
+  long long mine = static_cast<long long>(pp.cache_bytes_in_use());
   std::vector<long long> all(static_cast<size_t>(testing::world_size()));
   MPI_Gather(&mine, 1, MPI_LONG_LONG, all.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
   if (testing::world_rank() != 0) return;
