@@ -236,20 +236,19 @@ TEST(TensorParallel, SmolLM2GreedyTokensEqualSingleRank) {
   }
 }
 
-TEST(TensorParallel, RefusesOtherCacheModesAndUnalignedSlices) {
+TEST(TensorParallel, RefusesUnknownCacheModesAndUnalignedSlices) {
   const std::string path = testing::shared_path("models/stories260K.bin");
   if (!testing::file_exists(path)) GTEST_SKIP() << path << " is absent";
   auto model = Model::load(path);
   EngineOptions options;
   options.max_tokens = 16;
-  options.cache_mode = "kivi-4";
+  options.cache_mode = "kivi-5";  // no such width
   Grid grid(testing::world_size(), 1);
   try {
     TensorParallelEngine tp(*model, options, grid);
-    ADD_FAILURE() << "no error for --cache kivi-4";
+    ADD_FAILURE() << "no error for --cache kivi-5";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("tensor parallel supports --cache fp16 so far"),
-              std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos)
         << e.what();
   }
   // A Q4_1 matrix cut inside a 32-column block.
