@@ -83,7 +83,7 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
     parts.push_back(make_cache(model, options));
   }
   const int64_t q_width = static_cast<int64_t>(c.n_heads) * c.head_dim;
-  for (int32_t queries : {16, 1}) {  // the prefill path and the decode path of `whole`
+  for (int32_t queries : {kTokens, 16, 1}) {  // prefill path (all, last 16) and decode path of `whole`
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
       Rows rows = random_rows(c, layer, queries);
       for (AttentionCache* cache : {whole.get()}) {
