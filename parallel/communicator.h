@@ -23,15 +23,24 @@ namespace xq::parallel {
 // it can be printed as is; the caller is expected to end the job (abort_job).
 class LostRank : public xq::Error {
  public:
-  LostRank(const std::string& message, int lost_rank, std::string operation)
-      : xq::Error(message), lost_rank_(lost_rank), operation_(std::move(operation)) {}
+  LostRank(const std::string& message, int lost_rank, std::string operation,
+           int lost_world_rank = -1)
+      : xq::Error(message),
+        lost_rank_(lost_rank),
+        lost_world_rank_(lost_world_rank),
+        operation_(std::move(operation)) {}
   // Group rank of the member that did not respond; -1 when every member that
-  // was waited on answered (ranks waiting on each other: mismatched calls).
+  // was waited on answered (ranks waiting on each other: mismatched calls) or
+  // when the lost rank is outside this group (found through a shared fault
+  // channel, see MpiCommunicator).
   int lost_rank() const { return lost_rank_; }
+  // World rank of the lost rank; -1 when none is lost.
+  int lost_world_rank() const { return lost_world_rank_; }
   const std::string& operation() const { return operation_; }
 
  private:
   int lost_rank_;
+  int lost_world_rank_;
   std::string operation_;
 };
 

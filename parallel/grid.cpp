@@ -63,13 +63,26 @@ Grid::Grid(int tp, int pp, MPI_Comm world) : shape_{tp, pp} {
   // MPI_Comm_split orders members by key, so group rank = tp_rank (TP group)
   // and = stage (pipeline column). The communicators duplicate the split
   // results, which are then freed.
+  check_mpi(MPI_Comm_dup(world, &fault_channel_), "MPI_Comm_dup (fault channel)");
+  check_mpi(MPI_Comm_set_errhandler(fault_channel_, MPI_ERRORS_RETURN),
+            "MPI_Comm_set_errhandler (fault channel)");
   MPI_Comm split = MPI_COMM_NULL;
   check_mpi(MPI_Comm_split(world, stage_, tp_rank_, &split), "MPI_Comm_split (TP groups)");
-  tp_group_ = std::make_unique<MpiCommunicator>(split, "tp" + std::to_string(stage_));
+  tp_group_ =
+      std::make_unique<MpiCommunicator>(split, "tp" + std::to_string(stage_), fault_channel_);
   MPI_Comm_free(&split);
   check_mpi(MPI_Comm_split(world, tp_rank_, stage_, &split), "MPI_Comm_split (pipeline columns)");
-  pipeline_ = std::make_unique<MpiCommunicator>(split, "pp" + std::to_string(tp_rank_));
+  pipeline_ =
+      std::make_unique<MpiCommunicator>(split, "pp" + std::to_string(tp_rank_), fault_channel_);
   MPI_Comm_free(&split);
+}
+
+Grid::~Grid() {
+  tp_group_.reset();
+  pipeline_.reset();
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized && fault_channel_ != MPI_COMM_NULL) MPI_Comm_free(&fault_channel_);
 }
 
 }  // namespace xq::parallel

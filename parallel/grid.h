@@ -42,6 +42,9 @@ class Grid {
  public:
   // Collective over `world`. Throws xq::Error unless its size is tp * pp.
   Grid(int tp, int pp, MPI_Comm world = MPI_COMM_WORLD);
+  ~Grid();
+  Grid(const Grid&) = delete;
+  Grid& operator=(const Grid&) = delete;
 
   int tp() const { return shape_.tp; }
   int pp() const { return shape_.pp; }
@@ -61,6 +64,9 @@ class Grid {
  private:
   GridShape shape_;
   int world_rank_ = 0, stage_ = 0, tp_rank_ = 0;
+  // Fault notices of both communicators (see MpiCommunicator): a duplicate of
+  // the grid's world, freed after them.
+  MPI_Comm fault_channel_ = MPI_COMM_NULL;
   std::unique_ptr<MpiCommunicator> tp_group_, pipeline_;
 };
 

@@ -108,7 +108,7 @@ void abort_job(const std::string& message) {
   std::_Exit(1);
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name, MPI_Comm fault_channel)
     : name_(std::move(name)), timeout_(default_comm_timeout()) {
   int initialized = 0;
   MPI_Initialized(&initialized);
@@ -127,8 +127,41 @@ MpiCommunicator::MpiCommunicator(MPI_Comm comm, std::string name)
   world_ranks_.resize(static_cast<size_t>(size_));
   check_mpi(MPI_Group_translate_ranks(group, size_, members.data(), world, world_ranks_.data()),
             "MPI_Group_translate_ranks" + context);
+
+  notices_ = fault_channel != MPI_COMM_NULL ? fault_channel : comm_;
+  check_mpi(MPI_Comm_rank(notices_, &channel_rank_), "MPI_Comm_rank (fault channel)" + context);
+  check_mpi(MPI_Comm_size(notices_, &channel_size_), "MPI_Comm_size (fault channel)" + context);
+  MPI_Group channel;
+  check_mpi(MPI_Comm_group(notices_, &channel), "MPI_Comm_group (fault channel)" + context);
+  member_channel_ranks_.resize(static_cast<size_t>(size_));
+  check_mpi(MPI_Group_translate_ranks(group, size_, members.data(), channel,
+                                      member_channel_ranks_.data()),
+            "MPI_Group_translate_ranks (fault channel)" + context);
+  for (int r : member_channel_ranks_)
+    if (r == MPI_UNDEFINED)
+      throw xq::Error("communicator \"" + name_ + "\": its fault channel lacks a member");
+  std::vector<int> channel_members(static_cast<size_t>(channel_size_));
+  for (int i = 0; i < channel_size_; ++i) channel_members[static_cast<size_t>(i)] = i;
+  channel_world_ranks_.resize(static_cast<size_t>(channel_size_));
+  check_mpi(MPI_Group_translate_ranks(channel, channel_size_, channel_members.data(), world,
+                                      channel_world_ranks_.data()),
+            "MPI_Group_translate_ranks (fault channel)" + context);
+  MPI_Group_free(&channel);
   MPI_Group_free(&group);
   MPI_Group_free(&world);
+}
+
+int MpiCommunicator::member_of_channel_rank(int channel_rank) const {
+  for (int m = 0; m < size_; ++m)
+    if (member_channel_ranks_[static_cast<size_t>(m)] == channel_rank) return m;
+  return -1;
+}
+
+std::string MpiCommunicator::who_on_channel(int channel_rank) const {
+  const int member = member_of_channel_rank(channel_rank);
+  if (member >= 0) return who(member);
+  return "world rank " + std::to_string(channel_world_ranks_[static_cast<size_t>(channel_rank)]) +
+         " (another group)";
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -266,12 +299,13 @@ void MpiCommunicator::wait_all(Op op) {
 
     int notice = 0;
     MPI_Status status;
-    if (MPI_Iprobe(MPI_ANY_SOURCE, kFaultTag, comm_, &notice, &status) == MPI_SUCCESS && notice) {
+    if (MPI_Iprobe(MPI_ANY_SOURCE, kFaultTag, notices_, &notice, &status) == MPI_SUCCESS &&
+        notice) {
       const int peer = waiting_for();
       fail(op, peer,
            prefix + " stopped after " + seconds_text(std::round(elapsed() * 10) / 10) +
                " waiting for " + who(peer),
-           " (" + who(status.MPI_SOURCE) + " gave up first)");
+           " (" + who_on_channel(status.MPI_SOURCE) + " gave up first)");
     }
     if (Clock::now() >= deadline) {
       const int peer = waiting_for();
@@ -297,46 +331,49 @@ void MpiCommunicator::fail(Op op, int waiting_for, const std::string& event,
   broken_ = true;
   cancel_pending();
 
-  // Tell every other member whom this rank waits for.
-  notice_.reset(new int[kNoticeInts]{rank_, waiting_for, static_cast<int>(op)});
-  for (int member = 0; member < size_; ++member) {
-    if (member == rank_) continue;
+  // Tell every other rank of the fault channel whom this rank waits for
+  // (ranks of the channel from here on).
+  const int awaited =
+      waiting_for >= 0 ? member_channel_ranks_[static_cast<size_t>(waiting_for)] : waiting_for;
+  notice_.reset(new int[kNoticeInts]{channel_rank_, awaited, static_cast<int>(op)});
+  for (int rank = 0; rank < channel_size_; ++rank) {
+    if (rank == channel_rank_) continue;
     MPI_Request request;
-    if (MPI_Isend(notice_.get(), kNoticeInts, MPI_INT, member, kFaultTag, comm_, &request) ==
+    if (MPI_Isend(notice_.get(), kNoticeInts, MPI_INT, rank, kFaultTag, notices_, &request) ==
         MPI_SUCCESS)
       notice_requests_.push_back(request);
   }
 
-  // Collect the others' notices. Stop early once every member that has not
+  // Collect the others' notices. Stop early once every rank that has not
   // reported is one that someone waits for (the lost ones), but listen at
   // least briefly so that ranks whose deadlines fall a moment later are heard.
-  std::vector<int> waits_for(static_cast<size_t>(size_), kNotReported);
-  std::vector<int> their_op(static_cast<size_t>(size_), -1);
-  waits_for[static_cast<size_t>(rank_)] = waiting_for;
-  their_op[static_cast<size_t>(rank_)] = static_cast<int>(op);
+  std::vector<int> waits_for(static_cast<size_t>(channel_size_), kNotReported);
+  std::vector<int> their_op(static_cast<size_t>(channel_size_), -1);
+  waits_for[static_cast<size_t>(channel_rank_)] = awaited;
+  their_op[static_cast<size_t>(channel_rank_)] = static_cast<int>(op);
   const auto shortest = std::chrono::milliseconds(300);
   const auto longest = std::max<std::chrono::milliseconds>(
       shortest, std::min(timeout_ / 2, std::chrono::milliseconds(2000)));
   const Clock::time_point start = Clock::now();
   auto complete = [&]() {
-    for (int m = 0; m < size_; ++m) {
+    for (int m = 0; m < channel_size_; ++m) {
       if (waits_for[static_cast<size_t>(m)] != kNotReported) continue;
-      bool awaited = false;
-      for (int w : waits_for) awaited = awaited || w == m;
-      if (!awaited) return false;
+      bool is_awaited = false;
+      for (int w : waits_for) is_awaited = is_awaited || w == m;
+      if (!is_awaited) return false;
     }
     return true;
   };
   for (;;) {
     int flag = 0;
     MPI_Status status;
-    while (MPI_Iprobe(MPI_ANY_SOURCE, kFaultTag, comm_, &flag, &status) == MPI_SUCCESS && flag) {
+    while (MPI_Iprobe(MPI_ANY_SOURCE, kFaultTag, notices_, &flag, &status) == MPI_SUCCESS && flag) {
       int notice[kNoticeInts];
-      if (MPI_Recv(notice, kNoticeInts, MPI_INT, status.MPI_SOURCE, kFaultTag, comm_,
+      if (MPI_Recv(notice, kNoticeInts, MPI_INT, status.MPI_SOURCE, kFaultTag, notices_,
                    MPI_STATUS_IGNORE) != MPI_SUCCESS)
         break;
       const int from = status.MPI_SOURCE;
-      if (notice[1] >= -1 && notice[1] < size_) {
+      if (notice[1] >= -1 && notice[1] < channel_size_) {
         waits_for[static_cast<size_t>(from)] = notice[1];
         their_op[static_cast<size_t>(from)] = notice[2];
       }
@@ -346,29 +383,27 @@ void MpiCommunicator::fail(Op op, int waiting_for, const std::string& event,
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 
-  // Follow "waits for" from the member this rank waits for to one that did
-  // not report.
+  // Follow "waits for" from the rank this one waits for to one that did not
+  // report.
   std::string message = event;
-  std::vector<bool> seen(static_cast<size_t>(size_), false);
-  int member = waiting_for;
-  while (member >= 0 && waits_for[static_cast<size_t>(member)] != kNotReported &&
-         !seen[static_cast<size_t>(member)]) {
-    seen[static_cast<size_t>(member)] = true;
-    const int next = waits_for[static_cast<size_t>(member)];
+  std::vector<bool> seen(static_cast<size_t>(channel_size_), false);
+  int rank = awaited;
+  while (rank >= 0 && waits_for[static_cast<size_t>(rank)] != kNotReported &&
+         !seen[static_cast<size_t>(rank)]) {
+    seen[static_cast<size_t>(rank)] = true;
+    const int next = waits_for[static_cast<size_t>(rank)];
     if (next < 0) break;
-    message += ", which was waiting for " + who(next) + " in " +
-               op_name(static_cast<Op>(their_op[static_cast<size_t>(member)]));
-    member = next;
+    message += ", which was waiting for " + who_on_channel(next) + " in " +
+               op_name(static_cast<Op>(their_op[static_cast<size_t>(rank)]));
+    rank = next;
   }
-  int lost = -1;
-  if (member >= 0 && waits_for[static_cast<size_t>(member)] == kNotReported) {
-    lost = member;
-    message += "; lost " + who(lost);
-  } else {
-    message +=
-        "; no member is lost: they wait on each other (members called different operations?)";
+  if (rank >= 0 && waits_for[static_cast<size_t>(rank)] == kNotReported) {
+    message += "; lost " + who_on_channel(rank);
+    throw LostRank(message + note, member_of_channel_rank(rank), op_name(op),
+                   channel_world_ranks_[static_cast<size_t>(rank)]);
   }
-  throw LostRank(message + note, lost, op_name(op));
+  message += "; no member is lost: they wait on each other (members called different operations?)";
+  throw LostRank(message + note, -1, op_name(op));
 }
 
 void MpiCommunicator::all_reduce_sum(float* data, size_t count) {

@@ -14,6 +14,11 @@
 // this communicator see the first notice and join at once, so all of them name
 // the same lost rank, not just their ring neighbour. Then LostRank is thrown;
 // the caller ends the job with abort_job.
+// Communicators of one Grid share a fault channel (a duplicate of the grid's
+// world): notices go to every rank of the grid, so a rank stuck in its TP group
+// behind a member that is itself stuck in a pipeline column follows the chain
+// across groups to the rank that really died, instead of blaming the living
+// member it waits for.
 //
 // One thread per communicator: MPI is initialized without thread support.
 #pragma once
@@ -48,7 +53,10 @@ class MpiCommunicator final : public Communicator {
   // anyone else's, and sets MPI_ERRORS_RETURN on the duplicate so a failing
   // peer gives an error code instead of aborting wherever MPI can tell.
   // `comm` stays the caller's. `name` (e.g. "tp0") appears in every error.
-  MpiCommunicator(MPI_Comm comm, std::string name);
+  // Fault notices travel on `fault_channel` when given (a communicator that
+  // contains every member, shared with other communicators and outliving this
+  // one), else on this communicator's own duplicate.
+  MpiCommunicator(MPI_Comm comm, std::string name, MPI_Comm fault_channel = MPI_COMM_NULL);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -99,11 +107,19 @@ class MpiCommunicator final : public Communicator {
                          const std::string& note = "");
   void cancel_pending();
   std::string who(int member) const;
+  // A rank of the fault channel: who(member) for members, else its world rank.
+  std::string who_on_channel(int channel_rank) const;
+  int member_of_channel_rank(int channel_rank) const;  // -1: not a member
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::string name_;
   int rank_ = 0, size_ = 1;
   std::vector<int> world_ranks_;
+  // Where fault notices travel: comm_, or a channel shared by a grid.
+  MPI_Comm notices_ = MPI_COMM_NULL;
+  int channel_rank_ = 0, channel_size_ = 1;
+  std::vector<int> member_channel_ranks_;  // per member
+  std::vector<int> channel_world_ranks_;   // per channel rank
   std::chrono::milliseconds timeout_;
   uint64_t bytes_sent_ = 0;
   bool broken_ = false;

@@ -248,8 +248,10 @@ def main():
         failures.append(f"rank 0 finished generating ({len(tokens)} tokens): the kill came "
                         "after generation, not in the middle of it")
     # "lost rank R (world rank V)": R is the victim's rank in the group that
-    # noticed (a TP group or a pipeline column), V its world rank.
-    named = re.compile(rf"lost rank \d+ \(world rank {args.victim}\)")
+    # noticed (a TP group or a pipeline column), V its world rank; or "lost
+    # world rank V (another group)" when the chain of waits led out of it.
+    named = re.compile(rf"lost (rank \d+ \(world rank {args.victim}\)|world rank "
+                       rf"{args.victim} \(another group\))")
     lines = [line for line in stderr.splitlines() if named.search(line)]
     if not lines:
         failures.append(f"no message names the lost rank ('{named.pattern}')")
@@ -262,7 +264,7 @@ def main():
     # the first MPI_Abort may kill the others before they print. A message
     # blaming a live rank is reported, and fails with --every-message.
     wrong = [line.strip() for line in stderr.splitlines()
-             if line.startswith("[world rank ") and "lost rank" in line and not named.search(line)]
+             if line.startswith("[world rank ") and "; lost " in line and not named.search(line)]
     for line in wrong:
         print(f"{'FAIL' if args.every_message else 'WARNING'}: blames another rank: {line}")
     if wrong and args.every_message:
