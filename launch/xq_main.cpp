@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -15,8 +16,10 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "parallel/grid.h"
@@ -441,6 +444,39 @@ int run_generate(int argc, char** argv) {
   return 0;
 }
 
+// Ends the process with a message unless finished() is called within `limit`.
+class StartupWatchdog {
+ public:
+  explicit StartupWatchdog(std::chrono::milliseconds limit)
+      : thread_([this, limit] {
+          std::unique_lock<std::mutex> lock(mutex_);
+          if (done_changed_.wait_for(lock, limit, [this] { return done_; })) return;
+          std::fprintf(stderr,
+                       "error: worker start-up (MPI_Init and the grid's communicators) did not "
+                       "finish within %.0f s: a rank died or never started\n",
+                       std::chrono::duration<double>(limit).count());
+          std::fflush(stderr);
+          std::_Exit(1);
+        }) {}
+  ~StartupWatchdog() { finished(); }
+  StartupWatchdog(const StartupWatchdog&) = delete;
+  StartupWatchdog& operator=(const StartupWatchdog&) = delete;
+  void finished() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+    }
+    done_changed_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable done_changed_;
+  bool done_ = false;
+  std::thread thread_;  // last: starts once the members above exist
+};
+
 // What each rank holds and sent, printed by rank 0 in rank order.
 void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, int32_t tokens) {
   constexpr int kFields = 7;
@@ -485,6 +521,10 @@ int run_worker(int argc, char** argv) {
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
   if (!args.parse(argc, argv)) return 0;
+  // MPI_Init and the creation of the grid's communicators have no deadline:
+  // if a rank dies meanwhile, the others would wait forever. A watchdog ends
+  // this rank with a message instead; after that every wait has a deadline.
+  StartupWatchdog watchdog(2 * parallel::default_comm_timeout());
   parallel::check_mpi(MPI_Init(&argc, &argv), "MPI_Init");
   int rank = 0;
   parallel::check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &rank), "MPI_Comm_rank");
@@ -505,6 +545,8 @@ int run_worker(int argc, char** argv) {
     } else {
       sampler = generation_sampler(args, "worker");
     }
+    parallel::Grid grid(tp, pp);  // first, so that a wrong job size fails at once
+    watchdog.finished();
     auto model = Model::load(args.get("model"), args.get("tokenizer"));
     std::vector<int32_t> tokens;
     double tokenize_seconds = 0;
@@ -512,7 +554,6 @@ int run_worker(int argc, char** argv) {
       tokens = perplexity_tokens(args, text, *model, scoring_options, "worker", &tokenize_seconds);
     else
       tokens = encode_prompt(args, *model, "worker");
-    parallel::Grid grid(tp, pp);
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
