@@ -22,8 +22,9 @@ struct StepTraffic {
 // Bytes one rank sends in one PipelineEngine::forward of `n` tokens of which
 // `scored` rows of logits are asked for (a decode step: n = 1, scored = 1),
 // when the rank is TP rank `tp_rank` of `tp` and stage `stage` of `pp`.
-// `sequence_sharded`: the cache mode is a quantized one (kivi-*, xquant-*,
-// xquant-cl-*), sharded by sequence; fp16 is sharded by KV head.
+// `sequence_sharded`: the cache is sharded by sequence (the quantized modes,
+// and fp16 where tp does not divide the KV heads); else fp16 by KV head.
+// TensorParallelEngine::sequence_sharded() says which.
 //
 // Only the sizes of the messages enter, never the context length: the cache
 // (whatever its length) is never sent. That is the property the test checks.

@@ -64,7 +64,11 @@ TensorParallelEngine::TensorParallelEngine(const Model& model, const EngineOptio
   cache_options.max_tokens = max_tokens_;
   cache_options.sequences = options.sequences;
   cache_options.rope_cos_sin = rope_cos_sin_.data();
-  if (options.cache_mode != "fp16") {
+  // fp16 splits by KV head where the KV heads split evenly; elsewhere (e.g.
+  // SmolLM2's 3 KV heads over 2 or 4 ranks, where a head would be held twice)
+  // it is sharded by sequence like the quantized modes.
+  const bool by_head = options.cache_mode == "fp16" && c.n_kv_heads % comm_.size() == 0;
+  if (!by_head) {
     cache_options.keep_outlier_channel = options.keep_outlier_channel;
     cache_options.k_latent_per_head = options.k_latent_per_head;
     cache_options.first_layer = static_cast<int32_t>(layers.begin);
@@ -121,7 +125,8 @@ size_t TensorParallelEngine::cache_bytes_in_use() const {
 std::string TensorParallelEngine::cache_description() const {
   if (sharded_cache_)
     return sharded_cache_->describe() + "; sharded by sequence over " +
-           std::to_string(comm_.size()) + " TP rank(s)";
+           std::to_string(comm_.size()) + " TP rank(s)" +
+           (sharded_cache_->mode() == "fp16" ? " (the KV heads do not split evenly)" : "");
   return "fp16 K and V, sharded by KV head (this rank: KV heads [" +
          std::to_string(shard_.kv_heads.begin) + ", " + std::to_string(shard_.kv_heads.end()) +
          "))";

@@ -1,8 +1,9 @@
 // Tensor parallelism (pp = 1) of the forward pass: each rank of the grid's TP
 // group runs its share of every layer (see parallel/shard.h) and the group sums
 // the partial outputs once after Wo and once after down (all_reduce_sum).
-// Caches: fp16 is sharded by head (each rank's cache holds only its own KV
-// heads). The quantized modes (kivi, xquant, xquant-cl) are sharded by
+// Caches: fp16 is sharded by head where tp divides the KV heads (each rank's
+// cache holds only its own KV heads), else by sequence as follows. The
+// quantized modes (kivi, xquant, xquant-cl) are sharded by
 // sequence (architecture.md, "Sharding"): each rank computes Q, K and V for
 // all heads (replicated, no communication), keeps only its own tokens' codes,
 // attends over them for all heads, and the group merges the partial results

@@ -42,11 +42,14 @@ std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOption
           mode + "' on this model");
   }
   if (mode == "fp16") {
-    if (options.sequence_shards != 1 || options.first_layer != 0 || options.layers != 0)
-      throw Error(
-          "cache mode 'fp16' is sharded by head (one cache per KV head), not by sequence "
-          "or layer range");
-    return std::make_unique<Fp16KvCache>(model.config(), options);
+    ModelConfig covered = model.config();  // the layers this cache holds
+    covered.n_layers = options.layers > 0 ? options.layers : covered.n_layers - options.first_layer;
+    if (options.first_layer < 0 || covered.n_layers < 1 ||
+        options.first_layer + covered.n_layers > model.config().n_layers)
+      throw Error("cache: layers [" + std::to_string(options.first_layer) + ", " +
+                  std::to_string(options.first_layer + covered.n_layers) +
+                  ") are not part of the model");
+    return std::make_unique<Fp16KvCache>(covered, options);
   }
   if (int bits = parse_bits(mode, "kivi", {4, 3, 2}))
     return std::make_unique<QuantizedCache>(model, options, QuantizedCache::Kind::kKivi, bits);

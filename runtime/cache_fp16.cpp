@@ -28,11 +28,17 @@ constexpr int32_t kDecodeBlock = 64;
 Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
     : config_(config),
       max_tokens_(options.max_tokens),
+      shards_(options.sequence_shards),
+      shard_(options.sequence_shard),
       sequences_(options.sequences),
       rope_cos_sin_(options.rope_cos_sin) {
   if (max_tokens_ <= 0 || sequences_ <= 0) throw Error("fp16 cache: capacity must be positive");
   if (!rope_cos_sin_) throw Error("fp16 cache: no RoPE table");
-  block_elems_ = static_cast<size_t>(config.n_kv_heads) * max_tokens_ * config.head_dim;
+  if (shards_ < 1 || shard_ < 0 || shard_ >= shards_)
+    throw Error("cache: sequence shard " + std::to_string(shard_) + " of " +
+                std::to_string(shards_) + " does not exist");
+  capacity_ = own_tokens(max_tokens_);
+  block_elems_ = static_cast<size_t>(config.n_kv_heads) * capacity_ * config.head_dim;
   storage_.resize(block_elems_ * 2 * config.n_layers * sequences_);
   lengths_.assign(sequences_, 0);
 }
@@ -65,8 +71,10 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   cpu::rope(rotated_.data(), positions_.data(), n, config_.n_kv_heads, hd, config_.rope_dim,
             config_.rope_layout, rope_cos_sin_);
   for (int32_t i = 0; i < n; ++i) {
+    if ((pos0 + i) % shards_ != shard_) continue;  // another shard's token
+    const int32_t slot = own_tokens(pos0 + i);
     for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
-      size_t at = (static_cast<size_t>(g) * max_tokens_ + pos0 + i) * hd;
+      size_t at = (static_cast<size_t>(g) * capacity_ + slot) * hd;
       cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd,
                             key_block + at, hd);
       cpu::fp32_to_fp16_row(v + static_cast<size_t>(i) * kv_dim + g * hd, value_block + at, hd);
@@ -75,57 +83,75 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   if (layer == config_.n_layers - 1) lengths_[seq] = std::max(lengths_[seq], pos0 + n);
 }
 
-void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
-                         float* out) {
+void Fp16KvCache::attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32_t n,
+                                 const float* q, cpu::PartialAttention& state) {
   check(seq, pos0, n);
+  attend_blocks(seq, layer, pos0, n, q, state);
+}
+
+// Jobs of (KV head, block of kDecodeBlock stored tokens) across threads. Each
+// job widens its block of keys and values to fp32 once for the group's query
+// heads, scores eight keys per horizontal sum, and adds to an online softmax
+// that is merged across jobs at the end.
+void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                                cpu::PartialAttention& result) {
   const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
-  const int32_t total = pos0 + n;
+  const int32_t total = own_tokens(pos0 + n);  // stored tokens the queries may see
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const uint16_t* key_block = keys(seq, layer);
   const uint16_t* value_block = values(seq, layer);
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
-
-  if (n < kMinQueriesForGemm) {
-    // Decode: jobs of (KV head, block of kDecodeBlock tokens) across threads.
-    // Each job widens its block of keys and values to fp32 once for the
-    // group's query heads, scores eight keys per horizontal sum, and adds to
-    // an online softmax that is merged across jobs at the end.
-    const int32_t kv_heads = config_.n_kv_heads;
-    const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
-    cpu::PartialAttention result;
-    result.reset(static_cast<int64_t>(n) * heads, hd);
-    std::mutex result_mutex;
-    cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
-      // Each thread's buffers live across calls (once per layer per step).
-      thread_local cpu::AlignedVector<float> k_rows, v_rows, scores;
-      thread_local cpu::PartialAttention mine;
-      k_rows.resize(static_cast<size_t>(kDecodeBlock) * hd);
-      v_rows.resize(k_rows.size());
-      scores.resize(static_cast<size_t>(group) * kDecodeBlock);
-      mine.reset(static_cast<int64_t>(n) * heads, hd);
-      for (int64_t job = first_job; job < last_job; ++job) {
-        const int32_t g = static_cast<int32_t>(job / blocks);
-        const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
-        const int32_t rows = std::min(kDecodeBlock, total - t0);
-        const size_t at = (static_cast<size_t>(g) * max_tokens_ + t0) * hd;
-        cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
-        cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
-        for (int32_t i = 0; i < n; ++i) {
-          const int32_t visible = std::min(rows, pos0 + i + 1 - t0);  // causal
-          if (visible <= 0) continue;
-          const int64_t first_row = static_cast<int64_t>(i) * heads + g * group;
-          cpu::scores_against_rows(group, hd,
-                                   q + i * q_stride + static_cast<int64_t>(g) * group * hd, hd,
-                                   visible, k_rows.data(), hd, scale, scores.data(), kDecodeBlock);
-          for (int32_t r = 0; r < group; ++r)
-            cpu::absorb_scores(mine, first_row + r, scores.data() + r * kDecodeBlock, visible);
-          cpu::gemm_small(group, hd, visible, scores.data(), kDecodeBlock, v_rows.data(), hd,
-                          mine.acc.data() + first_row * hd, hd, true);
-        }
+  const int32_t kv_heads = config_.n_kv_heads;
+  const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
+  result.reset(static_cast<int64_t>(n) * heads, hd);
+  std::mutex result_mutex;
+  cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
+    // Each thread's buffers live across calls (once per layer per step).
+    thread_local cpu::AlignedVector<float> k_rows, v_rows, scores;
+    thread_local cpu::PartialAttention mine;
+    k_rows.resize(static_cast<size_t>(kDecodeBlock) * hd);
+    v_rows.resize(k_rows.size());
+    scores.resize(static_cast<size_t>(group) * kDecodeBlock);
+    mine.reset(static_cast<int64_t>(n) * heads, hd);
+    for (int64_t job = first_job; job < last_job; ++job) {
+      const int32_t g = static_cast<int32_t>(job / blocks);
+      const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
+      const int32_t rows = std::min(kDecodeBlock, total - t0);
+      const size_t at = (static_cast<size_t>(g) * capacity_ + t0) * hd;
+      cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
+      cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
+      for (int32_t i = 0; i < n; ++i) {
+        // Causal: the stored tokens at positions up to the query's.
+        const int32_t visible = std::min(rows, own_tokens(pos0 + i + 1) - t0);
+        if (visible <= 0) continue;
+        const int64_t first_row = static_cast<int64_t>(i) * heads + g * group;
+        cpu::scores_against_rows(group, hd, q + i * q_stride + static_cast<int64_t>(g) * group * hd,
+                                 hd, visible, k_rows.data(), hd, scale, scores.data(),
+                                 kDecodeBlock);
+        for (int32_t r = 0; r < group; ++r)
+          cpu::absorb_scores(mine, first_row + r, scores.data() + r * kDecodeBlock, visible);
+        cpu::gemm_small(group, hd, visible, scores.data(), kDecodeBlock, v_rows.data(), hd,
+                        mine.acc.data() + first_row * hd, hd, true);
       }
-      std::lock_guard<std::mutex> lock(result_mutex);
-      cpu::merge_partial_attention(result, mine);
-    });
+    }
+    std::lock_guard<std::mutex> lock(result_mutex);
+    cpu::merge_partial_attention(result, mine);
+  });
+}
+
+void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                         float* out) {
+  check(seq, pos0, n);
+  if (shards_ > 1) throw Error("cache: a sequence-sharded cache attends through attend_partial()");
+  const int32_t hd = config_.head_dim, heads = config_.n_heads;
+  const int32_t total = pos0 + n;
+  const uint16_t* key_block = keys(seq, layer);
+  const uint16_t* value_block = values(seq, layer);
+  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+
+  if (n < kMinQueriesForGemm) {  // decode
+    thread_local cpu::PartialAttention result;
+    attend_blocks(seq, layer, pos0, n, q, result);
     for (int32_t i = 0; i < n; ++i)
       for (int32_t h = 0; h < heads; ++h) {
         const int64_t row = static_cast<int64_t>(i) * heads + h;
@@ -142,7 +168,7 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   std::vector<float> k_float(head_elems * config_.n_kv_heads),
       v_float(head_elems * config_.n_kv_heads);
   for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
-    const size_t head_at = static_cast<size_t>(g) * max_tokens_ * hd;
+    const size_t head_at = static_cast<size_t>(g) * capacity_ * hd;
     cpu::fp16_to_fp32_row(key_block + head_at, k_float.data() + g * head_elems,
                           static_cast<int64_t>(head_elems));
     cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems,
@@ -162,12 +188,13 @@ double Fp16KvCache::bytes_per_token() const {
 }
 
 size_t Fp16KvCache::bytes_for_tokens(int32_t tokens) const {
-  return static_cast<size_t>(tokens) * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
+  return static_cast<size_t>(own_tokens(tokens)) * 2 * sizeof(uint16_t) * config_.kv_dim() *
+         config_.n_layers;
 }
 
 size_t Fp16KvCache::bytes_in_use() const {
   size_t tokens = 0;
-  for (int32_t len : lengths_) tokens += static_cast<size_t>(len);
+  for (int32_t len : lengths_) tokens += static_cast<size_t>(own_tokens(len));
   return tokens * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
 }
 

@@ -1,6 +1,8 @@
 // The reference KV cache: K (rotated by RoPE on arrival) and V stored in fp16,
 // per KV head contiguous over positions so a decode step reads each head as one
-// stream.
+// stream. Sequence-sharded (CacheOptions::sequence_shards = S) it keeps the
+// tokens t with t % S == its shard (tensor parallelism where the KV heads do
+// not split evenly over the TP group) and answers attend_partial().
 #pragma once
 
 #include <vector>
@@ -18,6 +20,8 @@ class Fp16KvCache : public AttentionCache {
               const float* v) override;
   void attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
               float* out) override;
+  void attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                      cpu::PartialAttention& state) override;
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override { return lengths_.at(seq); }
   double bytes_per_token() const override;
@@ -29,16 +33,22 @@ class Fp16KvCache : public AttentionCache {
   uint16_t* keys(int32_t seq, int32_t layer);
   uint16_t* values(int32_t seq, int32_t layer);
   void check(int32_t seq, int32_t pos0, int32_t n) const;
+  // The block walk of decode over this shard's tokens (global positions).
+  void attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
+                     cpu::PartialAttention& state);
+  int32_t own_tokens(int32_t end) const { return end / shards_ + (end % shards_ > shard_ ? 1 : 0); }
 
   ModelConfig config_;
-  int32_t max_tokens_;
+  int32_t max_tokens_;  // per sequence, all shards together
+  int32_t shards_ = 1, shard_ = 0;
+  int32_t capacity_;  // this shard's share of max_tokens_
   int32_t sequences_;
-  size_t block_elems_;  // kv_heads * max_tokens * head_dim
+  size_t block_elems_;  // kv_heads * capacity * head_dim
   const float* rope_cos_sin_;
   std::vector<uint16_t> storage_;
   std::vector<float> rotated_;  // scratch: the keys of one append after RoPE
   std::vector<int32_t> positions_;
-  std::vector<int32_t> lengths_;
+  std::vector<int32_t> lengths_;  // global positions held (every shard knows)
 };
 
 }  // namespace xq

@@ -1,7 +1,7 @@
 // Sequence-sharded and layer-range caches (what the parallel engines build on)
 // against one whole cache fed the same rows: S shards' partial attention,
 // merged in shard order, must equal the unsharded attend() to float rounding
-// for every quantized mode, and the shards' bytes must add up to the whole
+// for every mode, and the shards' bytes must add up to the whole
 // cache's, each within one shard unit of total / S. A pipeline stage's cache
 // (a layer range) must equal the whole cache's layers; for XQuant-CL, the
 // whole cache told to restart its chain where the stage starts.
@@ -83,7 +83,8 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
     parts.push_back(make_cache(model, options));
   }
   const int64_t q_width = static_cast<int64_t>(c.n_heads) * c.head_dim;
-  for (int32_t queries : {kTokens, 16, 1}) {  // prefill path (all, last 16) and decode path of `whole`
+  for (int32_t queries :
+       {kTokens, 16, 1}) {  // prefill path (all, last 16) and decode path of `whole`
     for (int32_t layer = 0; layer < c.n_layers; ++layer) {
       Rows rows = random_rows(c, layer, queries);
       for (AttentionCache* cache : {whole.get()}) {
@@ -131,7 +132,8 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
   EXPECT_EQ(formula, whole->bytes_for_tokens(kTokens)) << mode;
   // One shard unit: a token, or a 128-token group where a stream is per channel.
   const bool per_channel_stream =
-      mode.rfind("kivi", 0) == 0 || (mode.rfind("xquant-cl", 0) != 0 && 2 * c.kv_dim() < c.dim);
+      mode.rfind("kivi", 0) == 0 ||
+      (mode.rfind("xquant-", 0) == 0 && mode.rfind("xquant-cl", 0) != 0 && 2 * c.kv_dim() < c.dim);
   const double unit = (per_channel_stream ? 128 : 1) * whole->bytes_per_token() * 1.1;
   for (auto& part : parts)
     EXPECT_LE(std::abs(static_cast<double>(part->bytes_in_use()) -
@@ -164,26 +166,26 @@ TEST(ShardedCacheGqa, ShardsMergeToTheWholeCacheOnSmolLM2) {
   if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
   auto model = Model::load(path);
   cpu::set_thread_count(2);
-  for (const char* mode : {"kivi-3", "xquant-4", "xquant-cl-3"})
+  for (const char* mode : {"fp16", "kivi-3", "xquant-4", "xquant-cl-3"})
     expect_shards_merge_to_whole(*model, mode, 2);
 }
 
-TEST(ShardedCacheErrors, Fp16IsShardedByHeadOnlyAndAttendNeedsPartial) {
+TEST(ShardedCacheErrors, NoSuchShardAndAttendNeedsPartial) {
   auto model = Model::load(testing::shared_path("models/stories260K.bin"));
   const std::vector<float> rope = rope_table(model->config());
-  CacheOptions options = options_for("fp16", rope);
-  options.sequence_shards = 2;
-  EXPECT_THROW(make_cache(*model, options), Error);
-  options.mode = "xquant-4";
-  options.sequence_shard = 2;  // no such shard
-  EXPECT_THROW(make_cache(*model, options), Error);
-  options.sequence_shard = 1;
-  auto cache = make_cache(*model, options);
   const ModelConfig& c = model->config();
-  Rows rows = random_rows(c, 0, 1);
-  cache->append(0, 0, 0, 4, rows.x.data(), rows.k.data(), rows.v.data());
-  std::vector<float> out(static_cast<size_t>(c.n_heads) * c.head_dim);
-  EXPECT_THROW(cache->attend(0, 0, 3, 1, rows.q.data(), out.data()), Error);
+  for (const char* mode : {"fp16", "xquant-4"}) {
+    CacheOptions options = options_for(mode, rope);
+    options.sequence_shards = 2;
+    options.sequence_shard = 2;  // no such shard
+    EXPECT_THROW(make_cache(*model, options), Error) << mode;
+    options.sequence_shard = 1;
+    auto cache = make_cache(*model, options);
+    Rows rows = random_rows(c, 0, 1);
+    cache->append(0, 0, 0, 4, rows.x.data(), rows.k.data(), rows.v.data());
+    std::vector<float> out(static_cast<size_t>(c.n_heads) * c.head_dim);
+    EXPECT_THROW(cache->attend(0, 0, 3, 1, rows.q.data(), out.data()), Error) << mode;
+  }
 }
 
 // A stage's cache of layers [first, first + count) against the whole cache.
@@ -225,8 +227,8 @@ TEST_P(ShardedCache, LayerRangeEqualsTheWholeCachesLayers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, ShardedCache,
-                         ::testing::Values("kivi-4", "kivi-2", "xquant-8", "xquant-4", "xquant-2",
-                                           "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"),
+                         ::testing::Values("fp16", "kivi-4", "kivi-2", "xquant-8", "xquant-4",
+                                           "xquant-2", "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"),
                          [](const auto& info) {
                            std::string name = info.param;
                            for (char& c : name)
