@@ -95,11 +95,15 @@ RankResult run_one(const xq::Model& model, Grid& grid, const Options& o, const s
   };
   int32_t pos = context;
   int32_t token = next_token();
-  engine.forward(0, &token, 1, pos++, logits.data(), 0);  // warm-up
+  // Decode steps as generation runs them: the last stage samples (greedy)
+  // and sends back only the token.
+  xq::Sampler greedy(xq::SamplerOptions{});
+  token = engine.forward_sample(0, &token, 1, pos++, greedy).token;  // warm-up
 
   const bool sharded = engine.stage_engine().sequence_sharded();
-  const StepTraffic formula = xq::parallel::decode_step_traffic(
-      c, sharded, grid.tp(), grid.tp_rank(), grid.pp(), grid.stage(), 1, 1);
+  const StepTraffic formula =
+      xq::parallel::decode_step_traffic(c, sharded, grid.tp(), grid.tp_rank(), grid.pp(),
+                                        grid.stage(), 1, sizeof(xq::parallel::SampledToken));
   const xq::parallel::Range layers = engine.layers();
   const uint64_t tp_step_formula = formula.tp_per_layer * static_cast<uint64_t>(layers.count);
 
@@ -114,11 +118,10 @@ RankResult run_one(const xq::Model& model, Grid& grid, const Options& o, const s
   r.pipe_formula_per_step = formula.pipeline_per_step;
   std::vector<double> mine;
   for (int s = 0; s < o.steps; ++s) {
-    token = next_token();
     MPI_Barrier(MPI_COMM_WORLD);  // outside our communicators: not counted
     const uint64_t tp0 = grid.tp_group().bytes_sent(), pipe0 = grid.pipeline().bytes_sent();
     const auto start = Clock::now();
-    engine.forward(0, &token, 1, pos++, logits.data(), 0);
+    token = engine.forward_sample(0, &token, 1, pos++, greedy).token;
     mine.push_back(std::chrono::duration<double>(Clock::now() - start).count());
     const uint64_t tp = grid.tp_group().bytes_sent() - tp0;
     const uint64_t pipe = grid.pipeline().bytes_sent() - pipe0;

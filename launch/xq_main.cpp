@@ -366,10 +366,37 @@ int32_t generation_capacity(const Arguments& args, const Model& model, size_t pr
   return static_cast<int32_t>(std::min<int64_t>(needed, model.config().max_seq_len));
 }
 
-// Prefill, then token-by-token decode through any engine with xq::Engine's
-// forward() and max_tokens(). Every rank of a parallel engine runs this with
-// the same logits and the same sampler seed, so all pick the same tokens;
-// only the ranks with `print` write them.
+// The next token after running `n` tokens: one process samples from its own
+// logits; a pipeline samples on its last stage, which sends back only the
+// token and its margin.
+parallel::SampledToken next_token(Engine& engine, Sampler& sampler, const int32_t* tokens,
+                                  int32_t n, int32_t pos0, std::vector<float>& logits) {
+  const int32_t vocab = engine.model().config().vocab_size;
+  engine.forward(0, tokens, n, pos0, logits.data(), n - 1);
+  parallel::SampledToken chosen;
+  chosen.token = sampler.sample(logits.data(), vocab);
+  float first = -INFINITY, second = -INFINITY;
+  for (int32_t v = 0; v < vocab; ++v) {
+    if (logits[v] > first) {
+      second = first;
+      first = logits[v];
+    } else if (logits[v] > second) {
+      second = logits[v];
+    }
+  }
+  chosen.margin = first - second;
+  return chosen;
+}
+
+parallel::SampledToken next_token(parallel::PipelineEngine& engine, Sampler& sampler,
+                                  const int32_t* tokens, int32_t n, int32_t pos0,
+                                  std::vector<float>&) {
+  return engine.forward_sample(0, tokens, n, pos0, sampler);
+}
+
+// Prefill, then token-by-token decode through either engine. Every rank of a
+// parallel engine runs this with the same sampler seed and gets the same
+// tokens; only the ranks with `print` write them.
 template <typename AnyEngine>
 void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& args,
                      const SamplerOptions& sampler_options, const std::vector<int32_t>& prompt,
@@ -382,29 +409,19 @@ void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& arg
   std::vector<float> logits(model.config().vocab_size);
   const auto start = std::chrono::steady_clock::now();
   const int32_t n_prompt = static_cast<int32_t>(prompt.size());
-  engine.forward(0, prompt.data(), n_prompt, 0, logits.data(), n_prompt - 1);
+  parallel::SampledToken step = next_token(engine, sampler, prompt.data(), n_prompt, 0, logits);
   const auto prefill_done = std::chrono::steady_clock::now();
   int32_t position = n_prompt;
   int64_t generated = 0;
   if (print && !print_ids) std::fputs(args.get("prompt").c_str(), stdout);
   while (generated < max_new && position < engine.max_tokens()) {
-    int32_t next = sampler.sample(logits.data(), model.config().vocab_size);
+    const int32_t next = step.token;
     if (next == tokenizer.eos_id()) break;
     ++generated;
     if (!print) {
     } else if (print_ids && args.has("margins")) {
       // How close the step was to a tie: explains where two caches diverge.
-      const float* row = logits.data();
-      float first = -INFINITY, second = -INFINITY;
-      for (int32_t v = 0; v < model.config().vocab_size; ++v) {
-        if (row[v] > first) {
-          second = first;
-          first = row[v];
-        } else if (row[v] > second) {
-          second = row[v];
-        }
-      }
-      std::printf("%d %.4f\n", next, first - second);
+      std::printf("%d %.4f\n", next, step.margin);
     } else if (print_ids) {
       std::printf("%d\n", next);
     } else {
@@ -412,7 +429,7 @@ void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& arg
     }
     if (print) std::fflush(stdout);
     if (generated == max_new) break;
-    engine.forward(0, &next, 1, position, logits.data(), 0);
+    step = next_token(engine, sampler, &next, 1, position, logits);
     ++position;
   }
   const auto end = std::chrono::steady_clock::now();

@@ -19,9 +19,11 @@ struct StepTraffic {
   uint64_t pipeline_per_step = 0;
 };
 
-// Bytes one rank sends in one PipelineEngine::forward of `n` tokens of which
-// `scored` rows of logits are asked for (a decode step: n = 1, scored = 1),
-// when the rank is TP rank `tp_rank` of `tp` and stage `stage` of `pp`.
+// Bytes one rank sends in one PipelineEngine step of `n` tokens whose result
+// the last stage broadcasts along the column in `result_bytes` bytes: rows of
+// logits for forward() (scored * vocab * 4), the SampledToken for
+// forward_sample() (a generation step: n = 1, 8 bytes), when the rank is TP
+// rank `tp_rank` of `tp` and stage `stage` of `pp`.
 // `sequence_sharded`: the cache is sharded by sequence (the quantized modes,
 // and fp16 where tp does not divide the KV heads); else fp16 by KV head.
 // TensorParallelEngine::sequence_sharded() says which.
@@ -29,7 +31,8 @@ struct StepTraffic {
 // Only the sizes of the messages enter, never the context length: the cache
 // (whatever its length) is never sent. That is the property the test checks.
 inline StepTraffic decode_step_traffic(const ModelConfig& c, bool sequence_sharded, int tp,
-                                       int tp_rank, int pp, int stage, int64_t n, int64_t scored) {
+                                       int tp_rank, int pp, int stage, int64_t n,
+                                       uint64_t result_bytes) {
   constexpr uint64_t kFloat = sizeof(float);
   StepTraffic t;
 
@@ -71,15 +74,14 @@ inline StepTraffic decode_step_traffic(const ModelConfig& c, bool sequence_shard
     if (stage < pp - 1)
       t.pipeline_per_step += static_cast<uint64_t>(n) * static_cast<uint64_t>(c.dim) * kFloat;
 
-    // The last stage's logits (scored rows of vocab floats) are broadcast
+    // The last stage's result (logits or the sampled token) is broadcast
     // from it along the column: MpiCommunicator::broadcast is a binomial tree
     // over ranks relative to the root (rel = (stage - root) mod pp). A member
     // receives from rel - lowbit(rel), then sends the whole message to
     // rel + m for each power of two m below lowbit(rel) (below pp for the
     // root) with rel + m < pp.
-    if (scored > 0) {
-      const uint64_t bytes =
-          static_cast<uint64_t>(scored) * static_cast<uint64_t>(c.vocab_size) * kFloat;
+    if (result_bytes > 0) {
+      const uint64_t bytes = result_bytes;
       const int root = pp - 1;
       const int rel = ((stage - root) % pp + pp) % pp;
       int limit = 1;  // the root sends for every power of two below pp

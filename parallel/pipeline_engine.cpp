@@ -1,6 +1,7 @@
 #include "parallel/pipeline_engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "runtime/error.h"
@@ -21,6 +22,36 @@ PipelineEngine::PipelineEngine(const Model& model, const EngineOptions& options,
 
 void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
                              float* logits, int32_t first_logit_row) {
+  run(seq, tokens, n, pos0, logits, first_logit_row, /*broadcast_logits=*/true);
+}
+
+SampledToken PipelineEngine::forward_sample(int32_t seq, const int32_t* tokens, int32_t n,
+                                            int32_t pos0, Sampler& sampler) {
+  SampledToken chosen;
+  if (n <= 0) throw Error("forward_sample: no tokens");
+  const int32_t vocab = model_.config().vocab_size;
+  const int last = grid_.pp() - 1;
+  last_logits_.resize(static_cast<size_t>(vocab));
+  run(seq, tokens, n, pos0, last_logits_.data(), n - 1, /*broadcast_logits=*/false);
+  if (grid_.stage() == last) {
+    chosen.token = sampler.sample(last_logits_.data(), vocab);
+    float first = -INFINITY, second = -INFINITY;
+    for (float v : last_logits_) {
+      if (v > first) {
+        second = first;
+        first = v;
+      } else if (v > second) {
+        second = v;
+      }
+    }
+    chosen.margin = first - second;
+  }
+  if (last > 0) grid_.pipeline().broadcast(&chosen, sizeof chosen, last);
+  return chosen;
+}
+
+void PipelineEngine::run(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+                         int32_t first_logit_row, bool broadcast_logits) {
   const ModelConfig& c = model_.config();
   if (n <= 0) return;
   // Every rank checks the same arguments, so all throw or none does, before
@@ -57,7 +88,7 @@ void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int3
   }
   // Each pipeline column holds one last-stage rank, and every TP rank of the
   // last stage has the same logits (replicated head).
-  if (scored > 0 && last > 0)
+  if (broadcast_logits && scored > 0 && last > 0)
     pipe.broadcast(logits, static_cast<size_t>(scored) * vocab * sizeof(float), last);
 }
 

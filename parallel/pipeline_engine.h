@@ -6,7 +6,8 @@
 // tokens; each stage runs its layers and sends the hidden activations (rows x
 // dim floats) to the next stage over the grid's pipeline communicator; the last
 // stage applies the final norm and the output head, and broadcasts the logits
-// back along the pipeline so every rank returns them.
+// back along the pipeline so every rank returns them (forward), or samples the
+// next token itself and sends back only that (forward_sample, generation).
 //
 // A prefill is cut into ceil(n / micro_batch) micro-batches of near-equal
 // size (at most micro_batch tokens; one batch when pp = 1), each sent
@@ -32,8 +33,16 @@
 #include "parallel/tensor_parallel_engine.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
+#include "runtime/sampler.h"
 
 namespace xq::parallel {
+
+// A token chosen on the last stage, with its logit margin (top-1 minus
+// top-2, for tools that show how close a step was to a tie).
+struct SampledToken {
+  int32_t token = 0;
+  float margin = 0.0f;
+};
 
 struct PipelineOptions {
   int32_t micro_batch = 64;                 // tokens per micro-batch of a prefill
@@ -52,6 +61,13 @@ class PipelineEngine {
   // it with the same arguments) and every rank gets the logits.
   void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
                int32_t first_logit_row);
+  // forward() of n tokens, then the next token sampled from the last row's
+  // logits on the last stage, which sends only the token (and its margin)
+  // back along the column: 8 bytes per step instead of a row of logits. Every
+  // last-stage rank holds the same logits and samples with the same state, so
+  // `sampler` must be seeded alike on every rank; other stages never use it.
+  SampledToken forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                              Sampler& sampler);
   void truncate(int32_t seq, int32_t from) { stage_->truncate(seq, from); }
   int32_t length(int32_t seq) const { return stage_->length(seq); }
 
@@ -69,7 +85,13 @@ class PipelineEngine {
   Grid& grid_;
   int32_t micro_batch_;
   std::unique_ptr<TensorParallelEngine> stage_;
-  std::vector<float> hidden_;  // one micro-batch, (rows, dim)
+  // Runs the stages; the last one writes logits of rows [first, n), which go
+  // to every rank when `broadcast_logits`.
+  void run(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+           int32_t first_logit_row, bool broadcast_logits);
+
+  std::vector<float> hidden_;       // one micro-batch, (rows, dim)
+  std::vector<float> last_logits_;  // forward_sample's row
 };
 
 }  // namespace xq::parallel

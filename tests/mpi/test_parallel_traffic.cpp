@@ -149,10 +149,16 @@ Measured decode(const Model& model, Grid& grid, const std::string& mode, int con
   Measured m;
   m.layers = engine.layers().count;
   m.sharded = engine.stage_engine().sequence_sharded();
+  Sampler greedy(SamplerOptions{});
   for (int s = 0; s < kSteps; ++s) {
     const int32_t token = (s * 5 + 3) % c.vocab_size;
     const uint64_t tp0 = grid.tp_group().bytes_sent(), pipe0 = grid.pipeline().bytes_sent();
-    engine.forward(0, &token, 1, context + s, logits.data(), 0);
+    // Even steps as generation runs them (the last stage sends back the
+    // token), odd steps returning logits to every rank (as perplexity does).
+    if (s % 2 == 0)
+      engine.forward_sample(0, &token, 1, context + s, greedy);
+    else
+      engine.forward(0, &token, 1, context + s, logits.data(), 0);
     m.tp.push_back(grid.tp_group().bytes_sent() - tp0);
     m.pipe.push_back(grid.pipeline().bytes_sent() - pipe0);
   }
@@ -178,13 +184,17 @@ void check_model(const TinyShape& shape, const std::string& name) {
       const Measured long_run = decode(*model, grid, mode, kLong);
       // fp16 is sharded by KV head only where tp divides the KV heads.
       EXPECT_EQ(short_run.sharded, std::string(mode) != "fp16" || c.n_kv_heads % tp != 0);
-      const StepTraffic f =
-          decode_step_traffic(c, short_run.sharded, tp, grid.tp_rank(), pp, grid.stage(), 1, 1);
+      const StepTraffic f = decode_step_traffic(c, short_run.sharded, tp, grid.tp_rank(), pp,
+                                                grid.stage(), 1, sizeof(SampledToken));
+      const StepTraffic with_logits =
+          decode_step_traffic(c, short_run.sharded, tp, grid.tp_rank(), pp, grid.stage(), 1,
+                              static_cast<uint64_t>(c.vocab_size) * sizeof(float));
       const uint64_t tp_step = f.tp_per_layer * static_cast<uint64_t>(short_run.layers);
       for (const Measured* run : {&short_run, &long_run}) {
         for (int s = 0; s < kSteps; ++s) {
           EXPECT_EQ(run->tp[s], tp_step) << "TP bytes of decode step " << s;
-          EXPECT_EQ(run->pipe[s], f.pipeline_per_step) << "pipeline bytes of decode step " << s;
+          EXPECT_EQ(run->pipe[s], (s % 2 == 0 ? f : with_logits).pipeline_per_step)
+              << "pipeline bytes of decode step " << s;
         }
       }
       // Independent of the formula: the same bytes at both lengths.
