@@ -375,16 +375,7 @@ parallel::SampledToken next_token(Engine& engine, Sampler& sampler, const int32_
   engine.forward(0, tokens, n, pos0, logits.data(), n - 1);
   parallel::SampledToken chosen;
   chosen.token = sampler.sample(logits.data(), vocab);
-  float first = -INFINITY, second = -INFINITY;
-  for (int32_t v = 0; v < vocab; ++v) {
-    if (logits[v] > first) {
-      second = first;
-      first = logits[v];
-    } else if (logits[v] > second) {
-      second = logits[v];
-    }
-  }
-  chosen.margin = first - second;
+  chosen.margin = top2_margin(logits.data(), vocab);
   return chosen;
 }
 

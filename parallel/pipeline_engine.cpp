@@ -35,16 +35,7 @@ SampledToken PipelineEngine::forward_sample(int32_t seq, const int32_t* tokens, 
   run(seq, tokens, n, pos0, last_logits_.data(), n - 1, /*broadcast_logits=*/false);
   if (grid_.stage() == last) {
     chosen.token = sampler.sample(last_logits_.data(), vocab);
-    float first = -INFINITY, second = -INFINITY;
-    for (float v : last_logits_) {
-      if (v > first) {
-        second = first;
-        first = v;
-      } else if (v > second) {
-        second = v;
-      }
-    }
-    chosen.margin = first - second;
+    chosen.margin = top2_margin(last_logits_.data(), vocab);
   }
   if (last > 0) grid_.pipeline().broadcast(&chosen, sizeof chosen, last);
   return chosen;

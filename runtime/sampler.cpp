@@ -15,6 +15,19 @@ int32_t argmax(const float* logits, int32_t n) {
   return best;
 }
 
+float top2_margin(const float* logits, int32_t n) {
+  float first = -INFINITY, second = -INFINITY;
+  for (int32_t i = 0; i < n; ++i) {
+    if (logits[i] > first) {
+      second = first;
+      first = logits[i];
+    } else if (logits[i] > second) {
+      second = logits[i];
+    }
+  }
+  return first - second;
+}
+
 Sampler::Sampler(const SamplerOptions& options) : options_(options), rng_(options.seed) {
   if (!(options.temperature >= 0) || !std::isfinite(options.temperature))
     throw Error("sampler: temperature must be a finite number >= 0");

@@ -29,4 +29,8 @@ class Sampler {
 // Index of the largest logit; ties go to the lowest id.
 int32_t argmax(const float* logits, int32_t n);
 
+// Largest minus second-largest logit: how close a greedy step was to a tie
+// (what `--margins` prints and the parallel tests accept near-tie tokens by).
+float top2_margin(const float* logits, int32_t n);
+
 }  // namespace xq

@@ -6,7 +6,11 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <vector>
 
 #include "parallel/mpi_communicator.h"
 
@@ -45,6 +49,21 @@ template <typename Check>
     if (!ok(i) && wrong++ == 0) first = i;
   if (wrong == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << wrong << " of " << n << " wrong, the first at " << first;
+}
+
+// Largest |a[i] - b[i]|.
+inline float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  float worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  return worst;
+}
+
+// True when these values have the same bits as rank 0's (collective).
+template <typename T>
+bool same_as_rank0(const std::vector<T>& values) {
+  std::vector<T> root = values;
+  MPI_Bcast(root.data(), static_cast<int>(root.size() * sizeof(T)), MPI_BYTE, 0, MPI_COMM_WORLD);
+  return root == values;
 }
 
 }  // namespace xq::testing

@@ -16,41 +16,15 @@
 #include "parallel/pipeline_engine.h"
 #include "runtime/engine.h"
 #include "runtime/error.h"
+#include "runtime/sampler.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
 
 namespace xq::parallel {
 namespace {
 
-int32_t argmax(const float* v, int32_t n) {
-  return static_cast<int32_t>(std::max_element(v, v + n) - v);
-}
-
-float top2_margin(const float* v, int32_t n) {
-  float a = -INFINITY, b = -INFINITY;
-  for (int32_t i = 0; i < n; ++i) {
-    if (v[i] > a) {
-      b = a;
-      a = v[i];
-    } else if (v[i] > b) {
-      b = v[i];
-    }
-  }
-  return a - b;
-}
-
-float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  float worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
-  return worst;
-}
-
-bool same_as_rank0(std::vector<float> values) {
-  std::vector<float> root = values;
-  MPI_Bcast(root.data(), static_cast<int>(root.size() * sizeof(float)), MPI_BYTE, 0,
-            MPI_COMM_WORLD);
-  return root == values;
-}
+using testing::max_abs_diff;
+using testing::same_as_rank0;
 
 struct Outcome {
   std::vector<int32_t> pp_tokens, reference_tokens;
@@ -287,8 +261,7 @@ TEST(PipelineParallel, RefusesUnknownCacheModesAndBadOptions) {
     PipelineEngine pp(*model, options, grid);
     ADD_FAILURE() << "no error for --cache kivi-5";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos) << e.what();
   }
   options.cache_mode = "fp16";
   PipelineOptions po;

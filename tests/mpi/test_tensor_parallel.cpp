@@ -17,29 +17,14 @@
 #include "parallel/tensor_parallel_engine.h"
 #include "runtime/engine.h"
 #include "runtime/error.h"
+#include "runtime/sampler.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
 
 namespace xq::parallel {
 namespace {
 
-int32_t argmax(const float* v, int32_t n) {
-  return static_cast<int32_t>(std::max_element(v, v + n) - v);
-}
-
-// Largest minus second-largest logit.
-float top2_margin(const float* v, int32_t n) {
-  float a = -INFINITY, b = -INFINITY;
-  for (int32_t i = 0; i < n; ++i) {
-    if (v[i] > a) {
-      b = a;
-      a = v[i];
-    } else if (v[i] > b) {
-      b = v[i];
-    }
-  }
-  return a - b;
-}
+using testing::same_as_rank0;
 
 struct Outcome {
   std::vector<int32_t> tp_tokens, reference_tokens;
@@ -80,19 +65,6 @@ Outcome run_greedy(const Model& model, Engine& reference, TensorParallelEngine& 
   }
   o.last_logits = ours;
   return o;
-}
-
-// True when this rank's values have the same bits as rank 0's.
-bool same_as_rank0(std::vector<float> values) {
-  std::vector<float> root = values;
-  MPI_Bcast(root.data(), static_cast<int>(root.size() * sizeof(float)), MPI_BYTE, 0,
-            MPI_COMM_WORLD);
-  return root == values;
-}
-bool same_as_rank0(const std::vector<int32_t>& values) {
-  std::vector<int32_t> root = values;
-  MPI_Bcast(root.data(), static_cast<int>(root.size()), MPI_INT, 0, MPI_COMM_WORLD);
-  return root == values;
 }
 
 void print_weight_bytes(const char* name, const Model& model, const TensorParallelEngine& tp) {
@@ -248,8 +220,7 @@ TEST(TensorParallel, RefusesUnknownCacheModesAndUnalignedSlices) {
     TensorParallelEngine tp(*model, options, grid);
     ADD_FAILURE() << "no error for --cache kivi-5";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos)
-        << e.what();
+    EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos) << e.what();
   }
   // A Q4_1 matrix cut inside a 32-column block.
   WeightMatrix q{TensorType::kQ4_1, nullptr, 4, 128, 4 * 20};  // 20-byte blocks of 32
