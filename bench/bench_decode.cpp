@@ -16,7 +16,7 @@
 
 #include "bench/bench_util.h"
 #include "runtime/engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 
 namespace {

@@ -17,7 +17,7 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 
 namespace {

@@ -33,7 +33,7 @@
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 
 namespace {

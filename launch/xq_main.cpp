@@ -26,7 +26,7 @@
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
 #include "runtime/engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 #include "runtime/perplexity.h"
 #include "runtime/sampler.h"

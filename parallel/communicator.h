@@ -14,7 +14,7 @@
 #include <string>
 #include <utility>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::parallel {
 

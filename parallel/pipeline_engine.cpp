@@ -4,7 +4,7 @@
 #include <cmath>
 #include <string>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::parallel {
 

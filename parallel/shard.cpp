@@ -2,7 +2,7 @@
 
 #include <string>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::parallel {
 namespace {

@@ -8,7 +8,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
 #include "parallel/partial_attention_merge.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::parallel {
 namespace {

@@ -4,7 +4,7 @@
 
 #include "runtime/cache_fp16.h"
 #include "runtime/cache_quantized.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 namespace {

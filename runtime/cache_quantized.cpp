@@ -14,7 +14,7 @@
 #include "kernels/cpu/quant.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 extern "C" void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda,
                         double* s, double* u, const int* ldu, double* vt, const int* ldvt,

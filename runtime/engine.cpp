@@ -5,7 +5,7 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 

@@ -9,7 +9,7 @@
 #include <cstring>
 #include <utility>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 

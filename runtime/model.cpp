@@ -3,7 +3,7 @@
 #include <cstring>
 #include <filesystem>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 namespace {

@@ -3,7 +3,7 @@
 #include <chrono>
 #include <cmath>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 

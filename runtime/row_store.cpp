@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "kernels/cpu/ops.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq {
 

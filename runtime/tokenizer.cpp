@@ -13,7 +13,7 @@
 #include <optional>
 #include <queue>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/gguf.h"
 
 namespace xq {

@@ -18,7 +18,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
 #include "runtime/cache.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
 

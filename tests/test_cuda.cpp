@@ -16,7 +16,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/backend.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace {
 
@@ -133,7 +133,7 @@ TEST(CudaBackend, DequantizeQ4_1MatchesCpu) {
   SKIP_WITHOUT_CUDA_DEVICE();
   const int64_t n = 32 * 37;
   const std::vector<float> values = random_values(n, 2.0f, 4);
-  std::vector<xq::cpu::BlockQ4_1> blocks(static_cast<size_t>(n / 32));
+  std::vector<xq::BlockQ4_1> blocks(static_cast<size_t>(n / 32));
   xq::cpu::quantize_row(xq::TensorType::kQ4_1, values.data(), blocks.data(), n);
   std::vector<float> cpu_out(static_cast<size_t>(n)), cuda_out(static_cast<size_t>(n));
   xq::cpu::dequantize_row(xq::TensorType::kQ4_1, blocks.data(), cpu_out.data(), n);

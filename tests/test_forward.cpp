@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "runtime/engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 #include "runtime/sampler.h"
 #include "tests/test_util.h"

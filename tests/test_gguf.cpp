@@ -4,7 +4,7 @@
 
 #include <cstring>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/gguf.h"
 #include "tests/gguf_writer.h"
 #include "tests/test_util.h"

@@ -16,7 +16,7 @@
 #include "kernels/cpu/group_quant.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/group_quant.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::cpu {
 namespace {

@@ -11,7 +11,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/sampler.h"
 
 namespace xq {

@@ -13,7 +13,7 @@
 #include <random>
 #include <sstream>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/gguf.h"
 #include "runtime/tokenizer.h"
 #include "tests/gguf_writer.h"

@@ -15,7 +15,7 @@
 
 #include "kernels/cpu/quant.h"
 #include "kernels/group_quant.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>

@@ -31,7 +31,7 @@ void rope(float* x_host, const int32_t* positions_host, int64_t rows, int64_t he
           int64_t head_dim, int64_t rope_dim, RopeLayout layout, const float* cos_sin_host);
 
 // Dequantizes n values (a multiple of 32) stored as GGUF Q4_1 blocks
-// (xq::cpu::BlockQ4_1).
+// (xq::BlockQ4_1).
 void dequantize_q4_1(const void* blocks_host, float* out_host, int64_t n);
 
 // In place: x[i] = silu(gate[i]) * x[i] (as xq::cpu::swiglu).

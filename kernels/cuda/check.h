@@ -8,7 +8,7 @@
 
 #include <string>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 
 namespace xq::cuda::detail {
 

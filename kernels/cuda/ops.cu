@@ -12,7 +12,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/cpu/quant.h"
+#include "kernels/gguf_blocks.h"
 #include "kernels/cuda/backend.h"
 #include "kernels/cuda/check.h"
 #include "kernels/elementwise.h"
@@ -20,7 +20,7 @@
 namespace xq::cuda {
 namespace {
 
-static_assert(sizeof(cpu::BlockQ4_1) == 20, "Q4_1 blocks must match the GGUF byte layout");
+static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 blocks must match the GGUF byte layout");
 
 constexpr int kWarpSize = 32;
 // Enough threads to hide memory latency, few enough for several blocks per SM.
@@ -165,13 +165,13 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int64_t heads, i
 
 // One thread per packed byte: byte j of a block holds element j (low nibble)
 // and element j + 16 (high nibble); value = q * d + m.
-__global__ void dequantize_q4_1_kernel(const cpu::BlockQ4_1* blocks, float* out,
+__global__ void dequantize_q4_1_kernel(const BlockQ4_1* blocks, float* out,
                                        int64_t total_bytes) {
   const int64_t index = global_thread_index();
   if (index >= total_bytes) return;
   const int64_t block_index = index / kQ4_1PackedBytes;
   const int64_t byte_index = index % kQ4_1PackedBytes;
-  const cpu::BlockQ4_1& block = blocks[block_index];
+  const BlockQ4_1& block = blocks[block_index];
   const float scale = fp16_bits_to_float(block.d);
   const float offset = fp16_bits_to_float(block.m);
   const uint8_t packed = block.qs[byte_index];
@@ -261,7 +261,7 @@ void dequantize_q4_1(const void* blocks_host, float* out_host, int64_t n) {
   require(n >= 0 && n % kQ4_1BlockElems == 0, "dequantize_q4_1: n must be a multiple of 32");
   if (n == 0) return;
   const int64_t block_count = n / kQ4_1BlockElems;
-  DeviceBuffer<cpu::BlockQ4_1> blocks(static_cast<const cpu::BlockQ4_1*>(blocks_host), block_count);
+  DeviceBuffer<BlockQ4_1> blocks(static_cast<const BlockQ4_1*>(blocks_host), block_count);
   DeviceBuffer<float> out(n);
   const int64_t total_bytes = block_count * kQ4_1PackedBytes;
   dequantize_q4_1_kernel<<<blocks_for(total_bytes, kThreadsPerBlock), kThreadsPerBlock>>>(

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/gguf.h"
 #include "runtime/tokenizer.h"
 

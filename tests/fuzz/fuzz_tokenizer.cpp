@@ -17,7 +17,7 @@
 #include <string_view>
 #include <vector>
 
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/gguf.h"
 #include "runtime/tokenizer.h"
 

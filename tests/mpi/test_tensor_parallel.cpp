@@ -16,7 +16,7 @@
 #include "parallel/shard.h"
 #include "parallel/tensor_parallel_engine.h"
 #include "runtime/engine.h"
-#include "runtime/error.h"
+#include "kernels/error.h"
 #include "runtime/sampler.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
