@@ -1,6 +1,6 @@
 // Pipeline parallelism (TP inside each stage) under mpirun, started with
 // --grid TPxPP: every rank runs the pipelined forward pass and, in the same
-// process, the single-rank xq::Engine; greedy tokens must be equal and logits
+// process, the single-rank xq::TransformerEngine; greedy tokens must be equal and logits
 // within the TP test's tolerance, whatever the micro-batch size, and every
 // rank must return the same logits bits as rank 0.
 #include <gtest/gtest.h>
@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "kernels/error.h"
 #include "parallel/grid.h"
 #include "parallel/pipeline_engine.h"
 #include "runtime/engine.h"
-#include "kernels/error.h"
 #include "runtime/sampler.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
@@ -36,8 +36,8 @@ struct Outcome {
 
 // Prefill into both engines, then `steps` greedy steps fed with the
 // reference's token, recording both argmaxes.
-Outcome run_greedy(const Model& model, Engine& reference, PipelineEngine& pp, int32_t seq,
-                   const std::vector<int32_t>& prompt, int steps) {
+Outcome run_greedy(const Model& model, TransformerEngine& reference, PipelineEngine& pp,
+                   int32_t seq, const std::vector<int32_t>& prompt, int steps) {
   const int32_t vocab = model.config().vocab_size;
   const int32_t n = static_cast<int32_t>(prompt.size());
   std::vector<float> ref(vocab), ours(vocab);
@@ -68,7 +68,8 @@ Outcome run_greedy(const Model& model, Engine& reference, PipelineEngine& pp, in
 
 // This rank's cache must hold its stage's layers and its TP share of KV heads
 // only: the single-rank bytes scaled by both fractions.
-void expect_stage_cache_bytes(const Model& model, Engine& reference, const PipelineEngine& pp) {
+void expect_stage_cache_bytes(const Model& model, TransformerEngine& reference,
+                              const PipelineEngine& pp) {
   const ModelConfig& c = model.config();
   const size_t per_layer_head =
       reference.cache().bytes_in_use() / static_cast<size_t>(c.n_layers * c.n_kv_heads);
@@ -99,7 +100,7 @@ TEST(PipelineParallel, Stories260KGreedyTokensEqualSingleRank) {
   if (!testing::file_exists(path)) GTEST_SKIP() << path << " is absent";
   auto model = Model::load(path);
   const EngineOptions options = stories_options();
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   Grid grid(testing::grid_tp(), testing::grid_pp());
   PipelineEngine pp(*model, options, grid);
   const std::vector<std::string> prompts = {
@@ -143,7 +144,7 @@ TEST(PipelineParallel, Stories260KMicroBatchSizeDoesNotChangeResult) {
   ASSERT_GE(prompt.size(), 41u);
   prompt.resize(41);
   const int32_t n = 41;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   std::vector<float> ref(static_cast<size_t>(n) * vocab);
   reference.forward(0, prompt.data(), n, 0, ref.data(), 0);
 
@@ -175,7 +176,7 @@ TEST(PipelineParallel, Stories260KMicroBatchSizeDoesNotChangeResult) {
     EXPECT_LT(vs64, 2e-2f) << what << ": largest logit difference from M = 64";
     EXPECT_TRUE(same_as_rank0(rows)) << what;
     // Decode goes on from the micro-batched cache.
-    Engine ref_decode(*model, options);
+    TransformerEngine ref_decode(*model, options);
     ref_decode.forward(0, prompt.data(), n, 0, nullptr, n);
     std::vector<float> a(vocab), b(vocab);
     int32_t token = argmax(&ref[static_cast<size_t>(n - 1) * vocab], vocab);
@@ -209,7 +210,7 @@ TEST(PipelineParallel, SmolLM2PrefillAndGreedyTokens) {
   options.threads = 1;
   options.max_tokens = 64;
   options.sequences = 2;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   Grid grid(testing::grid_tp(), testing::grid_pp());
   // Prefill in two micro-batches of more than 8 rows each (smaller ones take
   // the int8-activation decode path of the Q4_1 GEMM, see pipeline_engine.h).
@@ -270,10 +271,6 @@ TEST(PipelineParallel, RefusesUnknownCacheModesAndBadOptions) {
   po.micro_batch = 8;
   po.stage_layer_counts.assign(static_cast<size_t>(grid.pp()), 0);  // empty stages
   EXPECT_THROW(PipelineEngine(*model, options, grid, po), Error);
-  // The TP engine alone still refuses pp > 1.
-  if (grid.pp() > 1) {
-    EXPECT_THROW(TensorParallelEngine(*model, options, grid), Error);
-  }
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Tensor parallelism (pp = 1) under mpirun: every rank runs the sharded
-// forward pass and, in the same process, the single-rank xq::Engine; greedy
+// forward pass and, in the same process, the single-rank xq::TransformerEngine; greedy
 // tokens must be equal and logits within a small tolerance (the partial sums
 // of Wo and down are added across ranks, so only the summation order
 // differs). Every rank must also end with the same bits as rank 0.
@@ -12,12 +12,11 @@
 #include <string>
 #include <vector>
 
-#include "parallel/grid.h"
-#include "parallel/shard.h"
-#include "parallel/tensor_parallel_engine.h"
-#include "runtime/engine.h"
 #include "kernels/error.h"
+#include "parallel/grid.h"
+#include "runtime/engine.h"
 #include "runtime/sampler.h"
+#include "runtime/shard.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
 
@@ -37,8 +36,8 @@ struct Outcome {
 // Prefills the prompt into both engines, then `steps` greedy steps fed with the
 // reference's token (so every step's logits are comparable), recording both
 // argmaxes.
-Outcome run_greedy(const Model& model, Engine& reference, TensorParallelEngine& tp, int32_t seq,
-                   const std::vector<int32_t>& prompt, int steps) {
+Outcome run_greedy(const Model& model, TransformerEngine& reference, TransformerEngine& tp,
+                   int32_t seq, const std::vector<int32_t>& prompt, int steps) {
   const int32_t vocab = model.config().vocab_size;
   const int32_t n = static_cast<int32_t>(prompt.size());
   std::vector<float> ref(vocab), ours(vocab);
@@ -67,7 +66,7 @@ Outcome run_greedy(const Model& model, Engine& reference, TensorParallelEngine& 
   return o;
 }
 
-void print_weight_bytes(const char* name, const Model& model, const TensorParallelEngine& tp) {
+void print_weight_bytes(const char* name, const Model& model, const TransformerEngine& tp) {
   long long mine = static_cast<long long>(tp.weight_bytes());
   std::vector<long long> all(static_cast<size_t>(testing::world_size()));
   MPI_Gather(&mine, 1, MPI_LONG_LONG, all.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
@@ -91,9 +90,9 @@ TEST(TensorParallel, Stories260KGreedyTokensEqualSingleRank) {
   options.threads = 1;
   options.max_tokens = 160;
   options.sequences = 3;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   Grid grid(testing::world_size(), 1);
-  TensorParallelEngine tp(*model, options, grid);
+  TransformerEngine tp(*model, options, grid.tp_group());
   print_weight_bytes("stories260K", *model, tp);
   const std::vector<std::string> prompts = {
       "Once upon a time",
@@ -139,9 +138,9 @@ TEST(TensorParallel, SmolLM2GreedyTokensEqualSingleRank) {
   options.threads = 1;
   options.max_tokens = 64;
   options.sequences = 2;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   Grid grid(testing::world_size(), 1);
-  TensorParallelEngine tp(*model, options, grid);
+  TransformerEngine tp(*model, options, grid.tp_group());
   print_weight_bytes("SmolLM2-135M Q4_1", *model, tp);
   const std::vector<int32_t> prompt =
       model->tokenizer().encode("The capital of France is a city where", true);
@@ -171,8 +170,8 @@ TEST(TensorParallel, SmolLM2GreedyTokensEqualSingleRank) {
   EXPECT_TRUE(prefill_ties.empty()) << "prefill argmax differs at" << prefill_ties;
 
   // Decode against the fp32 prefill rows (the same tokens at the same positions).
-  Engine ref_decode(*model, options);
-  TensorParallelEngine tp_decode(*model, options, grid);
+  TransformerEngine ref_decode(*model, options);
+  TransformerEngine tp_decode(*model, options, grid.tp_group());
   const int32_t n0 = static_cast<int32_t>(prompt.size());
   ref_decode.forward(0, all.data(), n0, 0, nullptr, n0);
   tp_decode.forward(0, all.data(), n0, 0, nullptr, n0);
@@ -217,7 +216,7 @@ TEST(TensorParallel, RefusesUnknownCacheModesAndUnalignedSlices) {
   options.cache_mode = "kivi-5";  // no such width
   Grid grid(testing::world_size(), 1);
   try {
-    TensorParallelEngine tp(*model, options, grid);
+    TransformerEngine tp(*model, options, grid.tp_group());
     ADD_FAILURE() << "no error for --cache kivi-5";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos) << e.what();
