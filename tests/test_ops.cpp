@@ -122,6 +122,132 @@ TEST(PartialAttention, BlocksAndMergesEqualOneSoftmaxOverAllTokens) {
   EXPECT_THROW(cpu::merge_partial_attention(right, wrong), std::invalid_argument);
 }
 
+// The rest of the state's primitive on the same kind of split: normalize gives
+// the softmax-weighted mean and log_sum_exp the natural-log log-sum-exp of all
+// the scores, both against double precision; a row that saw nothing has
+// log-sum-exp -inf. Tolerance: float sums of ~100 terms of size ~1 (about
+// 1e-6 relative), bounded at 1e-5.
+TEST(PartialAttention, NormalizeAndLogSumExpMatchDoublePrecision) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  const int64_t rows = 4, width = 6, tokens = 100;
+  std::vector<float> scores(rows * tokens), values(tokens * width);
+  for (float& v : scores) v = normal(rng);
+  for (float& v : values) v = normal(rng);
+  cpu::PartialAttention state;
+  state.reset(rows + 1, width);  // the last row sees nothing
+  for (int64_t t0 = 0; t0 < tokens; t0 += 32) {
+    const int64_t count = std::min<int64_t>(32, tokens - t0);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<float> block(scores.begin() + r * tokens + t0,
+                               scores.begin() + r * tokens + t0 + count);
+      cpu::absorb_scores(state, r, block.data(), count);
+      for (int64_t t = 0; t < count; ++t)
+        for (int64_t c = 0; c < width; ++c)
+          state.acc[r * width + c] += block[t] * values[(t0 + t) * width + c];
+    }
+  }
+  std::vector<float> out(rows * width);
+  cpu::normalize_attention(state, 0, rows, out.data());
+  std::vector<float> last_two(2 * width);
+  cpu::normalize_attention(state, rows - 2, 2, last_two.data());  // a range from the middle
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    std::vector<double> mean(width, 0.0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const double p = std::exp(static_cast<double>(scores[r * tokens + t]));
+      sum += p;
+      for (int64_t c = 0; c < width; ++c) mean[c] += p * values[t * width + c];
+    }
+    EXPECT_NEAR(cpu::log_sum_exp(state, r), std::log(sum), 1e-5 * std::abs(std::log(sum)) + 1e-6)
+        << "row " << r;
+    for (int64_t c = 0; c < width; ++c)
+      EXPECT_NEAR(out[r * width + c], mean[c] / sum, 1e-5) << "row " << r << " channel " << c;
+  }
+  for (int64_t i = 0; i < 2 * width; ++i) EXPECT_EQ(last_two[i], out[(rows - 2) * width + i]);
+  EXPECT_EQ(cpu::log_sum_exp(state, rows), -INFINITY);
+}
+
+// The decode block walk (absorb_block through attend_in_blocks, on threads)
+// against attention written out in double, with a causal limit per query, a
+// block size that leaves a tail, and both ways of feeding values: each query
+// head mixing its KV head's slice of V (jobs of one KV head, as the fp16
+// cache runs them) and every head mixing whole shared rows (jobs of all KV
+// heads, as the quantized caches run them before projecting). Tolerance as
+// above: float sums over ~150 terms, 1e-5 relative to the largest value.
+TEST(DecodeBlockWalk, MatchesAttentionInDoublePrecision) {
+  const int32_t heads = 6, kv_heads = 2, hd = 8, tokens = 150, n = 3, block_tokens = 64;
+  const int32_t group = heads / kv_heads, row_width = 20;  // shared rows wider than a head
+  std::vector<float> q = random_values(static_cast<size_t>(n) * heads * hd, 21);
+  std::vector<float> keys = random_values(static_cast<size_t>(tokens) * kv_heads * hd, 22);
+  std::vector<float> values = random_values(static_cast<size_t>(tokens) * kv_heads * hd, 23);
+  std::vector<float> rows = random_values(static_cast<size_t>(tokens) * row_width, 24);
+  std::vector<int32_t> visible_end = {tokens - 40, tokens - 1, tokens};  // query i's causal limit
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  cpu::DecodeQueries queries;
+  queries.q = q.data();
+  queries.n = n;
+  queries.heads = heads;
+  queries.kv_heads = kv_heads;
+  queries.head_dim = hd;
+  queries.scale = scale;
+  queries.visible_end = visible_end.data();
+  const int64_t blocks = (tokens + block_tokens - 1) / block_tokens;
+  float largest = 0;  // the outputs are weighted means: no larger than this
+  for (const auto* v : {&values, &rows})
+    for (float x : *v) largest = std::max(largest, std::abs(x));
+  cpu::set_thread_count(2);
+  for (bool shared : {false, true}) {
+    const int64_t width = shared ? row_width : hd;
+    const int64_t jobs = shared ? blocks : kv_heads * blocks;
+    cpu::PartialAttention state;
+    cpu::attend_in_blocks(jobs, static_cast<int64_t>(n) * heads, width, state,
+                          [&](int64_t job, cpu::PartialAttention& mine) {
+                            std::vector<float> scores(static_cast<size_t>(heads) * block_tokens);
+                            cpu::CachedBlock block;
+                            block.first_token = static_cast<int32_t>(job % blocks) * block_tokens;
+                            block.tokens = std::min(block_tokens, tokens - block.first_token);
+                            block.first_kv_head = shared ? 0 : static_cast<int32_t>(job / blocks);
+                            block.kv_heads = shared ? kv_heads : 1;
+                            block.key_stride = kv_heads * hd;
+                            block.keys = keys.data() + block.first_token * block.key_stride +
+                                         block.first_kv_head * hd;
+                            block.values_shared = shared;
+                            block.value_stride = shared ? row_width : kv_heads * hd;
+                            block.values = (shared ? rows.data() : values.data()) +
+                                           block.first_token * block.value_stride +
+                                           (shared ? 0 : block.first_kv_head * hd);
+                            cpu::absorb_block(mine, queries, block, scores.data(), block_tokens);
+                          });
+    std::vector<float> out(static_cast<size_t>(n) * heads * width);
+    cpu::normalize_attention(state, 0, state.rows, out.data());
+    for (int32_t i = 0; i < n; ++i)
+      for (int32_t h = 0; h < heads; ++h) {
+        const int32_t g = h / group;
+        std::vector<double> p(visible_end[i]);
+        double top = -1e300, sum = 0;
+        for (int32_t t = 0; t < visible_end[i]; ++t) {
+          double dot = 0;
+          for (int32_t c = 0; c < hd; ++c)
+            dot += static_cast<double>(q[(i * heads + h) * hd + c]) *
+                   keys[(t * kv_heads + g) * hd + c];
+          p[t] = dot * scale;
+          top = std::max(top, p[t]);
+        }
+        for (double& v : p) sum += (v = std::exp(v - top));
+        for (int64_t c = 0; c < width; ++c) {
+          double want = 0;
+          for (int32_t t = 0; t < visible_end[i]; ++t)
+            want += p[t] * (shared ? rows[t * row_width + c] : values[(t * kv_heads + g) * hd + c]);
+          EXPECT_NEAR(out[(i * heads + h) * width + c], want / sum, 1e-5 * largest)
+              << (shared ? "shared rows" : "per-head values") << ", query " << i << " head " << h
+              << " channel " << c;
+        }
+      }
+  }
+  cpu::set_thread_count(1);
+}
+
 // The decode-attention kernels against plain loops in double, over shapes that
 // hit every tile height (1-6 rows), a column tail (n not a multiple of 16),
 // strided operands, and accumulation into C.

@@ -4,10 +4,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <stdexcept>
 #include <vector>
 
+#include "kernels/attention_state.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace xq::cpu {
@@ -46,35 +49,78 @@ void PartialAttention::reset(int64_t row_count, int64_t row_width) {
 }
 
 float absorb_scores(PartialAttention& state, int64_t row, float* block_scores, int64_t count) {
-  float block_max = -INFINITY;
-  for (int64_t t = 0; t < count; ++t) block_max = std::max(block_max, block_scores[t]);
-  const float old_max = state.max[row];
-  const float new_max = std::max(old_max, block_max);
-  // Nothing seen yet (old_max = -inf): the old accumulator is zero and stays so.
-  const float rescale = old_max == -INFINITY ? 0.0f : std::exp(old_max - new_max);
-  if (rescale != 1.0f) {
-    float* acc = state.acc.data() + row * state.width;
-    for (int64_t c = 0; c < state.width; ++c) acc[c] *= rescale;
-  }
-  state.sum[row] = state.sum[row] * rescale + exp_shifted(block_scores, count, new_max);
-  state.max[row] = new_max;
-  return rescale;
+  return attention_state::absorb_block(state.max[row], state.sum[row],
+                                       state.acc.data() + row * state.width, state.width,
+                                       block_scores, count, exp_shifted);
 }
 
 void merge_partial_attention(PartialAttention& into, const PartialAttention& from) {
   if (into.rows != from.rows || into.width != from.width)
     throw std::invalid_argument("merge_partial_attention: shapes differ");
-  for (int64_t r = 0; r < into.rows; ++r) {
-    if (from.max[r] == -INFINITY) continue;  // from saw no tokens for this row
-    const float new_max = std::max(into.max[r], from.max[r]);
-    const float a = into.max[r] == -INFINITY ? 0.0f : std::exp(into.max[r] - new_max);
-    const float b = std::exp(from.max[r] - new_max);
-    float* dst = into.acc.data() + r * into.width;
-    const float* src = from.acc.data() + r * from.width;
-    for (int64_t c = 0; c < into.width; ++c) dst[c] = a * dst[c] + b * src[c];
-    into.sum[r] = a * into.sum[r] + b * from.sum[r];
-    into.max[r] = new_max;
+  for (int64_t r = 0; r < into.rows; ++r)
+    attention_state::merge_row(into.max[r], into.sum[r], into.acc.data() + r * into.width,
+                               from.max[r], from.sum[r], from.acc.data() + r * from.width,
+                               into.width);
+}
+
+void normalize_attention(const PartialAttention& state, int64_t first_row, int64_t count,
+                         float* out) {
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t row = first_row + r;
+    attention_state::normalize_row(state.sum[row], state.acc.data() + row * state.width,
+                                   state.width, out + r * state.width);
   }
+}
+
+float log_sum_exp(const PartialAttention& state, int64_t row) {
+  return attention_state::log_sum_exp(state.max[row], state.sum[row]);
+}
+
+void absorb_block(PartialAttention& state, const DecodeQueries& queries, const CachedBlock& block,
+                  float* scores, int64_t score_stride) {
+  const int32_t heads = queries.heads, hd = queries.head_dim;
+  const int32_t group = heads / queries.kv_heads;
+  const int64_t q_stride = static_cast<int64_t>(heads) * hd, width = state.width;
+  for (int32_t i = 0; i < queries.n; ++i) {
+    // Causal: the stored tokens up to the query's position.
+    const int32_t visible = std::min(block.tokens, queries.visible_end[i] - block.first_token);
+    if (visible <= 0) continue;
+    // The block's query heads are adjacent rows of q, of scores and of the state.
+    const int64_t first_row = static_cast<int64_t>(i) * heads + block.first_kv_head * group;
+    for (int32_t j = 0; j < block.kv_heads; ++j) {
+      const int64_t g = block.first_kv_head + j;
+      const int64_t group_row = static_cast<int64_t>(i) * heads + g * group;
+      float* group_scores = scores + static_cast<int64_t>(j) * group * score_stride;
+      scores_against_rows(group, hd, queries.q + i * q_stride + g * group * hd, hd, visible,
+                          block.keys + static_cast<int64_t>(j) * hd, block.key_stride,
+                          queries.scale, group_scores, score_stride);
+      for (int32_t r = 0; r < group; ++r)
+        absorb_scores(state, group_row + r, group_scores + r * score_stride, visible);
+      if (!block.values_shared)  // the group mixes its own KV head's slice of V
+        gemm_small(group, width, visible, group_scores, score_stride,
+                   block.values + static_cast<int64_t>(j) * hd, block.value_stride,
+                   state.acc.data() + group_row * width, width, true);
+    }
+    // Every head mixes the same rows: one GEMM for all the block's heads.
+    if (block.values_shared)
+      gemm_small(static_cast<int64_t>(block.kv_heads) * group, width, visible, scores, score_stride,
+                 block.values, block.value_stride, state.acc.data() + first_row * width, width,
+                 true);
+  }
+}
+
+void attend_in_blocks(int64_t jobs, int64_t rows, int64_t width, PartialAttention& result,
+                      const std::function<void(int64_t job, PartialAttention& state)>& absorb_job) {
+  result.reset(rows, width);
+  std::mutex result_mutex;
+  parallel_for(jobs, [&](int64_t first_job, int64_t last_job) {
+    // Lives across calls: this runs once per layer per decode step.
+    thread_local PartialAttention mine;
+    mine.reset(rows, width);
+    for (int64_t job = first_job; job < last_job; ++job) absorb_job(job, mine);
+    std::lock_guard<std::mutex> lock(result_mutex);
+    merge_partial_attention(result, mine);
+  });
 }
 
 }  // namespace xq::cpu
