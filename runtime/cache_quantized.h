@@ -3,7 +3,7 @@
 //   xquant-B  X per token, K and V rebuilt with the layer's Wk, Wv;
 //             on GQA models, where K+V is narrower than X, the SVD latents
 //             X·Uk (per channel) and X·Uv (per token) instead, rebuilt with
-//             the fused Σ·Bᵀ matrices.
+//             the fused Σ·Bᵀ matrices (runtime/latent_basis.h).
 //   xquant-cl-B  closed-loop cross-layer deltas (§3): layers 0-2 at 4 bits,
 //             layer 2 the base, then Q(X_i - Xhat_{i-1}) per token; on GQA
 //             models in the latent of [Wk | Wv]. One accumulator per token.
@@ -29,6 +29,7 @@
 
 #include "kernels/cpu/aligned_vector.h"
 #include "runtime/cache.h"
+#include "runtime/latent_basis.h"
 #include "runtime/row_store.h"
 
 namespace xq {
@@ -55,12 +56,6 @@ class QuantizedCache : public AttentionCache {
   size_t bytes_in_use() const override;
 
  private:
-  // Row-major fp32 matrix whose rows are outputs: y = M x.
-  struct Projection {
-    cpu::AlignedVector<float> values;
-    int64_t rows = 0, cols = 0;
-    WeightMatrix view() const;
-  };
   struct Layer {
     std::vector<RowStore> stores;   // 1 (X) or 2 (K-side, V-side)
     Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent; CL uses encode_k)
@@ -86,12 +81,10 @@ class QuantizedCache : public AttentionCache {
   bool owns(int32_t position) const { return (position / shard_unit_) % shards_ == shard_; }
   void rebuild_keys(const Layer& layer, const float* source, int32_t rows, int64_t k_width,
                     float* keys) const;
-  void build_latents(const Model& model, int32_t layer_index, Layer& layer);
   void decode_cross_layer_latent(const Layer& layer, const float* latent, int32_t rows,
                                  float* x_rows) const;
   void encode_cross_layer_latent(const Layer& layer, const float* deltas, int32_t rows,
                                  float* latent) const;
-  void build_cross_layer_latent(const Model& model, int32_t layer_index, Layer& layer);
   // Rows of the CL accumulator (Xhat of the last layer read), (max_tokens, dim) per sequence.
   float* accumulator(int32_t seq) {
     return accumulator_.data() + static_cast<size_t>(seq) * capacity_ * config_.dim;
@@ -126,7 +119,6 @@ class QuantizedCache : public AttentionCache {
   }
   // The latent channel of the k-th outlier: channel 0 of each head's latent.
   int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }
-  void weight_value_latent(Layer& layer) const;
   void multiply_blocks(const float* in, int32_t rows, const cpu::AlignedVector<float>& blocks_t,
                        int64_t block, float* out) const;
   void restore_outliers(int32_t seq, int32_t layer, int32_t t0, int32_t rows, float* latent_rows);
