@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #include "kernels/cpu/aligned_vector.h"
@@ -97,46 +96,47 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
                                 cpu::PartialAttention& result) {
   const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
   const int32_t total = own_tokens(pos0 + n);  // stored tokens the queries may see
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const uint16_t* key_block = keys(seq, layer);
   const uint16_t* value_block = values(seq, layer);
-  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
   const int32_t kv_heads = config_.n_kv_heads;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
-  result.reset(static_cast<int64_t>(n) * heads, hd);
-  std::mutex result_mutex;
-  cpu::parallel_for(kv_heads * blocks, [&](int64_t first_job, int64_t last_job) {
-    // Each thread's buffers live across calls (once per layer per step).
-    thread_local cpu::AlignedVector<float> k_rows, v_rows, scores;
-    thread_local cpu::PartialAttention mine;
-    k_rows.resize(static_cast<size_t>(kDecodeBlock) * hd);
-    v_rows.resize(k_rows.size());
-    scores.resize(static_cast<size_t>(group) * kDecodeBlock);
-    mine.reset(static_cast<int64_t>(n) * heads, hd);
-    for (int64_t job = first_job; job < last_job; ++job) {
-      const int32_t g = static_cast<int32_t>(job / blocks);
-      const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
-      const int32_t rows = std::min(kDecodeBlock, total - t0);
-      const size_t at = (static_cast<size_t>(g) * capacity_ + t0) * hd;
-      cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
-      cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
-      for (int32_t i = 0; i < n; ++i) {
-        // Causal: the stored tokens at positions up to the query's.
-        const int32_t visible = std::min(rows, own_tokens(pos0 + i + 1) - t0);
-        if (visible <= 0) continue;
-        const int64_t first_row = static_cast<int64_t>(i) * heads + g * group;
-        cpu::scores_against_rows(group, hd, q + i * q_stride + static_cast<int64_t>(g) * group * hd,
-                                 hd, visible, k_rows.data(), hd, scale, scores.data(),
-                                 kDecodeBlock);
-        for (int32_t r = 0; r < group; ++r)
-          cpu::absorb_scores(mine, first_row + r, scores.data() + r * kDecodeBlock, visible);
-        cpu::gemm_small(group, hd, visible, scores.data(), kDecodeBlock, v_rows.data(), hd,
-                        mine.acc.data() + first_row * hd, hd, true);
-      }
-    }
-    std::lock_guard<std::mutex> lock(result_mutex);
-    cpu::merge_partial_attention(result, mine);
-  });
+  // Causal: each query sees the stored tokens at positions up to its own.
+  std::vector<int32_t> visible_end(n);
+  for (int32_t i = 0; i < n; ++i) visible_end[i] = own_tokens(pos0 + i + 1);
+  cpu::DecodeQueries queries;
+  queries.q = q;
+  queries.n = n;
+  queries.heads = heads;
+  queries.kv_heads = kv_heads;
+  queries.head_dim = hd;
+  queries.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  queries.visible_end = visible_end.data();
+  cpu::attend_in_blocks(
+      kv_heads * blocks, static_cast<int64_t>(n) * heads, hd, result,
+      [&](int64_t job, cpu::PartialAttention& mine) {
+        // Each thread's buffers live across calls (once per layer per step).
+        thread_local cpu::AlignedVector<float> k_rows, v_rows, scores;
+        k_rows.resize(static_cast<size_t>(kDecodeBlock) * hd);
+        v_rows.resize(k_rows.size());
+        scores.resize(static_cast<size_t>(group) * kDecodeBlock);
+        const int32_t g = static_cast<int32_t>(job / blocks);
+        const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
+        const int32_t rows = std::min(kDecodeBlock, total - t0);
+        const size_t at = (static_cast<size_t>(g) * capacity_ + t0) * hd;
+        cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
+        cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
+        cpu::CachedBlock block;
+        block.first_token = t0;
+        block.tokens = rows;
+        block.first_kv_head = g;
+        block.kv_heads = 1;
+        block.keys = k_rows.data();
+        block.key_stride = hd;
+        block.values = v_rows.data();
+        block.value_stride = hd;
+        block.values_shared = false;
+        cpu::absorb_block(mine, queries, block, scores.data(), kDecodeBlock);
+      });
 }
 
 void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
@@ -152,13 +152,7 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   if (n < kMinQueriesForGemm) {  // decode
     thread_local cpu::PartialAttention result;
     attend_blocks(seq, layer, pos0, n, q, result);
-    for (int32_t i = 0; i < n; ++i)
-      for (int32_t h = 0; h < heads; ++h) {
-        const int64_t row = static_cast<int64_t>(i) * heads + h;
-        const float inv = 1.0f / result.sum[row];
-        for (int32_t c = 0; c < hd; ++c)
-          out[i * q_stride + h * hd + c] = result.acc[row * hd + c] * inv;
-      }
+    cpu::normalize_attention(result, 0, result.rows, out);  // rows (query, head): out's layout
     return;
   }
 

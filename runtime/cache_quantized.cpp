@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <mutex>
 #include <numeric>
 
 #include "kernels/cpu/attention.h"
@@ -395,12 +394,7 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   if (n < kMinQueriesForRebuild) {
     thread_local cpu::PartialAttention state;
     attend_blocks(seq, layer_index, pos0, n, q, state);
-    for (int64_t row = 0; row < state.rows; ++row) {
-      const float inv = 1.0f / state.sum[row];
-      const float* acc = state.acc.data() + row * hd;
-      float* dst = out + row * hd;  // rows are (query, head): out's layout
-      for (int32_t c = 0; c < hd; ++c) dst[c] = acc[c] * inv;
-    }
+    cpu::normalize_attention(state, 0, state.rows, out);  // rows (query, head): out's layout
     return;
   }
 
@@ -484,10 +478,9 @@ void QuantizedCache::attend_partial(int32_t seq, int32_t layer_index, int32_t po
 void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                                    const float* q, cpu::PartialAttention& state) {
   Layer& layer = layers_[layer_index];
-  const int32_t total = own_tokens(pos0 + n), hd = config_.head_dim, heads = config_.n_heads;
-  const int32_t kv_heads = config_.n_kv_heads, group = heads / kv_heads, kv = config_.kv_dim();
-  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int32_t total = own_tokens(pos0 + n), hd = config_.head_dim;
+  const int32_t heads = config_.n_heads, kv_heads = config_.n_kv_heads, kv = config_.kv_dim();
+  const int32_t group = heads / kv_heads;
   const RowStore& k_store = layer.stores[0];
   const bool separate_v = layer.stores.size() > 1;
   const bool x_wide = kind_ == Kind::kXquantX || kind_ == Kind::kXquantCrossLayer;
@@ -499,83 +492,73 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
   float* acc = kind_ == Kind::kXquantCrossLayer ? accumulator(seq) : nullptr;
   const int64_t d = config_.dim;
 
+  // Causal: each query sees the stored tokens at positions up to its own.
+  std::vector<int32_t> visible_end(n);
+  for (int32_t i = 0; i < n; ++i) visible_end[i] = own_tokens(pos0 + i + 1);
+  cpu::DecodeQueries queries;
+  queries.q = q;
+  queries.n = n;
+  queries.heads = heads;
+  queries.kv_heads = kv_heads;
+  queries.head_dim = hd;
+  queries.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  queries.visible_end = visible_end.data();
+
   cpu::PartialAttention result;
-  result.reset(static_cast<int64_t>(n) * heads, mix_width);
-  std::mutex result_mutex;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
-  cpu::parallel_for(blocks, [&](int64_t first_block, int64_t last_block) {
-    // Each thread's block buffers live across calls: this runs once per layer
-    // per decode step, and the sizes only change with the model.
-    thread_local cpu::AlignedVector<float> source, latent, v_rows_buffer, keys_buffer, scores;
-    thread_local cpu::PartialAttention mine;
-    source.resize(static_cast<size_t>(kDecodeBlock) * k_width);
-    scores.resize(static_cast<size_t>(heads) * kDecodeBlock);
-    if (layer.decode_x.rows) latent.resize(static_cast<size_t>(kDecodeBlock) * layer.decode_x.cols);
-    if (separate_v) v_rows_buffer.resize(static_cast<size_t>(kDecodeBlock) * k_width);
-    if (layer.rebuild_k.rows) keys_buffer.resize(static_cast<size_t>(kDecodeBlock) * kv);
-    mine.reset(static_cast<int64_t>(n) * heads, mix_width);
-    for (int64_t b = first_block; b < last_block; ++b) {
-      const int32_t t0 = static_cast<int32_t>(b * kDecodeBlock);
-      const int32_t rows = std::min<int32_t>(kDecodeBlock, total - t0);
-      // Stored rows -> K source (X, Xhat or latent).
-      if (layer.decode_x.rows) {
-        k_store.read(seq, t0, t0 + rows, latent.data());
-        decode_cross_layer_latent(layer, latent.data(), rows, source.data());
-      } else {
-        k_store.read(seq, t0, t0 + rows, source.data());
-      }
-      if (acc) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer i+1
-        float* acc_rows = acc + static_cast<size_t>(t0) * d;
-        if (cross_layer_delta_[layer_index])
-          for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) source[i] += acc_rows[i];
-        if (cross_layer_keeps_[layer_index])
-          std::copy(source.begin(), source.begin() + static_cast<size_t>(rows) * d, acc_rows);
-      }
-      if (keep_outlier_) {
-        restore_outliers(seq, layer_index, t0, rows, source.data());
-      }
-      float* keys = source.data();
-      if (layer.rebuild_k.rows) {
-        keys = keys_buffer.data();
-        rebuild_keys(layer, source.data(), rows, k_width, keys);
-      }
-      cpu::rope(keys, positions_.data() + t0, rows, kv_heads, hd, config_.rope_dim,
-                config_.rope_layout, rope_cos_sin_);
-      const float* v_rows = source.data();
-      if (separate_v) {
-        layer.stores[1].read(seq, t0, t0 + rows, v_rows_buffer.data());
-        v_rows = v_rows_buffer.data();
-      }
-      const int64_t v_stride = project_v ? k_width : kv;
-      for (int32_t i = 0; i < n; ++i) {
-        // Causal: the stored tokens at positions up to the query's.
-        const int32_t visible = std::min(rows, own_tokens(pos0 + i + 1) - t0);
-        if (visible <= 0) continue;
-        const int64_t first_row = static_cast<int64_t>(i) * heads;
-        for (int32_t g = 0; g < kv_heads; ++g) {
-          // The group's query heads are adjacent rows of q and of scores.
-          const float* group_queries = q + i * q_stride + static_cast<int64_t>(g) * group * hd;
-          float* group_scores = scores.data() + static_cast<size_t>(g) * group * kDecodeBlock;
-          cpu::scores_against_rows(group, hd, group_queries, hd, visible,
-                                   keys + static_cast<int64_t>(g) * hd, kv, scale, group_scores,
-                                   kDecodeBlock);
-          for (int32_t r = 0; r < group; ++r)
-            cpu::absorb_scores(mine, first_row + g * group + r, group_scores + r * kDecodeBlock,
-                               visible);
-          if (!project_v)  // kivi: each group mixes its own slice of V
-            cpu::gemm_small(group, mix_width, visible, group_scores, kDecodeBlock, v_rows + g * hd,
-                            v_stride, mine.acc.data() + (first_row + g * group) * mix_width,
-                            mix_width, true);
+  cpu::attend_in_blocks(
+      blocks, static_cast<int64_t>(n) * heads, mix_width, result,
+      [&](int64_t b, cpu::PartialAttention& mine) {
+        // Each thread's block buffers live across calls: this runs once per layer
+        // per decode step, and the sizes only change with the model.
+        thread_local cpu::AlignedVector<float> source, latent, v_rows_buffer, keys_buffer, scores;
+        source.resize(static_cast<size_t>(kDecodeBlock) * k_width);
+        scores.resize(static_cast<size_t>(heads) * kDecodeBlock);
+        if (layer.decode_x.rows)
+          latent.resize(static_cast<size_t>(kDecodeBlock) * layer.decode_x.cols);
+        if (separate_v) v_rows_buffer.resize(static_cast<size_t>(kDecodeBlock) * k_width);
+        if (layer.rebuild_k.rows) keys_buffer.resize(static_cast<size_t>(kDecodeBlock) * kv);
+        const int32_t t0 = static_cast<int32_t>(b * kDecodeBlock);
+        const int32_t rows = std::min<int32_t>(kDecodeBlock, total - t0);
+        // Stored rows -> K source (X, Xhat or latent).
+        if (layer.decode_x.rows) {
+          k_store.read(seq, t0, t0 + rows, latent.data());
+          decode_cross_layer_latent(layer, latent.data(), rows, source.data());
+        } else {
+          k_store.read(seq, t0, t0 + rows, source.data());
         }
-        // Every head mixes the same stored rows (X or X·Uv): one GEMM for all.
-        if (project_v)
-          cpu::gemm_small(heads, mix_width, visible, scores.data(), kDecodeBlock, v_rows, v_stride,
-                          mine.acc.data() + first_row * mix_width, mix_width, true);
-      }
-    }
-    std::lock_guard<std::mutex> lock(result_mutex);
-    cpu::merge_partial_attention(result, mine);
-  });
+        if (acc) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer i+1
+          float* acc_rows = acc + static_cast<size_t>(t0) * d;
+          if (cross_layer_delta_[layer_index])
+            for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) source[i] += acc_rows[i];
+          if (cross_layer_keeps_[layer_index])
+            std::copy(source.begin(), source.begin() + static_cast<size_t>(rows) * d, acc_rows);
+        }
+        if (keep_outlier_) {
+          restore_outliers(seq, layer_index, t0, rows, source.data());
+        }
+        float* keys = source.data();
+        if (layer.rebuild_k.rows) {
+          keys = keys_buffer.data();
+          rebuild_keys(layer, source.data(), rows, k_width, keys);
+        }
+        cpu::rope(keys, positions_.data() + t0, rows, kv_heads, hd, config_.rope_dim,
+                  config_.rope_layout, rope_cos_sin_);
+        cpu::CachedBlock block;
+        block.first_token = t0;
+        block.tokens = rows;
+        block.first_kv_head = 0;
+        block.kv_heads = kv_heads;
+        block.keys = keys;
+        block.key_stride = kv;
+        block.values = separate_v ? v_rows_buffer.data() : source.data();
+        if (separate_v) layer.stores[1].read(seq, t0, t0 + rows, v_rows_buffer.data());
+        // Every head mixes the same stored rows (X or X·Uv), projected to V at the
+        // end; kivi's heads each mix their own slice of V.
+        block.values_shared = project_v;
+        block.value_stride = project_v ? k_width : kv;
+        cpu::absorb_block(mine, queries, block, scores.data(), kDecodeBlock);
+      });
 
   if (!project_v) {  // kivi: the sums are already over V
     state = std::move(result);

@@ -1,8 +1,9 @@
 // The flash-decoding merge across a TP group (architecture.md, "Sharding"): in
 // XQuant modes each rank of the group holds different tokens of a sequence and
 // computes attention over its own tokens as an online-softmax state (running
-// max, sum of exp, weighted sum of values). Merging those states gives exactly
-// the attention over all tokens.
+// max, sum of exp, weighted sum of values: kernels/attention_state.h). Merging
+// those states gives exactly the attention over all tokens; normalize the
+// merged rows with cpu::normalize_attention.
 #pragma once
 
 #include "kernels/cpu/attention.h"
