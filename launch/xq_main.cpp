@@ -26,6 +26,7 @@
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
+#include "runtime/cache_mode.h"
 #include "runtime/engine.h"
 #include "runtime/generation.h"
 #include "runtime/model.h"
@@ -137,7 +138,7 @@ void add_model_options(Arguments& args) {
   args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
   args.option("threads", "2", "CPU threads");
   args.option("cache", "fp16",
-              "attention cache mode: fp16, kivi-4/3/2, xquant-8/4/3/2, xquant-cl-4/3/2");
+              "attention cache mode: " + cache_mode_names() + " ('xq modes' says what each keeps)");
   args.flag("keep-outlier-channel",
             "xquant on GQA models: keep channel 0 of X·Uk in fp16 (paper appendix B)");
   args.option("k-latent", "per-head",
@@ -567,6 +568,23 @@ int run_tokenize(int argc, char** argv) {
   return 0;
 }
 
+// The table of cache modes (runtime/cache_mode.h), for people and scripts.
+int run_modes(int argc, char** argv) {
+  Arguments args("modes", "The attention cache modes --cache takes: what each stores and how.");
+  args.option("model", "", "only the layout this model gets (X or SVD latents on GQA models)");
+  args.flag("names", "only the names, one a line (for scripts)");
+  if (!args.parse(argc, argv)) return 0;
+  std::unique_ptr<Model> model;
+  if (args.has("model") && !args.has("names")) model = Model::load(args.get("model"));
+  for (const CacheModeSpec& mode : cache_modes()) {
+    const std::string line = args.has("names") ? std::string(mode.name)
+                             : model           ? describe(mode, model->config())
+                                               : describe(mode);
+    std::printf("%s\n", line.c_str());
+  }
+  return 0;
+}
+
 int usage(FILE* out) {
   std::fprintf(out,
                "usage: xq <command> [options]\n\n"
@@ -574,7 +592,8 @@ int usage(FILE* out) {
                "  perplexity   perplexity of a text file (llama.cpp's protocol)\n"
                "  generate     complete a prompt, streamed to stdout\n"
                "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
-               "  tokenize     print the token ids of a text\n\n"
+               "  tokenize     print the token ids of a text\n"
+               "  modes        list the attention cache modes\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -586,10 +605,9 @@ int main(int argc, char** argv) {
   if (argc < 2) return xq::usage(stderr);
   const std::string command = argv[1];
   std::map<std::string, std::function<int(int, char**)>> commands = {
-      {"perplexity", xq::run_perplexity},
-      {"generate", xq::run_generate},
-      {"worker", xq::run_worker},
-      {"tokenize", xq::run_tokenize},
+      {"perplexity", xq::run_perplexity}, {"generate", xq::run_generate},
+      {"worker", xq::run_worker},         {"tokenize", xq::run_tokenize},
+      {"modes", xq::run_modes},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);

@@ -18,8 +18,8 @@
 namespace xq {
 
 struct CacheOptions {
-  std::string mode = "fp16";
-  int32_t max_tokens = 0;  // per sequence
+  std::string mode = "fp16";  // a name in the table of modes (runtime/cache_mode.h)
+  int32_t max_tokens = 0;     // per sequence
   int32_t sequences = 1;
   // RoPE cos/sin table for positions [0, max_tokens), from cpu::rope_table();
   // owned by the engine. Caches rotate keys themselves because some modes
@@ -45,8 +45,8 @@ struct CacheOptions {
   std::vector<int32_t> cross_layer_restarts;
   // Sequence sharding (architecture.md, "Sharding"): this cache is member
   // `sequence_shard` of `sequence_shards` caches that split each sequence's
-  // tokens between them; it keeps only its own tokens and answers
-  // attend_partial() over them. Quantized modes only.
+  // tokens between them (runtime/sequence_shard.h, in the mode's unit); it
+  // keeps only its own tokens and answers attend_partial() over them.
   int32_t sequence_shards = 1;
   int32_t sequence_shard = 0;
 };
@@ -96,7 +96,8 @@ class AttentionCache {
   virtual size_t bytes_in_use() const = 0;
 };
 
-// Makes a cache of the named mode for `model`. Throws xq::Error on an unknown mode.
+// Makes a cache of the named mode (a row of runtime/cache_mode.h) for `model`.
+// Throws xq::Error on an unknown mode or options the mode does not take.
 std::unique_ptr<AttentionCache> make_cache(const Model& model, const CacheOptions& options);
 
 }  // namespace xq

@@ -12,6 +12,7 @@
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/error.h"
+#include "runtime/cache_mode.h"
 
 namespace xq {
 namespace {
@@ -27,16 +28,12 @@ constexpr int32_t kDecodeBlock = 64;
 Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
     : config_(config),
       max_tokens_(options.max_tokens),
-      shards_(options.sequence_shards),
-      shard_(options.sequence_shard),
+      shard_(options.sequence_shards, options.sequence_shard, cache_layouts::kFp16Kv.shard_unit()),
       sequences_(options.sequences),
       rope_cos_sin_(options.rope_cos_sin) {
   if (max_tokens_ <= 0 || sequences_ <= 0) throw Error("fp16 cache: capacity must be positive");
   if (!rope_cos_sin_) throw Error("fp16 cache: no RoPE table");
-  if (shards_ < 1 || shard_ < 0 || shard_ >= shards_)
-    throw Error("cache: sequence shard " + std::to_string(shard_) + " of " +
-                std::to_string(shards_) + " does not exist");
-  capacity_ = own_tokens(max_tokens_);
+  capacity_ = shard_.owned_before(max_tokens_);
   block_elems_ = static_cast<size_t>(config.n_kv_heads) * capacity_ * config.head_dim;
   storage_.resize(block_elems_ * 2 * config.n_layers * sequences_);
   lengths_.assign(sequences_, 0);
@@ -70,8 +67,8 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   cpu::rope(rotated_.data(), positions_.data(), n, config_.n_kv_heads, hd, config_.rope_dim,
             config_.rope_layout, rope_cos_sin_);
   for (int32_t i = 0; i < n; ++i) {
-    if ((pos0 + i) % shards_ != shard_) continue;  // another shard's token
-    const int32_t slot = own_tokens(pos0 + i);
+    if (!shard_.owns(pos0 + i)) continue;  // another shard's token
+    const int32_t slot = shard_.owned_before(pos0 + i);
     for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
       size_t at = (static_cast<size_t>(g) * capacity_ + slot) * hd;
       cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd,
@@ -95,14 +92,14 @@ void Fp16KvCache::attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32
 void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
                                 cpu::PartialAttention& result) {
   const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
-  const int32_t total = own_tokens(pos0 + n);  // stored tokens the queries may see
+  const int32_t total = shard_.owned_before(pos0 + n);  // stored tokens the queries may see
   const uint16_t* key_block = keys(seq, layer);
   const uint16_t* value_block = values(seq, layer);
   const int32_t kv_heads = config_.n_kv_heads;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
   // Causal: each query sees the stored tokens at positions up to its own.
   std::vector<int32_t> visible_end(n);
-  for (int32_t i = 0; i < n; ++i) visible_end[i] = own_tokens(pos0 + i + 1);
+  for (int32_t i = 0; i < n; ++i) visible_end[i] = shard_.owned_before(pos0 + i + 1);
   cpu::DecodeQueries queries;
   queries.q = q;
   queries.n = n;
@@ -142,7 +139,8 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
 void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
                          float* out) {
   check(seq, pos0, n);
-  if (shards_ > 1) throw Error("cache: a sequence-sharded cache attends through attend_partial()");
+  if (shard_.sharded())
+    throw Error("cache: a sequence-sharded cache attends through attend_partial()");
   const int32_t hd = config_.head_dim, heads = config_.n_heads;
   const int32_t total = pos0 + n;
   const uint16_t* key_block = keys(seq, layer);
@@ -182,13 +180,13 @@ double Fp16KvCache::bytes_per_token() const {
 }
 
 size_t Fp16KvCache::bytes_for_tokens(int32_t tokens) const {
-  return static_cast<size_t>(own_tokens(tokens)) * 2 * sizeof(uint16_t) * config_.kv_dim() *
-         config_.n_layers;
+  return static_cast<size_t>(shard_.owned_before(tokens)) * 2 * sizeof(uint16_t) *
+         config_.kv_dim() * config_.n_layers;
 }
 
 size_t Fp16KvCache::bytes_in_use() const {
   size_t tokens = 0;
-  for (int32_t len : lengths_) tokens += static_cast<size_t>(own_tokens(len));
+  for (int32_t len : lengths_) tokens += static_cast<size_t>(shard_.owned_before(len));
   return tokens * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
 }
 

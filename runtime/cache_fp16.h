@@ -1,13 +1,15 @@
 // The reference KV cache: K (rotated by RoPE on arrival) and V stored in fp16,
 // per KV head contiguous over positions so a decode step reads each head as one
-// stream. Sequence-sharded (CacheOptions::sequence_shards = S) it keeps the
-// tokens t with t % S == its shard (tensor parallelism where the KV heads do
-// not split evenly over the TP group) and answers attend_partial().
+// stream. Sequence-sharded (CacheOptions::sequence_shards = S) it keeps its
+// shard's tokens, dealt one at a time (runtime/sequence_shard.h; tensor
+// parallelism where the KV heads do not split evenly over the TP group), and
+// answers attend_partial().
 #pragma once
 
 #include <vector>
 
 #include "runtime/cache.h"
+#include "runtime/sequence_shard.h"
 
 namespace xq {
 
@@ -36,12 +38,11 @@ class Fp16KvCache : public AttentionCache {
   // The block walk of decode over this shard's tokens (global positions).
   void attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
                      cpu::PartialAttention& state);
-  int32_t own_tokens(int32_t end) const { return end / shards_ + (end % shards_ > shard_ ? 1 : 0); }
 
   ModelConfig config_;
-  int32_t max_tokens_;  // per sequence, all shards together
-  int32_t shards_ = 1, shard_ = 0;
-  int32_t capacity_;  // this shard's share of max_tokens_
+  int32_t max_tokens_;   // per sequence, all shards together
+  SequenceShard shard_;  // the tokens this cache holds
+  int32_t capacity_;     // this shard's share of max_tokens_
   int32_t sequences_;
   size_t block_elems_;  // kv_heads * capacity * head_dim
   const float* rope_cos_sin_;

@@ -126,32 +126,27 @@ ModelConfig covered_layers(const ModelConfig& model, const CacheOptions& options
 
 }  // namespace
 
-QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits)
+QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
+                               const CacheModeSpec& spec)
     : config_(covered_layers(model.config(), options)),
-      kind_(kind),
+      mode_(spec.name),
+      layout_(layout_for(spec, model.config())),
       max_tokens_(options.max_tokens),
       rope_cos_sin_(options.rope_cos_sin),
       first_layer_(options.first_layer),
-      shards_(options.sequence_shards),
-      shard_(options.sequence_shard) {
+      shard_(
+          sequence_shard(spec, model.config(), options.sequence_shards, options.sequence_shard)) {
+  if (!spec.quantized()) throw Error("cache: '" + mode_ + "' is not a quantized mode");
   if (max_tokens_ <= 0 || options.sequences <= 0) throw Error("cache: capacity must be positive");
   if (!rope_cos_sin_) throw Error("cache: no RoPE table");
-  if (shards_ < 1 || shard_ < 0 || shard_ >= shards_)
-    throw Error("cache: sequence shard " + std::to_string(shard_) + " of " +
-                std::to_string(shards_) + " does not exist");
   const int64_t d = config_.dim, kv = config_.kv_dim();
-  const std::string b = std::to_string(bits);
-  // A stream quantized per channel takes its scales from 128-token groups:
-  // shards own whole groups so those are the same tokens as unsharded.
-  shard_unit_ = kind == Kind::kKivi || kind == Kind::kXquantLatent ? RowStore::kGroup : 1;
-  capacity_ = own_tokens(max_tokens_);
+  const KvSource source = layout_.kv_source;
+  const bool cross_layer = source == KvSource::kCrossLayerDeltas;
+  capacity_ = shard_.owned_before(max_tokens_);
   layers_.resize(config_.n_layers);
   positions_.resize(capacity_);
-  for (int32_t j = 0; j < capacity_; ++j)
-    positions_[j] =
-        (j / shard_unit_) * shard_unit_ * shards_ + shard_ * shard_unit_ + j % shard_unit_;
+  for (int32_t j = 0; j < capacity_; ++j) positions_[j] = shard_.position(j);
   lengths_.assign(static_cast<size_t>(options.sequences), 0);
-  const bool cl_latent = kind == Kind::kXquantCrossLayer && 2 * kv < d;
   // XQuant-CL chains: a layer codes a delta unless it is at or below the base,
   // the first of this cache (a pipeline stage) or a named restart.
   std::vector<int32_t> restarts;
@@ -162,73 +157,62 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
     const bool restart = global > kCrossLayerBase &&
                          (i == 0 || std::count(options.cross_layer_restarts.begin(),
                                                options.cross_layer_restarts.end(), global) > 0);
-    if (kind == Kind::kXquantCrossLayer && restart) restarts.push_back(global);
+    if (cross_layer && restart) restarts.push_back(global);
     cross_layer_delta_[i] = global > kCrossLayerBase && !restart;
     cross_layer_keeps_[i] = global >= kCrossLayerBase;
   }
   sequences_ = options.sequences;
   k_latent_per_head_ = options.k_latent_per_head;
-  keep_outlier_ = options.keep_outlier_channel && kind == Kind::kXquantLatent;
+  keep_outlier_ = options.keep_outlier_channel && source == KvSource::kRebuiltFromLatents;
   // Appendix B's outlier channel is the first of each latent: one per KV head
   // when every head has its own.
   outliers_per_token_ = k_latent_per_head_ ? config_.n_kv_heads : 1;
   if (keep_outlier_)
     outlier_channel_.resize(static_cast<size_t>(config_.n_layers) * options.sequences *
                             outliers_per_token_ * capacity_);
-  if (kind == Kind::kXquantCrossLayer)
+  cross_layer_accumulator_ = spec.cross_layer_accumulator;
+  if (cross_layer_accumulator_)
     accumulator_.resize(static_cast<size_t>(options.sequences) * capacity_ * d);
-  const int requested_bits = bits;
-  const int32_t max_tokens = capacity_;  // what each row store holds
+  const bool cl_latent = cross_layer && layout_.streams[0].content == StreamContent::kXDeltaLatent;
   for (int32_t i = 0; i < config_.n_layers; ++i) {
     Layer& layer = layers_[i];
     const int32_t global = first_layer_ + i;
     // A chain's start carries every later delta: as precise as the base.
-    const bool pinned =
-        global < kPinnedLayers || (kind == Kind::kXquantCrossLayer && !cross_layer_delta_[i]);
-    bits = pinned ? std::max(requested_bits, kPinnedBits) : requested_bits;
-    switch (kind) {
-      case Kind::kKivi:
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens, options.sequences);
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
+    const bool pinned = global < kPinnedLayers || (cross_layer && !cross_layer_delta_[i]);
+    const int bits = pinned ? std::max(spec.bits, kPinnedBits) : spec.bits;
+    for (int32_t s = 0; s < layout_.stream_count; ++s)
+      layer.stores.emplace_back(stream_width(layout_.streams[s].content, config_), bits,
+                                layout_.streams[s].axis, capacity_, options.sequences);
+    const LayerWeights& w = model.layers()[global];
+    switch (source) {
+      case KvSource::kReadBack:
         break;
-      case Kind::kXquantX: {
-        layer.stores.emplace_back(d, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
-        const LayerWeights& w = model.layers()[global];
+      case KvSource::kRebuiltFromX:
         layer.rebuild_k = {widen(w.wk), kv, d};
         layer.rebuild_v = {widen(w.wv), kv, d};
         break;
-      }
-      case Kind::kXquantLatent:
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerChannel, max_tokens, options.sequences);
-        layer.stores.emplace_back(kv, bits, QuantAxis::kPerToken, max_tokens, options.sequences);
-        {
-          KeyValueLatentBasis basis =
-              key_value_latent_basis(model.layers()[global], config_, k_latent_per_head_);
-          layer.encode_k = std::move(basis.encode_k);
-          layer.encode_v = std::move(basis.encode_v);
-          layer.rebuild_k = std::move(basis.rebuild_k);
-          layer.rebuild_v = std::move(basis.rebuild_v);
-          layer.rebuild_k_per_head = basis.rebuild_k_per_head;
-          layer.latent_from_k = std::move(basis.latent_from_k);
-          layer.latent_from_v = std::move(basis.latent_from_v);
-          break;
-        }
-      case Kind::kXquantCrossLayer: {
-        layer.stores.emplace_back(cl_latent ? 2 * kv : d, bits, QuantAxis::kPerToken, max_tokens,
-                                  options.sequences);
+      case KvSource::kCrossLayerDeltas:
         if (cl_latent) {
-          CrossLayerLatentBasis basis = cross_layer_latent_basis(model.layers()[global], config_);
+          CrossLayerLatentBasis basis = cross_layer_latent_basis(w, config_);
           layer.encode_k = std::move(basis.encode);
           layer.decode_x = std::move(basis.decode);
         }
-        const LayerWeights& w = model.layers()[global];
         layer.rebuild_k = {widen(w.wk), kv, d};
         layer.rebuild_v = {widen(w.wv), kv, d};
+        break;
+      case KvSource::kRebuiltFromLatents: {
+        KeyValueLatentBasis basis = key_value_latent_basis(w, config_, k_latent_per_head_);
+        layer.encode_k = std::move(basis.encode_k);
+        layer.encode_v = std::move(basis.encode_v);
+        layer.rebuild_k = std::move(basis.rebuild_k);
+        layer.rebuild_v = std::move(basis.rebuild_v);
+        layer.rebuild_k_per_head = basis.rebuild_k_per_head;
+        layer.latent_from_k = std::move(basis.latent_from_k);
+        layer.latent_from_v = std::move(basis.latent_from_v);
         break;
       }
     }
   }
-  bits = requested_bits;
   // Decode reads the K rebuild matrix input-major (one row per stored channel).
   for (Layer& layer : layers_) {
     const Projection& r = layer.rebuild_k;
@@ -241,20 +225,17 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
           layer.rebuild_k_t[b0 * r.cols + c * block_rows + j] = r.values[(b0 + j) * r.cols + c];
   }
   const RowStore& first = layers_[0].stores[0];
-  switch (kind) {
-    case Kind::kKivi:
-      mode_ = "kivi-" + b;
+  switch (source) {
+    case KvSource::kReadBack:
       description_ =
           mode_ + ": K before RoPE " + first.describe() + "; V " + layers_[0].stores[1].describe();
       break;
-    case Kind::kXquantX:
-      mode_ = "xquant-" + b;
+    case KvSource::kRebuiltFromX:
       description_ = mode_ + ": caching X (" + std::to_string(d) + " values/token) " +
                      first.describe() + "; K+V would be " + std::to_string(2 * kv) +
                      " values, so X is not larger";
       break;
-    case Kind::kXquantCrossLayer:
-      mode_ = "xquant-cl-" + b;
+    case KvSource::kCrossLayerDeltas:
       description_ =
           mode_ +
           ": closed-loop cross-layer deltas of X, layers 0-2 at 4 bits with layer 2 as base; " +
@@ -267,8 +248,7 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
                      : "deltas of X (" + std::to_string(d) + " values/token) ") +
           layers_.back().stores[0].describe() + "; one fp32 accumulator per token";
       break;
-    case Kind::kXquantLatent:
-      mode_ = "xquant-" + b;
+    case KvSource::kRebuiltFromLatents:
       description_ =
           mode_ + ": caching SVD latents X·Uk, X·Uv (" + std::to_string(2 * kv) +
           " values/token) instead of X (" + std::to_string(d) +
@@ -286,26 +266,20 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options, 
   }
 }
 
-int32_t QuantizedCache::own_tokens(int32_t end) const {
-  if (shards_ == 1) return end;
-  const int32_t cycle = shard_unit_ * shards_;
-  return end / cycle * shard_unit_ + std::clamp(end % cycle - shard_ * shard_unit_, 0, shard_unit_);
-}
-
 void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                             const float* x, const float* k, const float* v) {
-  if (shards_ == 1) {
+  if (!shard_.sharded()) {
     append_own(seq, layer_index, pos0, n, x, k, v);
   } else {
     // This shard's rows of the batch, in order: they continue its own tokens.
-    const int32_t own_pos0 = own_tokens(pos0);
+    const int32_t own_pos0 = shard_.owned_before(pos0);
     const int64_t d = config_.dim, kv = config_.kv_dim();
     own_x_.resize(static_cast<size_t>(n) * d);
     own_k_.resize(static_cast<size_t>(n) * kv);
     own_v_.resize(static_cast<size_t>(n) * kv);
     int32_t own = 0;
     for (int32_t i = 0; i < n; ++i) {
-      if (!owns(pos0 + i)) continue;
+      if (!shard_.owns(pos0 + i)) continue;
       if (x) std::copy_n(x + i * d, d, own_x_.data() + own * d);
       if (k) std::copy_n(k + i * kv, kv, own_k_.data() + own * kv);
       if (v) std::copy_n(v + i * kv, kv, own_v_.data() + own * kv);
@@ -323,15 +297,15 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
 void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                                 const float* x, const float* k, const float* v) {
   Layer& layer = layers_[layer_index];
-  switch (kind_) {
-    case Kind::kKivi:
+  switch (layout_.kv_source) {
+    case KvSource::kReadBack:
       layer.stores[0].append(seq, pos0, n, k);
       layer.stores[1].append(seq, pos0, n, v);
       break;
-    case Kind::kXquantX:
+    case KvSource::kRebuiltFromX:
       layer.stores[0].append(seq, pos0, n, x);
       break;
-    case Kind::kXquantCrossLayer: {
+    case KvSource::kCrossLayerDeltas: {
       // The encoder codes X_i minus what the decoder will have reconstructed
       // for layer i-1: the accumulator rows attend() left for these tokens.
       const int64_t d = config_.dim;
@@ -349,7 +323,7 @@ void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, 
       }
       break;
     }
-    case Kind::kXquantLatent: {
+    case KvSource::kRebuiltFromLatents: {
       // Latents of the unquantized K and V (or X), then quantized.
       const int64_t kv_width = config_.kv_dim();
       encoded_.resize(static_cast<size_t>(n) * kv_width);
@@ -388,7 +362,8 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
   const int32_t kv = config_.kv_dim();
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
-  if (shards_ > 1) throw Error("cache: a sequence-sharded cache attends through attend_partial()");
+  if (shard_.sharded())
+    throw Error("cache: a sequence-sharded cache attends through attend_partial()");
   if (total > layer.stores[0].length(seq))
     throw Error("cache: attend over tokens that were not appended");
   if (n < kMinQueriesForRebuild) {
@@ -401,11 +376,10 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   // K: read the stored rows, rebuild, rotate.
   const RowStore& k_store = layer.stores[0];
   const RowStore& v_store = layer.stores.size() > 1 ? layer.stores[1] : layer.stores[0];
-  const bool x_wide = kind_ == Kind::kXquantX || kind_ == Kind::kXquantCrossLayer;
-  const int64_t k_width = x_wide ? config_.dim : kv;
+  const int64_t k_width = key_source_width();
   const int64_t v_width = k_width;
   k_source_.resize(static_cast<size_t>(total) * k_width);
-  if (kind_ == Kind::kXquantCrossLayer) {
+  if (layout_.kv_source == KvSource::kCrossLayerDeltas) {
     // Xhat_i = (layer > base ? Xhat_{i-1} : 0) + decoded delta_i; from the
     // base on, Xhat_i becomes the accumulator the next layer adds to.
     const int64_t d = config_.dim;
@@ -470,7 +444,7 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
 // sum_t a_t (s_t M) = (sum_t a_t s_t) M.
 void QuantizedCache::attend_partial(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                                     const float* q, cpu::PartialAttention& state) {
-  if (own_tokens(pos0 + n) > layers_[layer_index].stores[0].length(seq))
+  if (shard_.owned_before(pos0 + n) > layers_[layer_index].stores[0].length(seq))
     throw Error("cache: attend over tokens that were not appended");
   attend_blocks(seq, layer_index, pos0, n, q, state);
 }
@@ -478,23 +452,22 @@ void QuantizedCache::attend_partial(int32_t seq, int32_t layer_index, int32_t po
 void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                                    const float* q, cpu::PartialAttention& state) {
   Layer& layer = layers_[layer_index];
-  const int32_t total = own_tokens(pos0 + n), hd = config_.head_dim;
+  const int32_t total = shard_.owned_before(pos0 + n), hd = config_.head_dim;
   const int32_t heads = config_.n_heads, kv_heads = config_.n_kv_heads, kv = config_.kv_dim();
   const int32_t group = heads / kv_heads;
   const RowStore& k_store = layer.stores[0];
   const bool separate_v = layer.stores.size() > 1;
-  const bool x_wide = kind_ == Kind::kXquantX || kind_ == Kind::kXquantCrossLayer;
-  const int64_t k_width = x_wide ? config_.dim : kv;
+  const int64_t k_width = key_source_width();
   const bool project_v = layer.rebuild_v.rows != 0;
   // Per head, the weighted sum runs over whole stored rows when they are
   // projected afterwards, or over the head's own hd values of V (kivi).
   const int64_t mix_width = project_v ? k_width : hd;
-  float* acc = kind_ == Kind::kXquantCrossLayer ? accumulator(seq) : nullptr;
+  float* acc = cross_layer_accumulator_ ? accumulator(seq) : nullptr;
   const int64_t d = config_.dim;
 
   // Causal: each query sees the stored tokens at positions up to its own.
   std::vector<int32_t> visible_end(n);
-  for (int32_t i = 0; i < n; ++i) visible_end[i] = own_tokens(pos0 + i + 1);
+  for (int32_t i = 0; i < n; ++i) visible_end[i] = shard_.owned_before(pos0 + i + 1);
   cpu::DecodeQueries queries;
   queries.q = q;
   queries.n = n;
@@ -580,7 +553,7 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
 }
 
 void QuantizedCache::truncate(int32_t seq, int32_t from) {
-  const int32_t own_from = own_tokens(std::max(from, 0));
+  const int32_t own_from = shard_.owned_before(std::max(from, 0));
   for (Layer& layer : layers_)
     for (RowStore& store : layer.stores) store.truncate(seq, own_from);
   lengths_[seq] = std::clamp(from, 0, lengths_[seq]);
@@ -592,7 +565,7 @@ int32_t QuantizedCache::length(int32_t seq) const {
 
 // XQuant-CL also holds one fp32 accumulator row (dim values) per token.
 double QuantizedCache::bytes_per_token() const {
-  double total = kind_ == Kind::kXquantCrossLayer ? config_.dim * sizeof(float) : 0.0;
+  double total = cross_layer_accumulator_ ? config_.dim * sizeof(float) : 0.0;
   if (keep_outlier_) total += config_.n_layers * outliers_per_token_ * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores) total += store.bytes_per_token();
@@ -600,10 +573,9 @@ double QuantizedCache::bytes_per_token() const {
 }
 
 size_t QuantizedCache::bytes_for_tokens(int32_t all_tokens) const {
-  const int32_t tokens = own_tokens(all_tokens);  // a shard holds its own share
-  size_t total = kind_ == Kind::kXquantCrossLayer
-                     ? static_cast<size_t>(tokens) * config_.dim * sizeof(float)
-                     : 0;
+  const int32_t tokens = shard_.owned_before(all_tokens);  // a shard holds its own share
+  size_t total =
+      cross_layer_accumulator_ ? static_cast<size_t>(tokens) * config_.dim * sizeof(float) : 0;
   if (keep_outlier_)
     total +=
         static_cast<size_t>(tokens) * config_.n_layers * outliers_per_token_ * sizeof(uint16_t);
@@ -614,7 +586,7 @@ size_t QuantizedCache::bytes_for_tokens(int32_t all_tokens) const {
 
 size_t QuantizedCache::bytes_in_use() const {
   size_t total = 0;
-  if (kind_ == Kind::kXquantCrossLayer)  // accumulator rows of the stored tokens
+  if (cross_layer_accumulator_)  // accumulator rows of the stored tokens
     for (int32_t s = 0; s < layers_[0].stores[0].sequences(); ++s)
       total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.dim * sizeof(float);
   if (keep_outlier_)  // one fp16 value per stored token per layer

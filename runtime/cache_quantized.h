@@ -1,4 +1,5 @@
-// The quantized cache modes, one class and one code path (xquant-spec §1-§5):
+// The quantized cache modes, one class and one code path; the table in
+// runtime/cache_mode.h says what each mode stores (xquant-spec §1-§5):
 //   kivi-B    K before RoPE per channel, V per token (the KIVI* baseline);
 //   xquant-B  X per token, K and V rebuilt with the layer's Wk, Wv;
 //             on GQA models, where K+V is narrower than X, the SVD latents
@@ -13,14 +14,14 @@
 // and V, which stream they come from and the matrix that rebuilds them.
 // Decode never rebuilds V: the attention-weighted sum is taken over the stored
 // rows and projected once per head.
-// Sequence sharding (CacheOptions::sequence_shards = S, shard r): token t
-// belongs to shard (t / unit) % S, where unit is one token for modes whose
-// streams are all quantized per token, and one 128-token group where a stream
-// is quantized per channel (KIVI's K, the latent X·Uk), so that each group's
-// scales come from the same tokens as in one unsharded cache. Each shard
-// stores and reads only its own tokens (at their global positions for RoPE and
-// the causal mask), so the shards' bytes add up to one unsharded cache's and
-// their merged attend_partial() results equal its attend() up to rounding.
+// Sequence sharding (CacheOptions::sequence_shards = S, shard r): the tokens
+// are dealt by runtime/sequence_shard.h in units of the layout's shard_unit()
+// (one token, or one 128-token group where a stream is quantized per channel,
+// so that each group's scales come from the same tokens as in one unsharded
+// cache). Each shard stores and reads only its own tokens (at their global
+// positions for RoPE and the causal mask), so the shards' bytes add up to one
+// unsharded cache's and their merged attend_partial() results equal its
+// attend() up to rounding.
 #pragma once
 
 #include <memory>
@@ -29,16 +30,17 @@
 
 #include "kernels/cpu/aligned_vector.h"
 #include "runtime/cache.h"
+#include "runtime/cache_mode.h"
 #include "runtime/latent_basis.h"
 #include "runtime/row_store.h"
+#include "runtime/sequence_shard.h"
 
 namespace xq {
 
 class QuantizedCache : public AttentionCache {
  public:
-  enum class Kind { kKivi, kXquantX, kXquantLatent, kXquantCrossLayer };
-
-  QuantizedCache(const Model& model, const CacheOptions& options, Kind kind, int bits);
+  // `spec` must be a quantized row of the table (runtime/cache_mode.h).
+  QuantizedCache(const Model& model, const CacheOptions& options, const CacheModeSpec& spec);
 
   std::string mode() const override { return mode_; }
   // What the mode keeps and why (printed by the tools).
@@ -57,28 +59,35 @@ class QuantizedCache : public AttentionCache {
 
  private:
   struct Layer {
-    std::vector<RowStore> stores;   // 1 (X) or 2 (K-side, V-side)
-    Projection encode_k, encode_v;  // latent encoders X -> X·U (kXquantLatent; CL uses encode_k)
-    Projection decode_x;            // CL on GQA: latent -> X (U as rows of d)
-    Projection rebuild_k,
-        rebuild_v;  // stored rows -> K before RoPE, V (empty: the rows are K or V)
+    std::vector<RowStore> stores;  // the layout's streams, in its order
+    // Encoders X -> X·Uk, X·Uv (SVD latents); XQuant-CL on GQA: encode_k is
+    // the latent of [Wk | Wv] (runtime/latent_basis.h).
+    Projection encode_k, encode_v;
+    Projection decode_x;  // XQuant-CL on GQA: latent -> X (U as rows of d)
+    // Stored rows -> K before RoPE, V (empty: the rows are K or V).
+    Projection rebuild_k, rebuild_v;
     // Latents from the engine's K and V instead of X (V S⁻¹, input-major;
     // per-head blocks for K when rebuild_k_per_head). Empty: encode from X.
     cpu::AlignedVector<float> latent_from_k, latent_from_v;
     bool rebuild_k_per_head = false;  // rebuild_k is (kv, head_dim): one block per KV head
-    cpu::AlignedVector<float>
-        rebuild_k_t;  // rebuild_k input-major (per diagonal block if per head)
+    // rebuild_k input-major (per diagonal block if per head).
+    cpu::AlignedVector<float> rebuild_k_t;
   };
 
   // The block walk behind decode and attend_partial: positions are global,
   // the walk covers this cache's own tokens.
   void attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,
                      cpu::PartialAttention& state);
+  // Width of the stored rows K is rebuilt from: X (or Xhat) where the mode
+  // caches X or its deltas, else K itself or its latent.
+  int64_t key_source_width() const {
+    return layout_.kv_source == KvSource::kRebuiltFromX ||
+                   layout_.kv_source == KvSource::kCrossLayerDeltas
+               ? config_.dim
+               : config_.kv_dim();
+  }
   void append_own(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* x,
                   const float* k, const float* v);
-  // How many of the tokens at positions [0, end) this shard owns.
-  int32_t own_tokens(int32_t end) const;
-  bool owns(int32_t position) const { return (position / shard_unit_) % shards_ == shard_; }
   void rebuild_keys(const Layer& layer, const float* source, int32_t rows, int64_t k_width,
                     float* keys) const;
   void decode_cross_layer_latent(const Layer& layer, const float* latent, int32_t rows,
@@ -92,15 +101,15 @@ class QuantizedCache : public AttentionCache {
 
   const ModelConfig config_;
   std::string mode_, description_;
-  Kind kind_;
+  CacheLayout layout_;  // the mode's streams and rebuild on this model
   int32_t max_tokens_;  // per sequence, all shards together
   int32_t capacity_;    // this shard's share of max_tokens_
   const float* rope_cos_sin_;
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;  // global position of each stored token: 0, 1, 2, ... unsharded
   int32_t first_layer_ = 0;         // model index of this cache's layer 0
-  int32_t shards_ = 1, shard_ = 0, shard_unit_ = 1;
-  std::vector<int32_t> lengths_;  // per sequence, global (every shard knows it)
+  SequenceShard shard_;             // the tokens this cache holds
+  std::vector<int32_t> lengths_;    // per sequence, global (every shard knows it)
   // Per model layer of this cache: XQuant-CL codes a delta from the previous
   // layer's reconstruction (else X itself), and keeps its reconstruction in
   // the accumulator for the next layer.
@@ -108,6 +117,7 @@ class QuantizedCache : public AttentionCache {
   cpu::AlignedVector<float> own_x_, own_k_, own_v_;  // this shard's rows of an append
   // Scratch for one attend call.
   cpu::AlignedVector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
+  bool cross_layer_accumulator_ = false;  // XQuant-CL: one fp32 Xhat row per token
   cpu::AlignedVector<float> accumulator_;
   // --keep-outlier-channel: channel 0 of X·Uk per (layer, sequence, token), fp16.
   bool keep_outlier_ = false;

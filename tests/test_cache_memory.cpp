@@ -8,9 +8,11 @@
 #include <random>
 
 #include "kernels/cpu/ops.h"
-#include "runtime/cache.h"
 #include "kernels/error.h"
+#include "runtime/cache.h"
+#include "runtime/cache_mode.h"
 #include "runtime/model.h"
+#include "tests/cache_mode_params.h"
 #include "tests/test_util.h"
 
 namespace xq {
@@ -50,19 +52,16 @@ void check_accounting(const Model& model, const std::string& mode) {
       << mode;
 }
 
-const char* kModes[] = {"fp16",     "kivi-4",   "kivi-3",   "kivi-2",
-                        "xquant-8", "xquant-4", "xquant-3", "xquant-2"};
-
 TEST(CacheMemory, CountedBytesMatchTheFormulaOnStories260K) {
   auto model = Model::load(testing::shared_path("models/stories260K.bin"));
-  for (const char* mode : kModes) check_accounting(*model, mode);
+  for (const CacheModeSpec& mode : cache_modes()) check_accounting(*model, std::string(mode.name));
 }
 
 TEST(CacheMemory, CountedBytesMatchTheFormulaOnSmolLM2) {
   const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
   if (!testing::file_exists(path)) GTEST_SKIP() << path << " not fetched (run launch/setup.sh)";
   auto model = Model::load(path);
-  for (const char* mode : kModes) check_accounting(*model, mode);
+  for (const CacheModeSpec& mode : cache_modes()) check_accounting(*model, std::string(mode.name));
   // --keep-outlier-channel adds one fp16 value per token per layer and KV head
   // (each head's latent has its own first channel), or one per layer with
   // the joint latent, and is refused where there is no X·Uk latent.
@@ -106,6 +105,59 @@ TEST(CacheMemory, FormulaMatchesHandCountOnStories260K) {
   // CL: X deltas like xquant, plus the fp32 accumulator row.
   EXPECT_DOUBLE_EQ(per_token("xquant-cl-2"), 3 * (32 + 4) + 2 * (16 + 4) + 64 * 4);
 }
+
+// What the table says a mode stores, priced by hand, against the cache's own
+// formula, for every row on both kinds of layout: per stream, width values
+// at the layer's bits plus one fp16 scale/zero pair per group (per token:
+// groups of up to 128 channels of a row; per channel: one pair per channel
+// per 128 tokens); fp16 streams 2 bytes a value; layers 0-2 at 4 bits at
+// least; the CL accumulator one fp32 row of dim. Exact (EXPECT_DOUBLE_EQ):
+// both sides add the same few binary fractions.
+double bytes_per_token_from_table(const CacheModeSpec& mode, const ModelConfig& c) {
+  const CacheLayout& layout = layout_for(mode, c);
+  double total = mode.cross_layer_accumulator ? 4.0 * c.dim : 0.0;
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const int bits = layer < 3 ? std::max(mode.bits, 4) : mode.bits;
+    for (int32_t s = 0; s < layout.stream_count; ++s) {
+      const StreamContent content = layout.streams[s].content;
+      const double width = content == StreamContent::kX || content == StreamContent::kXDelta ? c.dim
+                           : content == StreamContent::kXDeltaLatent ? 2.0 * c.kv_dim()
+                                                                     : c.kv_dim();
+      if (!mode.quantized())
+        total += 2.0 * width;
+      else if (layout.streams[s].axis == QuantAxis::kPerToken)
+        total += width * bits / 8.0 + 4.0 * std::ceil(width / 128.0);
+      else
+        total += width * bits / 8.0 + 4.0 * width / 128.0;
+    }
+  }
+  return total;
+}
+
+class CacheMemoryTable : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CacheMemoryTable, BytesPerTokenFollowTheTablesStreams) {
+  const CacheModeSpec& mode = find_cache_mode(GetParam());
+  std::vector<std::unique_ptr<Model>> models;
+  models.push_back(Model::load(testing::shared_path("models/stories260K.bin")));
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (testing::file_exists(path)) models.push_back(Model::load(path));
+  for (const auto& model : models) {
+    const ModelConfig& c = model->config();
+    std::vector<float> rope(static_cast<size_t>(64) * c.rope_dim);
+    cpu::rope_table(rope.data(), 64, c.rope_dim, c.rope_theta);
+    CacheOptions options;
+    options.mode = GetParam();
+    options.max_tokens = 64;
+    options.rope_cos_sin = rope.data();
+    EXPECT_DOUBLE_EQ(make_cache(*model, options)->bytes_per_token(),
+                     bytes_per_token_from_table(mode, c))
+        << GetParam() << " on " << model->path();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, CacheMemoryTable, ::testing::ValuesIn(testing::table_mode_names()),
+                         testing::mode_test_name);
 
 }  // namespace
 }  // namespace xq

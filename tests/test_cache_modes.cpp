@@ -1,7 +1,9 @@
-// The quantized cache modes through the engine on stories260K: splitting the
-// same tokens differently between prefill and decode must not change the
-// logits (both paths store the same codes; decode only reorders the V math),
-// and every mode's logits stay near the fp16 cache's.
+// The cache modes of the table (runtime/cache_mode.h) through the engine on
+// stories260K, every row: splitting the same tokens differently between
+// prefill and decode must not change the logits (both paths store the same
+// codes; decode only reorders the V math), and every mode's logits stay near
+// the fp16 cache's. Decode attention equals prefill attention at the cache, on
+// both kinds of layout (stories260K: X; SmolLM2, GQA: latents).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,9 +14,12 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
+#include "kernels/error.h"
 #include "runtime/cache.h"
+#include "runtime/cache_mode.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
+#include "tests/cache_mode_params.h"
 #include "tests/test_util.h"
 
 namespace xq {
@@ -50,6 +55,7 @@ float max_difference(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
+// Every row of the table, by name.
 class CacheModes : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CacheModes, PrefillThenDecodeEqualsOnePrefill) {
@@ -72,10 +78,8 @@ TEST_P(CacheModes, LogitsStayNearTheFp16Cache) {
   // Stated bounds (max |logit difference|), loose enough for each bit width,
   // tight enough that a broken rebuild (wrong head, RoPE or scale) fails.
   const std::string& mode = GetParam();
-  const float bound = mode.back() == '8'   ? 0.15f
-                      : mode.back() == '4' ? 2.0f
-                      : mode.back() == '3' ? 3.0f
-                                           : 8.0f;
+  const int bits = find_cache_mode(mode).bits;
+  const float bound = bits >= 8 ? 0.15f : bits == 4 ? 2.0f : bits == 3 ? 3.0f : 8.0f;
   float worst = max_difference(reference, quantized);
   EXPECT_LT(worst, bound) << mode;
   // And the prediction is not noise: the fp16 favourite keeps a high rank.
@@ -83,7 +87,7 @@ TEST_P(CacheModes, LogitsStayNearTheFp16Cache) {
                                       reference.begin());
   int32_t rank = 0;
   for (float l : quantized) rank += l > quantized[best];
-  EXPECT_LT(rank, mode.back() == '2' ? 20 : 3) << mode;
+  EXPECT_LT(rank, bits == 2 ? 20 : 3) << mode;
 }
 
 std::vector<int32_t> greedy(const Model& model, const std::string& mode,
@@ -184,18 +188,19 @@ TEST_P(CacheModes, DecodeAttentionEqualsPrefillAttention) {
   expect_decode_attention_equals_prefill(*model, GetParam());
 }
 
-TEST(CacheModesFp16, DecodeAttentionEqualsPrefillAttention) {
-  auto model = Model::load(testing::shared_path("models/stories260K.bin"));
-  expect_decode_attention_equals_prefill(*model, "fp16");
-}
-
-// The GQA paths (latents X·Uk / X·Uv, the CL latent of [Wk | Wv]) on SmolLM2.
-TEST(CacheModesGqa, DecodeAttentionEqualsPrefillAttentionOnSmolLM2) {
+// The GQA layouts (latents X·Uk / X·Uv, the CL latent of [Wk | Wv]) on SmolLM2.
+TEST_P(CacheModes, DecodeAttentionEqualsPrefillAttentionOnSmolLM2) {
   const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
   if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
   auto model = Model::load(path);
-  for (const char* mode : {"fp16", "kivi-2", "xquant-4", "xquant-8", "xquant-cl-3"})
-    expect_decode_attention_equals_prefill(*model, mode);
+  expect_decode_attention_equals_prefill(*model, GetParam());
+}
+
+// The latent options: the joint K latent (one SVD of Wk) and the fp16 outlier channel.
+TEST(CacheModesGqa, DecodeAttentionEqualsPrefillAttentionWithLatentOptionsOnSmolLM2) {
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
+  auto model = Model::load(path);
   expect_decode_attention_equals_prefill(*model, "xquant-3", /*k_latent_per_head=*/false);
   expect_decode_attention_equals_prefill(*model, "xquant-2", true, /*keep_outlier_channel=*/true);
   expect_decode_attention_equals_prefill(*model, "xquant-2", false, true);
@@ -219,16 +224,47 @@ TEST(CacheModesGqa, EightBitLatentsStayNearFp16OnSmolLM2) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, CacheModes,
-                         ::testing::Values("kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4",
-                                           "xquant-3", "xquant-2", "xquant-cl-4", "xquant-cl-3",
-                                           "xquant-cl-2"),
-                         [](const auto& info) {
-                           std::string name = info.param;
-                           for (char& c : name)
-                             if (c == '-') c = '_';
-                           return name;
-                         });
+// The table's names reach their rows, and make_cache builds the named mode on
+// both kinds of layout; a wrong name fails with the names there are, a known
+// family at a wrong width with the widths it takes.
+TEST(CacheModeTable, EveryNameMakesItsMode) {
+  auto stories = Model::load(testing::shared_path("models/stories260K.bin"));
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  std::unique_ptr<Model> smollm2 = testing::file_exists(path) ? Model::load(path) : nullptr;
+  std::vector<float> rope(64 * 64);
+  cpu::rope_table(rope.data(), 64, 64, 10000.0f);
+  for (const CacheModeSpec& mode : cache_modes()) {
+    EXPECT_EQ(&find_cache_mode(mode.name), &mode);
+    EXPECT_NE(cache_mode_names().find(mode.name), std::string::npos) << mode.name;
+    CacheOptions options;
+    options.mode = mode.name;
+    options.max_tokens = 64;
+    options.rope_cos_sin = rope.data();
+    EXPECT_EQ(make_cache(*stories, options)->mode(), mode.name);
+    if (smollm2) {
+      EXPECT_EQ(make_cache(*smollm2, options)->mode(), mode.name);
+    }
+  }
+  auto message = [](const std::string& name) {
+    try {
+      find_cache_mode(name);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message("nonsense").find("available: fp16, kivi-4"), std::string::npos)
+      << message("nonsense");
+  EXPECT_NE(message("kivi-5").find("kivi takes 4, 3, 2 bits"), std::string::npos)
+      << message("kivi-5");
+  EXPECT_NE(message("xquant-cl-8").find("xquant-cl takes 4, 3, 2 bits"), std::string::npos)
+      << message("xquant-cl-8");
+  EXPECT_NE(message("fp16-4").find("unknown cache mode 'fp16-4'"), std::string::npos)
+      << message("fp16-4");
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, CacheModes, ::testing::ValuesIn(testing::table_mode_names()),
+                         testing::mode_test_name);
 
 }  // namespace
 }  // namespace xq

@@ -1,10 +1,13 @@
 // Sequence-sharded and layer-range caches (what the parallel engines build on)
-// against one whole cache fed the same rows: S shards' partial attention,
-// merged in shard order, must equal the unsharded attend() to float rounding
-// for every mode, and the shards' bytes must add up to the whole
-// cache's, each within one shard unit of total / S. A pipeline stage's cache
-// (a layer range) must equal the whole cache's layers; for XQuant-CL, the
-// whole cache told to restart its chain where the stage starts.
+// against one whole cache fed the same rows, for every row of the table of
+// modes: S shards' partial attention, merged in shard order, must equal the
+// unsharded attend() to float rounding, and the shards' bytes must add up to
+// the whole cache's, each within one shard unit of total / S, with each token
+// held where the ownership rule puts it. A pipeline stage's cache (a layer
+// range) must equal the whole cache's layers; for XQuant-CL, the whole cache
+// told to restart its chain where the stage starts. Also the ownership type
+// itself against counting, and the head-or-sequence choice of tensor
+// parallelism.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,9 +20,12 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/cache.h"
 #include "kernels/error.h"
+#include "runtime/cache.h"
+#include "runtime/cache_mode.h"
 #include "runtime/model.h"
+#include "runtime/sequence_shard.h"
+#include "tests/cache_mode_params.h"
 #include "tests/test_util.h"
 
 namespace xq {
@@ -66,6 +72,16 @@ float relative_difference(const std::vector<float>& got, const std::vector<float
     scale = std::max(scale, std::abs(want[i]));
   }
   return worst / scale;
+}
+
+// The ownership unit the sharding rule asks for, from the layout's streams: a
+// stream quantized per channel takes its scales from 128-token groups, which
+// a shard must hold whole; otherwise single tokens.
+int32_t ownership_unit(const CacheModeSpec& mode, const ModelConfig& c) {
+  const CacheLayout& layout = layout_for(mode, c);
+  for (int32_t s = 0; s < layout.stream_count; ++s)
+    if (layout.streams[s].axis == QuantAxis::kPerChannel) return 128;
+  return 1;
 }
 
 // Appends the tokens in two batches (a prefill, then the last 20), and asks
@@ -131,10 +147,8 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
   for (auto& part : parts) formula += part->bytes_for_tokens(kTokens);
   EXPECT_EQ(formula, whole->bytes_for_tokens(kTokens)) << mode;
   // One shard unit: a token, or a 128-token group where a stream is per channel.
-  const bool per_channel_stream =
-      mode.rfind("kivi", 0) == 0 ||
-      (mode.rfind("xquant-", 0) == 0 && mode.rfind("xquant-cl", 0) != 0 && 2 * c.kv_dim() < c.dim);
-  const double unit = (per_channel_stream ? 128 : 1) * whole->bytes_per_token() * 1.1;
+  const int32_t unit_tokens = ownership_unit(find_cache_mode(mode), c);
+  const double unit = unit_tokens * whole->bytes_per_token() * 1.1;
   for (auto& part : parts)
     EXPECT_LE(std::abs(static_cast<double>(part->bytes_in_use()) -
                        static_cast<double>(whole->bytes_in_use()) / shards),
@@ -161,13 +175,43 @@ TEST_P(ShardedCache, ShardsMergeToTheWholeCacheOnStories260K) {
 }
 
 // The GQA streams (per-channel latent X·Uk, the CL latent of [Wk | Wv]).
-TEST(ShardedCacheGqa, ShardsMergeToTheWholeCacheOnSmolLM2) {
+TEST_P(ShardedCache, ShardsMergeToTheWholeCacheOnSmolLM2) {
   const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
   if (!testing::file_exists(path)) GTEST_SKIP() << "SmolLM2 not fetched: " << path;
   auto model = Model::load(path);
   cpu::set_thread_count(2);
-  for (const char* mode : {"fp16", "kivi-3", "xquant-4", "xquant-cl-3"})
-    expect_shards_merge_to_whole(*model, mode, 2);
+  expect_shards_merge_to_whole(*model, GetParam(), 2);
+}
+
+// Which tokens each shard holds: bytes_for_tokens(t) counts the tokens of
+// [0, t) the shard owns, so token t changes the count of exactly one shard
+// (up, or down where it completes a per-channel group and the fp16 window is
+// quantized), the one (t / unit) % S names, computed here without the
+// ownership type.
+TEST_P(ShardedCache, EachTokenIsHeldWhereTheUnitDealsIt) {
+  auto stories = Model::load(testing::shared_path("models/stories260K.bin"));
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  std::unique_ptr<Model> smollm2 = testing::file_exists(path) ? Model::load(path) : nullptr;
+  const CacheModeSpec& mode = find_cache_mode(GetParam());
+  for (const Model* model : {stories.get(), smollm2.get()}) {
+    if (!model) continue;
+    const ModelConfig& c = model->config();
+    const std::vector<float> rope = rope_table(c);
+    const int32_t shards = 3, unit = ownership_unit(mode, c);
+    std::vector<std::unique_ptr<AttentionCache>> parts;
+    for (int32_t s = 0; s < shards; ++s) {
+      CacheOptions options = options_for(GetParam(), rope);
+      options.sequence_shards = shards;
+      options.sequence_shard = s;
+      parts.push_back(make_cache(*model, options));
+    }
+    for (int32_t t = 0; t < kTokens; ++t)
+      for (int32_t s = 0; s < shards; ++s) {
+        const bool holds = parts[s]->bytes_for_tokens(t + 1) != parts[s]->bytes_for_tokens(t);
+        ASSERT_EQ(holds, (t / unit) % shards == s)
+            << GetParam() << " on " << c.dim << "-wide X: token " << t << ", shard " << s;
+      }
+  }
 }
 
 TEST(ShardedCacheErrors, NoSuchShardAndAttendNeedsPartial) {
@@ -226,15 +270,56 @@ TEST_P(ShardedCache, LayerRangeEqualsTheWholeCachesLayers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, ShardedCache,
-                         ::testing::Values("fp16", "kivi-4", "kivi-2", "xquant-8", "xquant-4",
-                                           "xquant-2", "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"),
-                         [](const auto& info) {
-                           std::string name = info.param;
-                           for (char& c : name)
-                             if (c == '-') c = '_';
-                           return name;
-                         });
+// Every row of the table, by name.
+INSTANTIATE_TEST_SUITE_P(Table, ShardedCache, ::testing::ValuesIn(testing::table_mode_names()),
+                         testing::mode_test_name);
+
+// SequenceShard against enumerating the positions: owner and owns by the
+// round-robin rule, owned_before(end) as a count, position() as the inverse
+// of that count, for several unit / shard combinations.
+TEST(SequenceShard, OwnershipMatchesCountingThePositions) {
+  for (int32_t unit : {1, 3, 128})
+    for (int32_t shards : {1, 2, 3, 4})
+      for (int32_t index = 0; index < shards; ++index) {
+        const SequenceShard shard(shards, index, unit);
+        int32_t owned = 0;
+        for (int32_t t = 0; t < 1000; ++t) {
+          ASSERT_EQ(shard.owned_before(t), owned)
+              << unit << " " << shards << " " << index << " " << t;
+          const int32_t owner = (t / unit) % shards;
+          ASSERT_EQ(shard.owner(t), owner);
+          ASSERT_EQ(shard.owns(t), owner == index);
+          if (owner == index) {
+            ASSERT_EQ(shard.position(owned), t) << unit << " " << shards << " " << index;
+            ++owned;
+          }
+        }
+      }
+  const SequenceShard whole;
+  EXPECT_FALSE(whole.sharded());
+  EXPECT_EQ(whole.owned_before(77), 77);
+  EXPECT_THROW(SequenceShard(2, 2, 1), Error);
+  EXPECT_THROW(SequenceShard(2, -1, 1), Error);
+  EXPECT_THROW(SequenceShard(0, 0, 1), Error);
+  EXPECT_THROW(SequenceShard(2, 0, 0), Error);
+}
+
+// Tensor parallelism splits by KV head only where the mode's streams allow it
+// (fp16) and the KV heads split evenly: SmolLM2's 3 over 3 ranks, not over 2.
+TEST(ShardedCacheTable, ShardsByHeadOnlyWhereTheKvHeadsSplitEvenly) {
+  ModelConfig c;
+  c.dim = 576;
+  c.n_heads = 9;
+  c.n_kv_heads = 3;
+  c.head_dim = 64;
+  for (const CacheModeSpec& mode : cache_modes()) {
+    const bool fp16 = mode.name == "fp16";
+    EXPECT_EQ(shards_by_head(mode, c, 1), fp16) << mode.name;
+    EXPECT_EQ(shards_by_head(mode, c, 3), fp16) << mode.name;
+    EXPECT_FALSE(shards_by_head(mode, c, 2)) << mode.name;
+    EXPECT_FALSE(shards_by_head(mode, c, 4)) << mode.name;
+  }
+}
 
 }  // namespace
 }  // namespace xq

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/cache_mode.h"
 #include "tests/test_util.h"
 #include "tests/tiny_llama_gguf.h"
 
@@ -277,6 +278,20 @@ TEST_F(Cli, UnknownCacheMode) {
   REQUIRE_STORIES();
   EXPECT_TRUE(FailsWithOneError(run(perplexity_on_stories({"--ctx", "16", "--cache", "nonsense"})),
                                 {"cache mode 'nonsense'"}));
+}
+
+// `xq modes --names` is what scripts read (bench/accuracy_table.py): the
+// table's names, one a line, in order.
+TEST_F(Cli, ModesListsTheTable) {
+  const RunResult r = run({"modes", "--names"});
+  ASSERT_EQ(r.signal, 0);
+  EXPECT_EQ(r.exit_code, 0);
+  std::string expected;
+  for (const CacheModeSpec& mode : cache_modes()) expected += std::string(mode.name) + "\n";
+  EXPECT_EQ(r.out, expected);
+  const RunResult described = run({"modes"});
+  EXPECT_EQ(described.exit_code, 0);
+  EXPECT_NE(described.out.find("xquant-4: X per token"), std::string::npos) << described.out;
 }
 
 // ---------------------------------------------------------------------------
