@@ -2,6 +2,7 @@
 """Our version of the paper's Table 4: perplexity and memory (fraction of the
 fp16 KV cache) for every cache mode, from `xq perplexity`, plus a Pareto plot
 (memory fraction against perplexity, one marker per mode family).
+The modes are the table's (`xq modes --names`) unless --modes names some.
 A mode written MODE@joint runs with --k-latent joint (xquant on GQA models:
 the paper's single SVD of Wk instead of one per KV head).
 
@@ -12,8 +13,11 @@ import re
 import subprocess
 import sys
 
-MODES = ["fp16", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
-         "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"]
+
+def table_modes(xq):
+    """Every cache mode, in the order of the table in runtime/cache_mode.h."""
+    out = subprocess.run([xq, "modes", "--names"], check=True, capture_output=True, text=True).stdout
+    return out.split()
 
 
 def run(xq, model, text, ctx, chunks, threads, mode):
@@ -38,7 +42,7 @@ def main():
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--chunks", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", help="comma-separated (default: every mode `xq modes` lists)")
     ap.add_argument("--plot", help="write a Pareto plot (PNG) here")
     args = ap.parse_args()
     print("command: " + " ".join(sys.argv))
@@ -46,7 +50,8 @@ def main():
     print("| mode | memory (fraction of fp16 KV) | perplexity | vs fp16 |")
     print("|---|---|---|---|")
     base = None
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",") if args.modes else table_modes(args.xq)
+    for mode in modes:
         ppl, err, mem = run(args.xq, args.model, args.file, args.ctx, args.chunks, args.threads, mode)
         base = base or ppl
         rows.append((mode, mem, ppl))

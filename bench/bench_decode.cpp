@@ -6,6 +6,7 @@
 //
 //   build/bench/bench_decode [--model M] [--threads 2] [--steps 8]
 //                            [--contexts 256,1024,2048,4096] [--modes fp16,xquant-4,...]
+// (default: every mode of the table, `xq modes --names`)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -87,9 +88,7 @@ int main(int argc, char** argv) {
   const char* models_env = std::getenv("XQ_MODELS_DIR");
   std::string model_path =
       std::string(models_env ? models_env : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
-  std::string modes =
-      "fp16,kivi-4,kivi-3,kivi-2,xquant-8,xquant-4,xquant-3,xquant-2,xquant-cl-4,xquant-cl-3,"
-      "xquant-cl-2";
+  std::string modes = xq::bench::cache_mode_list();  // every row of the table
   std::string context_list = "256,1024,2048,4096";
   int threads = 2, steps = 8;
   std::string command = argv[0];

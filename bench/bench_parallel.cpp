@@ -5,7 +5,8 @@
 // mpirun with tp * pp ranks:
 //
 //   mpirun -np 2 build/bench/bench_parallel --model M --tp 2 --pp 1
-//       [--modes fp16,kivi-4,xquant-4,xquant-cl-4] [--contexts 256,1024]
+//       [--modes fp16,kivi-4,xquant-4,xquant-cl-4 (default: fp16 and each family's 4-bit
+//       row)] [--contexts 256,1024]
 //       [--steps 16] [--threads 1] [--micro-batch 64] [--out FILE.md [--append]]
 //
 // For each mode and context a fresh engine prefills `context` tokens (fixed
@@ -62,7 +63,9 @@ std::string per_unit(uint64_t total, uint64_t units) {
 }
 
 struct Options {
-  std::string model, modes = "fp16,kivi-4,xquant-4,xquant-cl-4", contexts = "256,1024", out;
+  // Default: one mode per family of the table (fp16 and each 4-bit row).
+  std::string model, modes = xq::bench::cache_mode_list(/*one_per_family=*/true),
+                     contexts = "256,1024", out;
   int tp = 0, pp = 1, steps = 16, threads = 1, micro_batch = 64;
   bool append = false;
 };
