@@ -292,7 +292,7 @@ int run_perplexity(int argc, char** argv) {
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
   std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n",
               engine.cache().mode().c_str(), engine.cache().bytes_per_token(),
-              engine.cache_fraction_of_fp16());
+              engine.cache().fraction_of_fp16());
   return 0;
 }
 

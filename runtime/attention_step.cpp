@@ -7,6 +7,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/error.h"
 #include "runtime/cache_fp16.h"
+#include "runtime/cache_mode.h"
 #include "runtime/engine.h"
 #include "runtime/partial_attention_merge.h"
 
@@ -43,7 +44,10 @@ class HeadShardedAttention final : public AttentionStep {
       cache_ = make_cache(model, options);  // every head: any mode
     } else {
       // A cache of this rank's KV heads, read by its query heads (which are
-      // exactly those KV heads' groups: the group divides the KV heads).
+      // exactly those KV heads' groups: the group divides the KV heads). Only
+      // fp16 keeps K and V per head, so only it is split this way.
+      if (options.mode != "fp16")
+        throw Error("cache mode '" + options.mode + "' cannot be split by KV head");
       ModelConfig local = config_;
       local.n_layers = options.layers;
       local.n_heads = static_cast<int32_t>(shard.heads.count);
@@ -121,15 +125,11 @@ class SequenceShardedAttention final : public AttentionStep {
     cache_->append(seq, layer, pos0, n, normed, k_.data(), v_.data());
     cache_->attend_partial(seq, layer, pos0, n, q_.data(), partial_);
     merge_across(comm_, partial_);
-    const int64_t hd = c.head_dim, width = shard_.heads.count * hd;
+    // This rank's heads of each query: rows i * n_heads + [heads.begin, heads.end()).
+    const int64_t width = shard_.heads.count * c.head_dim;
     for (int32_t i = 0; i < n; ++i)
-      for (int64_t h = 0; h < shard_.heads.count; ++h) {
-        const int64_t row = static_cast<int64_t>(i) * c.n_heads + shard_.heads.begin + h;
-        const float inv = 1.0f / partial_.sum[row];
-        const float* merged = partial_.acc.data() + row * hd;
-        float* dst = attn + i * width + h * hd;
-        for (int64_t j = 0; j < hd; ++j) dst[j] = merged[j] * inv;
-      }
+      cpu::normalize_attention(partial_, static_cast<int64_t>(i) * c.n_heads + shard_.heads.begin,
+                               shard_.heads.count, attn + i * width);
   }
 
   AttentionCache& cache() override { return *cache_; }
@@ -165,11 +165,12 @@ std::unique_ptr<AttentionStep> make_attention_step(const Model& model, const Eng
                                                    const std::vector<LayerShard>& layers) {
   const CacheOptions cache = cache_options(options, max_tokens, rope_cos_sin, layer_range);
   const int tp = tp_group.size();
-  // fp16 splits by KV head where the KV heads split evenly; elsewhere (e.g.
-  // SmolLM2's 3 KV heads over 2 or 4 ranks, where a head would be held twice)
-  // it is sharded by sequence like the quantized modes.
+  // The table says which modes may split by KV head (fp16) and where the
+  // KV heads split evenly; elsewhere (the quantized modes, or SmolLM2's 3 KV
+  // heads over 2 or 4 ranks, where a head would be held twice) the cache is
+  // sharded by sequence. A group of one holds every head in any mode.
   const bool by_head =
-      tp == 1 || (options.cache_mode == "fp16" && model.config().n_kv_heads % tp == 0);
+      tp == 1 || shards_by_head(find_cache_mode(options.cache_mode), model.config(), tp);
   if (by_head) return std::make_unique<HeadShardedAttention>(model, cache, tp, shard, layers);
   return std::make_unique<SequenceShardedAttention>(model, cache, tp_group, shard);
 }

@@ -88,6 +88,11 @@ class AttentionCache {
   // Bytes per cached token over all layers, from the mode's formula: codes,
   // scales and zero points, as the paper counts them (no fp16 window).
   virtual double bytes_per_token() const = 0;
+  // Bytes per token of an fp16 K and V cache of the same heads and layers:
+  // what the paper's memory fractions divide by.
+  virtual double fp16_bytes_per_token() const = 0;
+  // This mode's memory as a fraction of that fp16 cache (1 for fp16 itself).
+  double fraction_of_fp16() const { return bytes_per_token() / fp16_bytes_per_token(); }
   // Bytes one sequence of `tokens` tokens takes by the formula, including the
   // fp16 window of tokens still waiting for their group.
   virtual size_t bytes_for_tokens(int32_t tokens) const = 0;

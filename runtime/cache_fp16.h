@@ -27,6 +27,7 @@ class Fp16KvCache : public AttentionCache {
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override { return lengths_.at(seq); }
   double bytes_per_token() const override;
+  double fp16_bytes_per_token() const override { return bytes_per_token(); }
   size_t bytes_for_tokens(int32_t tokens) const override;
   size_t bytes_in_use() const override;
 

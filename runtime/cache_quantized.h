@@ -54,6 +54,9 @@ class QuantizedCache : public AttentionCache {
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override;
   double bytes_per_token() const override;
+  double fp16_bytes_per_token() const override {
+    return 2.0 * sizeof(uint16_t) * config_.kv_dim() * static_cast<double>(layers_.size());
+  }
   size_t bytes_for_tokens(int32_t tokens) const override;
   size_t bytes_in_use() const override;
 

@@ -56,13 +56,6 @@ TransformerEngine::TransformerEngine(const Model& model, const EngineOptions& op
                                    layer_range_, layers_);
 }
 
-double TransformerEngine::cache_fraction_of_fp16() const {
-  const ModelConfig& c = model_.config();
-  const double fp16_bytes =
-      2.0 * sizeof(uint16_t) * c.kv_dim() * static_cast<double>(layer_range_.count);
-  return attention_->cache().bytes_per_token() / fp16_bytes;
-}
-
 size_t TransformerEngine::weight_bytes() const {
   const ModelConfig& c = model_.config();
   size_t total = 0;

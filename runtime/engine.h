@@ -98,7 +98,7 @@ class TransformerEngine final : public Engine {
   const Model& model() const override { return model_; }
   std::string cache_description() const override { return attention_->describe(); }
   size_t cache_bytes_in_use() const override { return attention_->cache().bytes_in_use(); }
-  double cache_fraction_of_fp16() const override;
+  double cache_fraction_of_fp16() const override { return attention_->cache().fraction_of_fp16(); }
 
   // The pieces of forward(), for a pipeline stage.
   // Throws xq::Error for positions beyond capacity or token ids out of range.
