@@ -19,6 +19,7 @@
 #include "runtime/cache_mode.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
+#include "runtime/sampler.h"
 #include "tests/cache_mode_params.h"
 #include "tests/test_util.h"
 
@@ -90,35 +91,82 @@ TEST_P(CacheModes, LogitsStayNearTheFp16Cache) {
   EXPECT_LT(rank, bits == 2 ? 20 : 3) << mode;
 }
 
-std::vector<int32_t> greedy(const Model& model, const std::string& mode,
-                            const std::string& prompt) {
+// The logits of every generation step (the prompt's last row, then one row per
+// decoded token), the cache `mode` fed `forced` after the prompt: server-style
+// prefill, then token-by-token decode.
+std::vector<std::vector<float>> forced_steps(const Model& model, const std::string& mode,
+                                             const std::vector<int32_t>& prompt,
+                                             const std::vector<int32_t>& forced) {
   EngineOptions options;
   options.threads = 1;
   options.max_tokens = 128;
   options.cache_mode = mode;
   TransformerEngine engine(model, options);
-  std::vector<int32_t> tokens = model.tokenizer().encode(prompt, true);
-  std::vector<float> logits(model.config().vocab_size);
-  const int32_t n = static_cast<int32_t>(tokens.size());
-  engine.forward(0, tokens.data(), n, 0, logits.data(), n - 1);
-  std::vector<int32_t> out;
-  for (int32_t step = 0; step < 32; ++step) {
-    int32_t next =
-        static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-    out.push_back(next);
-    engine.forward(0, &next, 1, n + step, logits.data(), 0);
-  }
-  return out;
+  const int32_t vocab = model.config().vocab_size, n = static_cast<int32_t>(prompt.size());
+  std::vector<std::vector<float>> steps(forced.size() + 1, std::vector<float>(vocab));
+  engine.forward(0, prompt.data(), n, 0, steps[0].data(), n - 1);
+  for (size_t i = 0; i < forced.size(); ++i)
+    engine.forward(0, &forced[i], 1, n + static_cast<int32_t>(i), steps[i + 1].data(), 0);
+  return steps;
 }
 
-// Issue 3's generation check on the small model: server-style prefill then
-// token-by-token decode through the xquant-cl-4 cache reproduces fp16's
-// greedy tokens. (On SmolLM2 it does not yet; see the README.)
-TEST(CacheModesGeneration, XquantCl4GreedyMatchesFp16OnStories260K) {
+// Greedy generation through the xquant-cl-4 cache against fp16's on the small
+// model, teacher-forced: both are fed fp16's greedy tokens, so every step's
+// logits compare. The greedy token must be fp16's wherever fp16's top-1 minus
+// top-2 margin exceeds twice the step's largest logit difference (within
+// that, the two can swap without either logit moving by more than the
+// difference); a free-running comparison would instead hinge on whether one
+// near-tie anywhere falls the same way on this processor. So that the rule
+// cannot pass by comparing nothing, the difference itself is bounded: the
+// 4-bit codes move logits (of magnitude ~10) by at most 1.94 over these 3 x 33
+// steps (measured, AVX2 build), kLogitBound leaves 1.5x for codes that another
+// processor's rounding puts in a neighbouring bin; and at least kMinCompared
+// steps must be compared (measured: 65 of 99).
+TEST(CacheModesGeneration, XquantCl4FollowsFp16OnStories260K) {
+  constexpr float kLogitBound = 3.0f;
+  constexpr int kMinCompared = 40;
   auto model = Model::load(testing::shared_path("models/stories260K.bin"));
+  const int32_t vocab = model->config().vocab_size;
+  float worst = 0;
+  int compared = 0;
   for (const char* prompt : {"Once upon a time", "The little dog", "Lily and Tom went"}) {
-    EXPECT_EQ(greedy(*model, "xquant-cl-4", prompt), greedy(*model, "fp16", prompt)) << prompt;
+    const std::vector<int32_t> ids = model->tokenizer().encode(prompt, true);
+    // fp16's free-running greedy tokens.
+    std::vector<int32_t> tokens;
+    {
+      EngineOptions options;
+      options.threads = 1;
+      options.max_tokens = 128;
+      TransformerEngine engine(*model, options);
+      std::vector<float> logits(vocab);
+      const int32_t n = static_cast<int32_t>(ids.size());
+      engine.forward(0, ids.data(), n, 0, logits.data(), n - 1);
+      for (int32_t step = 0; step < 32; ++step) {
+        tokens.push_back(argmax(logits.data(), vocab));
+        engine.forward(0, &tokens.back(), 1, n + step, logits.data(), 0);
+      }
+    }
+    const auto reference = forced_steps(*model, "fp16", ids, tokens);
+    const auto quantized = forced_steps(*model, "xquant-cl-4", ids, tokens);
+    for (size_t step = 0; step < reference.size(); ++step) {
+      float diff = 0;
+      for (int32_t v = 0; v < vocab; ++v)
+        diff = std::max(diff, std::abs(reference[step][v] - quantized[step][v]));
+      worst = std::max(worst, diff);
+      EXPECT_LE(diff, kLogitBound) << prompt << " step " << step;
+      if (top2_margin(reference[step].data(), vocab) > 2 * diff) {
+        ++compared;
+        EXPECT_EQ(argmax(quantized[step].data(), vocab), argmax(reference[step].data(), vocab))
+            << prompt << " step " << step << ": fp16's margin "
+            << top2_margin(reference[step].data(), vocab) << ", logits moved by " << diff;
+      }
+    }
   }
+  EXPECT_GE(compared, kMinCompared);
+  std::printf(
+      "xquant-cl-4 vs fp16 on stories260K: largest logit difference %.4f (bound %.2f); "
+      "greedy tokens compared at %d of 99 steps\n",
+      worst, kLogitBound, compared);
 }
 
 // Decode attention walks the context in blocks across threads and never
