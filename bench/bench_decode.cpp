@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "bench/bench_util.h"
-#include "runtime/engine.h"
 #include "kernels/error.h"
+#include "runtime/engine.h"
 #include "runtime/model.h"
 
 namespace {
@@ -29,7 +29,7 @@ double seconds_since(Clock::time_point start) {
 // One engine per mode, all alive at once, so the modes can take turns.
 struct ModeRun {
   std::string mode;
-  std::unique_ptr<xq::Engine> engine;
+  std::unique_ptr<xq::TransformerEngine> engine;
   int32_t filled = 0;
   std::vector<float> logits;
   std::vector<double> speeds;  // per context
@@ -149,7 +149,7 @@ int main(int argc, char** argv) {
       options.max_tokens = contexts.back() + rounded_steps + 1;  // + the warm-up step
       ModeRun run;
       run.mode = mode;
-      run.engine = std::make_unique<xq::Engine>(*model, options);
+      run.engine = std::make_unique<xq::TransformerEngine>(*model, options);
       run.logits.resize(model->config().vocab_size);
       runs.push_back(std::move(run));
     }

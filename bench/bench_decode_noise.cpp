@@ -52,7 +52,7 @@ struct Run {
     const int32_t vocab = model.config().vocab_size;
     const int32_t n = static_cast<int32_t>(tokens.size());
     std::vector<float> out(static_cast<size_t>(n - prompt + 1) * vocab);
-    xq::Engine engine(model, options);
+    xq::TransformerEngine engine(model, options);
     xq::cpu::set_matmul_path(MatmulPath::kAuto);
     engine.forward(0, tokens.data(), prompt, 0, out.data(), prompt - 1);
     xq::cpu::set_matmul_path(path);
@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
     run.options.threads = threads;
     run.options.max_tokens = run.prompt + steps + 1;
     {  // The tokens: greedy decode with the default path.
-      xq::Engine engine(*model, run.options);
+      xq::TransformerEngine engine(*model, run.options);
       std::vector<float> logits(vocab);
       engine.forward(0, run.tokens.data(), run.prompt, 0, logits.data(), run.prompt - 1);
       for (int s = 0; s < steps; ++s) {
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     const int32_t n = static_cast<int32_t>(run.tokens.size());
     std::vector<float> prefill(static_cast<size_t>(steps + 1) * vocab);
     {
-      xq::Engine engine(*model, run.options);
+      xq::TransformerEngine engine(*model, run.options);
       engine.forward(0, run.tokens.data(), n, 0, prefill.data(), run.prompt - 1);
     }
     const std::vector<float> decode = run.rows(MatmulPath::kAuto, false);

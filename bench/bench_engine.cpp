@@ -16,8 +16,8 @@
 #include "bench/bench_util.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/engine.h"
 #include "kernels/error.h"
+#include "runtime/engine.h"
 #include "runtime/model.h"
 
 namespace {
@@ -58,7 +58,7 @@ Speeds measure(const xq::Model& model, int threads, int prefill_tokens, int deco
   xq::EngineOptions options;
   options.threads = threads;
   options.max_tokens = prefill_tokens + decode_tokens + 1;
-  xq::Engine engine(model, options);
+  xq::TransformerEngine engine(model, options);
   std::vector<int32_t> tokens(prefill_tokens);
   for (int i = 0; i < prefill_tokens; ++i) tokens[i] = (i * 7919 + 13) % c.vocab_size;
   std::vector<float> logits(c.vocab_size);

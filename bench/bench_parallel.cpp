@@ -29,11 +29,11 @@
 #include <vector>
 
 #include "bench/bench_util.h"
+#include "kernels/error.h"
 #include "parallel/decode_traffic.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
-#include "kernels/error.h"
 #include "runtime/model.h"
 
 namespace {
@@ -101,10 +101,9 @@ RankResult run_one(const xq::Model& model, Grid& grid, const Options& o, const s
   token = engine.forward_sample(0, &token, 1, pos++, greedy).token;  // warm-up
 
   const bool sharded = engine.stage_engine().sequence_sharded();
-  const StepTraffic formula =
-      xq::parallel::decode_step_traffic(c, sharded, grid.tp(), grid.tp_rank(), grid.pp(),
-                                        grid.stage(), 1, sizeof(xq::parallel::SampledToken));
-  const xq::parallel::Range layers = engine.layers();
+  const StepTraffic formula = xq::parallel::decode_step_traffic(
+      c, sharded, grid.tp(), grid.tp_rank(), grid.pp(), grid.stage(), 1, sizeof(xq::SampledToken));
+  const xq::Range layers = engine.layers();
   const uint64_t tp_step_formula = formula.tp_per_layer * static_cast<uint64_t>(layers.count);
 
   RankResult r{};

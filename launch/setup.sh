@@ -17,7 +17,7 @@ packages=(
   libgtest-dev libgmock-dev
   libopenmpi-dev openmpi-bin
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format
 )
 if [ -z "${XQ_SKIP_APT:-}" ]; then
   missing=()

@@ -22,11 +22,12 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/error.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
 #include "runtime/engine.h"
-#include "kernels/error.h"
+#include "runtime/generation.h"
 #include "runtime/model.h"
 #include "runtime/perplexity.h"
 #include "runtime/sampler.h"
@@ -209,23 +210,6 @@ void add_perplexity_options(Arguments& args) {
               "micro-batches do (0 = one pass)");
 }
 
-// Forward passes over [0, n) cut as PipelineEngine cuts a prefill: ceil(n /
-// batch) pieces of near-equal size, the larger first.
-template <typename AnyEngine>
-void forward_in_pieces(AnyEngine& engine, const int32_t* tokens, int32_t n, float* logits,
-                       int32_t first, int32_t batch) {
-  const int32_t pieces = batch > 0 ? (n + batch - 1) / batch : 1;
-  const int32_t vocab = engine.model().config().vocab_size;
-  for (int32_t i = 0, begin = 0; i < pieces; ++i) {
-    const int32_t size = n / pieces + (i < n % pieces ? 1 : 0);
-    // Rows of this piece at or after `first` go to their place in logits.
-    const int32_t from = std::max(first, begin);
-    float* out = from < begin + size ? logits + static_cast<size_t>(from - first) * vocab : nullptr;
-    engine.forward(0, tokens + begin, size, begin, out, from - begin);
-    begin += size;
-  }
-}
-
 // The scoring options, checked before the text is read and the model loaded,
 // so that a typo fails at once.
 PerplexityOptions perplexity_options(const Arguments& args, const std::string& command) {
@@ -238,7 +222,7 @@ PerplexityOptions perplexity_options(const Arguments& args, const std::string& c
   options.ctx = static_cast<int32_t>(args.get_int("ctx", 2));
   options.max_chunks = static_cast<int32_t>(args.get_int("chunks", 0));
   options.score_all = args.get("score") == "all";
-  args.get_int("batch", 0);
+  options.batch = static_cast<int32_t>(args.get_int("batch", 0));
   // Scoring the second half of a 2-token chunk scores nothing (NaN perplexity).
   if (!options.score_all && options.ctx < 3)
     throw Error(command + ": --ctx " + std::to_string(options.ctx) +
@@ -298,27 +282,16 @@ int run_perplexity(int argc, char** argv) {
   double tokenize_seconds = 0;
   std::vector<int32_t> tokens =
       perplexity_tokens(args, text, *model, options, "perplexity", &tokenize_seconds);
-  Engine engine(*model, engine_options(args, threads, options.ctx));
+  TransformerEngine engine(*model, engine_options(args, threads, options.ctx));
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
-               engine.cache().describe().c_str(), threads);
-  ScoredModel scored;
-  const int32_t batch = static_cast<int32_t>(args.get_int("batch", 0));
-  scored.forward = [&engine, batch](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
-    engine.cache().truncate(0, 0);
-    forward_in_pieces(engine, chunk, n, logits, first, batch);
-  };
-  scored.vocab_size = model->config().vocab_size;
-  scored.bos_id = model->tokenizer().bos_id();
-  scored.max_tokens = engine.max_tokens();
-  PerplexityResult result = evaluate_perplexity(scored, tokens, options, print_progress);
+               engine.cache_description().c_str(), threads);
+  PerplexityResult result = evaluate_perplexity(engine, tokens, options, print_progress);
   print_perplexity(result, options);
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
-  const ModelConfig& config = model->config();
-  const double fp16_bytes = 2.0 * sizeof(uint16_t) * config.kv_dim() * config.n_layers;
   std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n",
               engine.cache().mode().c_str(), engine.cache().bytes_per_token(),
-              engine.cache().bytes_per_token() / fp16_bytes);
+              engine.cache_fraction_of_fp16());
   return 0;
 }
 
@@ -360,79 +333,41 @@ std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, co
   return prompt;
 }
 
-// Cache capacity for the prompt plus --max-tokens, within the model's context.
-int32_t generation_capacity(const Arguments& args, const Model& model, size_t prompt_tokens) {
-  const int64_t needed = static_cast<int64_t>(prompt_tokens) + args.get_int("max-tokens", 0);
-  return static_cast<int32_t>(std::min<int64_t>(needed, model.config().max_seq_len));
-}
-
-// The next token after running `n` tokens: one process samples from its own
-// logits; a pipeline samples on its last stage, which sends back only the
-// token and its margin.
-parallel::SampledToken next_token(Engine& engine, Sampler& sampler, const int32_t* tokens,
-                                  int32_t n, int32_t pos0, std::vector<float>& logits) {
-  const int32_t vocab = engine.model().config().vocab_size;
-  engine.forward(0, tokens, n, pos0, logits.data(), n - 1);
-  parallel::SampledToken chosen;
-  chosen.token = sampler.sample(logits.data(), vocab);
-  chosen.margin = top2_margin(logits.data(), vocab);
-  return chosen;
-}
-
-parallel::SampledToken next_token(parallel::PipelineEngine& engine, Sampler& sampler,
-                                  const int32_t* tokens, int32_t n, int32_t pos0,
-                                  std::vector<float>&) {
-  return engine.forward_sample(0, tokens, n, pos0, sampler);
-}
-
-// Prefill, then token-by-token decode through either engine. Every rank of a
-// parallel engine runs this with the same sampler seed and gets the same
-// tokens; only the ranks with `print` write them.
-template <typename AnyEngine>
-void generate_tokens(AnyEngine& engine, const Model& model, const Arguments& args,
-                     const SamplerOptions& sampler_options, const std::vector<int32_t>& prompt,
-                     bool print) {
-  const Tokenizer& tokenizer = model.tokenizer();
-  const int64_t max_new = args.get_int("max-tokens", 0);
-  Sampler sampler(sampler_options);
-  const bool print_ids = args.has("ids");
-
-  std::vector<float> logits(model.config().vocab_size);
-  const auto start = std::chrono::steady_clock::now();
-  const int32_t n_prompt = static_cast<int32_t>(prompt.size());
-  parallel::SampledToken step = next_token(engine, sampler, prompt.data(), n_prompt, 0, logits);
-  const auto prefill_done = std::chrono::steady_clock::now();
-  int32_t position = n_prompt;
-  int64_t generated = 0;
+// Generates through any engine; only the ranks with `print` write: the text
+// (or ids) on stdout as it comes, the statistics on stderr on a line of
+// their own.
+void generate_and_print(Engine& engine, const Arguments& args,
+                        const SamplerOptions& sampler_options, const std::vector<int32_t>& prompt,
+                        bool print) {
+  const Tokenizer& tokenizer = engine.model().tokenizer();
+  GenerationOptions options;
+  options.max_new_tokens = args.get_int("max-tokens", 0);
+  options.sampler = sampler_options;
+  const bool print_ids = args.has("ids"), print_margins = args.has("margins");
   if (print && !print_ids) std::fputs(args.get("prompt").c_str(), stdout);
-  while (generated < max_new && position < engine.max_tokens()) {
-    const int32_t next = step.token;
-    if (next == tokenizer.eos_id()) break;
-    ++generated;
-    if (!print) {
-    } else if (print_ids && args.has("margins")) {
+  auto on_token = [&](const SampledToken& t) {
+    if (print_ids && print_margins) {
       // How close the step was to a tie: explains where two caches diverge.
-      std::printf("%d %.4f\n", next, step.margin);
+      std::printf("%d %.4f\n", t.token, t.margin);
     } else if (print_ids) {
-      std::printf("%d\n", next);
+      std::printf("%d\n", t.token);
     } else {
-      std::fputs(tokenizer.token_to_piece(next).c_str(), stdout);
+      std::fputs(tokenizer.token_to_piece(t.token).c_str(), stdout);
     }
-    if (print) std::fflush(stdout);
-    if (generated == max_new) break;
-    step = next_token(engine, sampler, &next, 1, position, logits);
-    ++position;
-  }
-  const auto end = std::chrono::steady_clock::now();
+    std::fflush(stdout);
+  };
+  const GenerationResult result = generate(
+      engine, prompt, options, print ? on_token : std::function<void(const SampledToken&)>());
   if (!print) return;
   if (!print_ids) std::printf("\n");
-  const double prefill_s = std::chrono::duration<double>(prefill_done - start).count();
-  const double decode_s = std::chrono::duration<double>(end - prefill_done).count();
+  std::fflush(stdout);  // the text ends before the statistics start
+  const double generated = static_cast<double>(result.tokens.size());
   std::fprintf(stderr,
-               "prompt %d tokens in %.3f s (%.1f tokens/s); generated %lld tokens in %.3f s (%.1f "
+               "prompt %d tokens in %.3f s (%.1f tokens/s); generated %.0f tokens in %.3f s (%.1f "
                "tokens/s)\n",
-               n_prompt, prefill_s, n_prompt / prefill_s, static_cast<long long>(generated),
-               decode_s, generated > 0 ? generated / decode_s : 0.0);
+               result.prompt_tokens, result.prefill_seconds,
+               result.prompt_tokens / result.prefill_seconds, generated, result.decode_seconds,
+               generated > 0 ? generated / result.decode_seconds : 0.0);
 }
 
 int run_generate(int argc, char** argv) {
@@ -444,11 +379,12 @@ int run_generate(int argc, char** argv) {
   const SamplerOptions sampler = generation_sampler(args, "generate");
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
-  Engine engine(*model,
-                engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
-                               generation_capacity(args, *model, prompt.size())));
-  std::fprintf(stderr, "cache %s\n", engine.cache().describe().c_str());
-  generate_tokens(engine, *model, args, sampler, prompt, /*print=*/true);
+  TransformerEngine engine(
+      *model,
+      engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
+                     generation_capacity(*model, prompt.size(), args.get_int("max-tokens", 0))));
+  std::fprintf(stderr, "cache %s\n", engine.cache_description().c_str());
+  generate_and_print(engine, args, sampler, prompt, /*print=*/true);
   return 0;
 }
 
@@ -502,7 +438,7 @@ void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, 
       MPI_Gather(mine, kFields, MPI_DOUBLE, all.data(), kFields, MPI_DOUBLE, 0, MPI_COMM_WORLD),
       "MPI_Gather");
   if (grid.world_rank() != 0) return;
-  std::fprintf(stderr, "cache %s\n", engine.stage_engine().cache_description().c_str());
+  std::fprintf(stderr, "cache %s\n", engine.cache_description().c_str());
   for (int r = 0; r < ranks; ++r) {
     const double* v = all.data() + static_cast<size_t>(r) * kFields;
     std::fprintf(stderr,
@@ -569,7 +505,8 @@ int run_worker(int argc, char** argv) {
         *model,
         engine_options(
             args, threads,
-            scoring ? scoring_options.ctx : generation_capacity(args, *model, tokens.size())),
+            scoring ? scoring_options.ctx
+                    : generation_capacity(*model, tokens.size(), args.get_int("max-tokens", 0))),
         grid, pipeline);
     if (rank == 0)
       std::fprintf(stderr,
@@ -577,27 +514,19 @@ int run_worker(int argc, char** argv) {
                    tp, pp, static_cast<long long>(engine.layers().begin),
                    static_cast<long long>(engine.layers().end()), engine.weight_bytes() / 1e6);
     if (scoring) {
-      ScoredModel scored;
-      scored.forward = [&engine](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
-        engine.truncate(0, 0);
-        engine.forward(0, chunk, n, 0, logits, first);
-      };
-      scored.vocab_size = model->config().vocab_size;
-      scored.bos_id = model->tokenizer().bos_id();
-      scored.max_tokens = engine.max_tokens();
       if (rank == 0)
         std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, %d threads per rank\n",
                      args.get("file").c_str(), tokens.size(), tokenize_seconds, scoring_options.ctx,
                      threads);
       PerplexityResult result = evaluate_perplexity(
-          scored, tokens, scoring_options,
+          engine, tokens, scoring_options,
           rank == 0 ? print_progress : std::function<void(int32_t, int32_t, double)>());
       if (rank == 0) print_perplexity(result, scoring_options);
     } else {
-      generate_tokens(engine, *model, args, sampler, tokens, /*print=*/rank == 0);
+      generate_and_print(engine, args, sampler, tokens, /*print=*/rank == 0);
     }
     report_ranks(grid, engine, engine.length(0));
-  } catch (const parallel::LostRank& e) {
+  } catch (const LostRank& e) {
     parallel::abort_job(e.what());
   } catch (const Error& e) {
     // Bad input fails the same way on every rank: one line is enough. The job

@@ -26,7 +26,7 @@ struct StepTraffic {
 // rank `tp_rank` of `tp` and stage `stage` of `pp`.
 // `sequence_sharded`: the cache is sharded by sequence (the quantized modes,
 // and fp16 where tp does not divide the KV heads); else fp16 by KV head.
-// TensorParallelEngine::sequence_sharded() says which.
+// TransformerEngine::sequence_sharded() says which.
 //
 // Only the sizes of the messages enter, never the context length: the cache
 // (whatever its length) is never sent. That is the property the test checks.
@@ -36,7 +36,7 @@ inline StepTraffic decode_step_traffic(const ModelConfig& c, bool sequence_shard
   constexpr uint64_t kFloat = sizeof(float);
   StepTraffic t;
 
-  // --- TP group, per layer (TensorParallelEngine::run_layers) -----------------
+  // --- TP group, per layer (TransformerEngine::run_layers) -----------------
   // Two all_reduce_sum of the (n, dim) partial outputs: after Wo and after
   // down. MpiCommunicator::all_reduce_sum is a ring over p = tp members: the
   // n*dim floats are cut into p chunks (chunk c: count/p, plus one for the

@@ -4,20 +4,6 @@
 
 namespace xq::parallel {
 
-std::vector<Range> even_split(int64_t n, int parts) {
-  if (parts < 1) throw xq::Error("cannot split over " + std::to_string(parts) + " parts");
-  if (n < 0) throw xq::Error("cannot split " + std::to_string(n) + " items");
-  std::vector<Range> ranges(static_cast<size_t>(parts));
-  const int64_t base = n / parts, extra = n % parts;
-  int64_t begin = 0;
-  for (int i = 0; i < parts; ++i) {
-    const int64_t count = base + (i < extra ? 1 : 0);
-    ranges[static_cast<size_t>(i)] = Range{begin, count};
-    begin += count;
-  }
-  return ranges;
-}
-
 std::vector<Range> stage_layers(int64_t n_layers, int pp, const std::vector<int64_t>& counts) {
   if (pp < 1) throw xq::Error("pipeline needs at least one stage, not " + std::to_string(pp));
   if (counts.empty()) {

@@ -11,18 +11,9 @@
 #include <vector>
 
 #include "parallel/mpi_communicator.h"
+#include "runtime/shard.h"
 
 namespace xq::parallel {
-
-struct Range {
-  int64_t begin = 0, count = 0;
-  int64_t end() const { return begin + count; }
-  bool operator==(const Range&) const = default;
-};
-
-// n items over `parts` as evenly as possible: the first n % parts parts get one
-// more (9 heads over 4 ranks: 3, 2, 2, 2). Parts may be empty when n < parts.
-std::vector<Range> even_split(int64_t n, int parts);
 
 // Contiguous layer ranges for pp stages: balanced by even_split when `counts`
 // is empty, else counts[s] layers for stage s (each at least 1, summing to

@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "parallel/communicator.h"
+#include "runtime/communicator.h"
 
 namespace xq::parallel {
 

@@ -16,8 +16,8 @@ PipelineEngine::PipelineEngine(const Model& model, const EngineOptions& options,
                 " tokens; want at least 1");
   const std::vector<Range> ranges =
       stage_layers(model.config().n_layers, grid.pp(), pipeline.stage_layer_counts);
-  stage_ = std::make_unique<TensorParallelEngine>(model, options, grid.tp_group(),
-                                                  ranges[static_cast<size_t>(grid.stage())]);
+  stage_ = std::make_unique<TransformerEngine>(model, options, grid.tp_group(),
+                                               ranges[static_cast<size_t>(grid.stage())]);
 }
 
 void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,

@@ -1,6 +1,6 @@
 // Pipeline parallelism (pp >= 1) over tensor parallelism inside each stage:
 // stage s of the grid holds a contiguous range of layers (balanced by default,
-// or counts[s] layers each) as a TensorParallelEngine over its TP group, so its
+// or counts[s] layers each) as a TransformerEngine over its TP group, so its
 // weights and cache cover those layers only (XQuant-CL starts a new chain at
 // each stage's first layer, so no stage needs another's accumulator). Stage 0 embeds the
 // tokens; each stage runs its layers and sends the hidden activations (rows x
@@ -27,29 +27,22 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "parallel/grid.h"
-#include "parallel/tensor_parallel_engine.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
 #include "runtime/sampler.h"
 
 namespace xq::parallel {
 
-// A token chosen on the last stage, with its logit margin (top-1 minus
-// top-2, for tools that show how close a step was to a tie).
-struct SampledToken {
-  int32_t token = 0;
-  float margin = 0.0f;
-};
-
 struct PipelineOptions {
   int32_t micro_batch = 64;                 // tokens per micro-batch of a prefill
   std::vector<int64_t> stage_layer_counts;  // empty: balanced (stage_layers)
 };
 
-class PipelineEngine {
+class PipelineEngine final : public Engine {
  public:
   // Collective-free; throws xq::Error for an unknown cache mode, when
   // micro_batch < 1, when the counts do not split the layers or the
@@ -57,34 +50,36 @@ class PipelineEngine {
   PipelineEngine(const Model& model, const EngineOptions& options, Grid& grid,
                  const PipelineOptions& pipeline = {});
 
-  // The xq::Engine contract; collective over the whole grid (every rank calls
-  // it with the same arguments) and every rank gets the logits.
+  // Engine: collective over the whole grid (every rank calls it with the same
+  // arguments) and every rank gets the logits.
   void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
-               int32_t first_logit_row);
+               int32_t first_logit_row) override;
   // forward() of n tokens, then the next token sampled from the last row's
   // logits on the last stage, which sends only the token (and its margin)
   // back along the column: 8 bytes per step instead of a row of logits. Every
   // last-stage rank holds the same logits and samples with the same state, so
   // `sampler` must be seeded alike on every rank; other stages never use it.
   SampledToken forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
-                              Sampler& sampler);
-  void truncate(int32_t seq, int32_t from) { stage_->truncate(seq, from); }
-  int32_t length(int32_t seq) const { return stage_->length(seq); }
+                              Sampler& sampler) override;
+  void truncate(int32_t seq, int32_t from) override { stage_->truncate(seq, from); }
+  int32_t length(int32_t seq) const override { return stage_->length(seq); }
+  int32_t max_tokens() const override { return stage_->max_tokens(); }
+  const Model& model() const override { return model_; }
+  std::string cache_description() const override { return stage_->cache_description(); }
+  size_t cache_bytes_in_use() const override { return stage_->cache_bytes_in_use(); }
+  double cache_fraction_of_fp16() const override { return stage_->cache_fraction_of_fp16(); }
 
   // This rank's stage: its layers, weights and cache.
-  const TensorParallelEngine& stage_engine() const { return *stage_; }
+  const TransformerEngine& stage_engine() const { return *stage_; }
   Range layers() const { return stage_->layers(); }
   size_t weight_bytes() const { return stage_->weight_bytes(); }
-  size_t cache_bytes_in_use() const { return stage_->cache_bytes_in_use(); }
   int32_t micro_batch() const { return micro_batch_; }
-  const Model& model() const { return model_; }
-  int32_t max_tokens() const { return stage_->max_tokens(); }
 
  private:
   const Model& model_;
   Grid& grid_;
   int32_t micro_batch_;
-  std::unique_ptr<TensorParallelEngine> stage_;
+  std::unique_ptr<TransformerEngine> stage_;
   // Runs the stages; the last one writes logits of rows [first, n), which go
   // to every rank when `broadcast_logits`.
   void run(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,

@@ -21,78 +21,139 @@ void check_forward_input(const ModelConfig& c, int32_t max_tokens, const int32_t
   }
 }
 
-Engine::Engine(const Model& model, const EngineOptions& options) : model_(model) {
+SampledToken Engine::forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                                    Sampler& sampler) {
+  if (n <= 0) throw Error("forward_sample: no tokens");
+  const int32_t vocab = model().config().vocab_size;
+  last_row_.resize(static_cast<size_t>(vocab));
+  forward(seq, tokens, n, pos0, last_row_.data(), n - 1);
+  SampledToken chosen;
+  chosen.token = sampler.sample(last_row_.data(), vocab);
+  chosen.margin = top2_margin(last_row_.data(), vocab);
+  return chosen;
+}
+
+TransformerEngine::TransformerEngine(const Model& model, const EngineOptions& options)
+    : TransformerEngine(model, options, single_process_) {}
+
+TransformerEngine::TransformerEngine(const Model& model, const EngineOptions& options,
+                                     Communicator& tp_group, Range layers)
+    : model_(model), comm_(tp_group) {
   const ModelConfig& c = model.config();
+  layer_range_ = layers.count == 0 ? Range{0, c.n_layers} : layers;
+  if (layer_range_.begin < 0 || layer_range_.count < 1 || layer_range_.end() > c.n_layers)
+    throw Error("engine: layers [" + std::to_string(layer_range_.begin) + ", " +
+                std::to_string(layer_range_.end()) + ") are not a non-empty part of the model's " +
+                std::to_string(c.n_layers));
+  shard_ = plan_shard(model, comm_.size(), comm_.rank());
   max_tokens_ = options.max_tokens > 0 ? options.max_tokens : c.max_seq_len;
   cpu::set_thread_count(options.threads);
   rope_cos_sin_.resize(static_cast<size_t>(max_tokens_) * c.rope_dim);
   cpu::rope_table(rope_cos_sin_.data(), max_tokens_, c.rope_dim, c.rope_theta);
-  CacheOptions cache_options;
-  cache_options.mode = options.cache_mode;
-  cache_options.max_tokens = max_tokens_;
-  cache_options.sequences = options.sequences;
-  cache_options.keep_outlier_channel = options.keep_outlier_channel;
-  cache_options.k_latent_per_head = options.k_latent_per_head;
-  cache_options.cross_layer_restarts = options.cross_layer_restarts;
-  cache_options.rope_cos_sin = rope_cos_sin_.data();
-  cache_ = make_cache(model, cache_options);
+  for (int64_t l = layer_range_.begin; l < layer_range_.end(); ++l)
+    layers_.push_back(shard_layer(model.layers()[static_cast<size_t>(l)], c, shard_));
+  attention_ = make_attention_step(model, options, max_tokens_, rope_cos_sin_.data(), comm_, shard_,
+                                   layer_range_, layers_);
 }
 
-void Engine::ensure_scratch(int32_t n) {
+double TransformerEngine::cache_fraction_of_fp16() const {
+  const ModelConfig& c = model_.config();
+  const double fp16_bytes =
+      2.0 * sizeof(uint16_t) * c.kv_dim() * static_cast<double>(layer_range_.count);
+  return attention_->cache().bytes_per_token() / fp16_bytes;
+}
+
+size_t TransformerEngine::weight_bytes() const {
+  const ModelConfig& c = model_.config();
+  size_t total = 0;
+  if (layer_range_.begin == 0) total += model_.token_embedding().row_bytes;
+  if (layer_range_.end() == c.n_layers)
+    total += slice_bytes(model_.output()) + static_cast<size_t>(c.dim) * sizeof(float);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const LayerShard& l = layers_[i];
+    total += attention_->qkv_weight_bytes(static_cast<int32_t>(i));
+    total += slice_bytes(l.wo) + slice_bytes(l.w_gate) + slice_bytes(l.w_up) +
+             slice_bytes(l.w_down) + 2 * static_cast<size_t>(c.dim) * sizeof(float);
+  }
+  return total;
+}
+
+void TransformerEngine::ensure_scratch(int32_t n) {
   const ModelConfig& c = model_.config();
   const size_t rows = static_cast<size_t>(n);
   hidden_.resize(rows * c.dim);
   normed_.resize(rows * c.dim);
-  q_.resize(rows * c.q_dim());
-  k_.resize(rows * c.kv_dim());
-  v_.resize(rows * c.kv_dim());
-  attn_.resize(rows * c.q_dim());
+  attn_.resize(rows * static_cast<size_t>(shard_.heads.count) * c.head_dim);
   proj_.resize(rows * c.dim);
-  gate_.resize(rows * c.ffn_dim);
-  up_.resize(rows * c.ffn_dim);
+  gate_.resize(rows * static_cast<size_t>(shard_.ffn.count));
+  up_.resize(rows * static_cast<size_t>(shard_.ffn.count));
   positions_.resize(rows);
 }
 
-void Engine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
-                     int32_t first_logit_row) {
+void TransformerEngine::check_input(const int32_t* tokens, int32_t n, int32_t pos0) const {
+  check_forward_input(model_.config(), max_tokens_, tokens, n, pos0);
+}
+
+void TransformerEngine::embed(const int32_t* tokens, int32_t n, float* hidden) const {
+  const ModelConfig& c = model_.config();
+  for (int32_t i = 0; i < n; ++i)
+    cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],
+                             hidden + static_cast<size_t>(i) * c.dim);
+}
+
+void TransformerEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                                float* logits, int32_t first_logit_row) {
   const ModelConfig& c = model_.config();
   if (n <= 0) return;
-  check_forward_input(c, max_tokens_, tokens, n, pos0);
+  if (layer_range_.begin != 0 || layer_range_.end() != c.n_layers)
+    throw Error("forward: this engine holds layers [" + std::to_string(layer_range_.begin) + ", " +
+                std::to_string(layer_range_.end()) + ") only; a pipeline stage runs run_layers");
+  check_input(tokens, n, pos0);
   ensure_scratch(n);
-  for (int32_t i = 0; i < n; ++i) {
-    cpu::matrix_row_to_float(model_.token_embedding(), tokens[i],
-                             hidden_.data() + static_cast<size_t>(i) * c.dim);
-    positions_[i] = pos0 + i;
-  }
-
-  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
-    const LayerWeights& w = model_.layers()[layer];
-    // Attention block.
-    cpu::rmsnorm(hidden_.data(), w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
-    cpu::matmul(w.wq, normed_.data(), n, q_.data());
-    cpu::matmul(w.wk, normed_.data(), n, k_.data());
-    cpu::matmul(w.wv, normed_.data(), n, v_.data());
-    cpu::rope(q_.data(), positions_.data(), n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout,
-              rope_cos_sin_.data());
-    cache_->append(seq, layer, pos0, n, normed_.data(), k_.data(), v_.data());
-    cache_->attend(seq, layer, pos0, n, q_.data(), attn_.data());
-    cpu::matmul(w.wo, attn_.data(), n, proj_.data());
-    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(n) * c.dim);
-    // Feed-forward block (SwiGLU).
-    cpu::rmsnorm(hidden_.data(), w.ffn_norm, normed_.data(), n, c.dim, c.rms_eps);
-    cpu::matmul(w.w_gate, normed_.data(), n, gate_.data());
-    cpu::matmul(w.w_up, normed_.data(), n, up_.data());
-    cpu::swiglu(gate_.data(), up_.data(), static_cast<int64_t>(n) * c.ffn_dim);
-    cpu::matmul(w.w_down, up_.data(), n, proj_.data());
-    cpu::add(hidden_.data(), proj_.data(), static_cast<int64_t>(n) * c.dim);
-  }
-
+  embed(tokens, n, hidden_.data());
+  run_layers(seq, hidden_.data(), n, pos0);
   const int32_t first = std::clamp(first_logit_row, 0, n);
   const int32_t scored = n - first;
   if (scored == 0 || logits == nullptr) return;
-  const float* last_hidden = hidden_.data() + static_cast<size_t>(first) * c.dim;
-  cpu::rmsnorm(last_hidden, model_.output_norm(), normed_.data(), scored, c.dim, c.rms_eps);
-  cpu::matmul(model_.output(), normed_.data(), scored, logits);
+  head(hidden_.data() + static_cast<size_t>(first) * c.dim, scored, logits);
+}
+
+void TransformerEngine::head(const float* hidden, int32_t n, float* logits) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  const size_t rows = static_cast<size_t>(n) * c.dim;
+  if (normed_.size() < rows) normed_.resize(rows);  // hidden may point into hidden_
+  cpu::rmsnorm(hidden, model_.output_norm(), normed_.data(), n, c.dim, c.rms_eps);
+  cpu::matmul(model_.output(), normed_.data(), n, logits);
+}
+
+// The one layer loop. Each rank adds its partial Wo and down outputs across
+// the group (the identity for a group of one), so every rank's hidden state
+// stays the full, replicated residual stream.
+void TransformerEngine::run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0) {
+  const ModelConfig& c = model_.config();
+  if (n <= 0) return;
+  ensure_scratch(n);
+  for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
+  const size_t residual = static_cast<size_t>(n) * c.dim;
+
+  for (int32_t layer = 0; layer < static_cast<int32_t>(layers_.size()); ++layer) {
+    const LayerShard& w = layers_[static_cast<size_t>(layer)];
+    // Attention block: this rank's heads through its columns of Wo.
+    cpu::rmsnorm(hidden, w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    attention_->run(seq, layer, normed_.data(), n, pos0, positions_.data(), attn_.data());
+    cpu::matmul(w.wo, attn_.data(), n, proj_.data());
+    comm_.all_reduce_sum(proj_.data(), residual);
+    cpu::add(hidden, proj_.data(), static_cast<int64_t>(residual));
+    // Feed-forward block (SwiGLU): this rank's FFN channels.
+    cpu::rmsnorm(hidden, w.ffn_norm, normed_.data(), n, c.dim, c.rms_eps);
+    cpu::matmul(w.w_gate, normed_.data(), n, gate_.data());
+    cpu::matmul(w.w_up, normed_.data(), n, up_.data());
+    cpu::swiglu(gate_.data(), up_.data(), static_cast<int64_t>(n) * shard_.ffn.count);
+    cpu::matmul(w.w_down, up_.data(), n, proj_.data());
+    comm_.all_reduce_sum(proj_.data(), residual);
+    cpu::add(hidden, proj_.data(), static_cast<int64_t>(residual));
+  }
 }
 
 }  // namespace xq

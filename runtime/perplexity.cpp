@@ -1,5 +1,6 @@
 #include "runtime/perplexity.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 
@@ -7,29 +8,36 @@
 
 namespace xq {
 
+namespace {
+
+// Forward passes over [0, n) of sequence 0 in ceil(n / batch) pieces of
+// near-equal size, the larger first; rows at or after `first` go to logits.
+void forward_in_pieces(Engine& engine, const int32_t* tokens, int32_t n, float* logits,
+                       int32_t first, int32_t batch) {
+  const int32_t pieces = batch > 0 ? (n + batch - 1) / batch : 1;
+  const int32_t vocab = engine.model().config().vocab_size;
+  for (int32_t i = 0, begin = 0; i < pieces; ++i) {
+    const int32_t size = n / pieces + (i < n % pieces ? 1 : 0);
+    const int32_t from = std::max(first, begin);
+    float* out = from < begin + size ? logits + static_cast<size_t>(from - first) * vocab : nullptr;
+    engine.forward(0, tokens + begin, size, begin, out, from - begin);
+    begin += size;
+  }
+}
+
+}  // namespace
+
 PerplexityResult evaluate_perplexity(
     Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
     const std::function<void(int32_t, int32_t, double)>& progress) {
-  ScoredModel scored;
-  scored.forward = [&engine](const int32_t* chunk, int32_t n, float* logits, int32_t first) {
-    engine.cache().truncate(0, 0);
-    engine.forward(0, chunk, n, 0, logits, first);
-  };
-  scored.vocab_size = engine.model().config().vocab_size;
-  scored.bos_id = engine.model().tokenizer().bos_id();
-  scored.max_tokens = engine.max_tokens();
-  return evaluate_perplexity(scored, tokens, options, progress);
-}
-
-PerplexityResult evaluate_perplexity(
-    const ScoredModel& model, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
-    const std::function<void(int32_t, int32_t, double)>& progress) {
   const int32_t ctx = options.ctx;
-  const int32_t vocab = model.vocab_size;
+  const int32_t vocab = engine.model().config().vocab_size;
+  const int32_t bos_id = engine.model().tokenizer().bos_id();
+  if (options.batch < 0) throw Error("perplexity: the batch size must not be negative");
   if (ctx < 2) throw Error("perplexity: --ctx must be at least 2");
-  if (ctx > model.max_tokens)
+  if (ctx > engine.max_tokens())
     throw Error("perplexity: --ctx " + std::to_string(ctx) + " exceeds the engine's context of " +
-                std::to_string(model.max_tokens));
+                std::to_string(engine.max_tokens()));
   int32_t chunks = static_cast<int32_t>(tokens.size() / ctx);
   if (options.max_chunks > 0) chunks = std::min(chunks, options.max_chunks);
   if (chunks == 0)
@@ -51,8 +59,9 @@ PerplexityResult evaluate_perplexity(
   for (int32_t c = 0; c < chunks; ++c) {
     std::copy(tokens.begin() + static_cast<int64_t>(c) * ctx,
               tokens.begin() + static_cast<int64_t>(c + 1) * ctx, chunk.begin());
-    if (options.bos_first) chunk[0] = model.bos_id;
-    model.forward(chunk.data(), ctx, logits.data(), first_scored);
+    if (options.bos_first) chunk[0] = bos_id;
+    engine.truncate(0, 0);
+    forward_in_pieces(engine, chunk.data(), ctx, logits.data(), first_scored, options.batch);
     for (int32_t j = 0; j < scored_per_chunk; ++j) {
       const float* row = logits.data() + static_cast<size_t>(j) * vocab;
       const int32_t target = chunk[first_scored + j + 1];

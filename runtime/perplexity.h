@@ -18,6 +18,9 @@ struct PerplexityOptions {
   bool score_all = false;
   bool bos_first = true;
   int32_t max_chunks = 0;  // 0 = all
+  // Runs each chunk as ceil(ctx / batch) near-equal forward passes (the larger
+  // first), as a pipeline cuts a prefill into micro-batches; 0 = one pass.
+  int32_t batch = 0;
 };
 
 struct PerplexityResult {
@@ -29,23 +32,10 @@ struct PerplexityResult {
   double seconds = 0;
 };
 
-// Runs one chunk of n tokens from an empty cache and writes the logits of rows
-// [first_logit_row, n): how any engine (single-process or parallel) is scored.
-using ChunkForward =
-    std::function<void(const int32_t* tokens, int32_t n, float* logits, int32_t first_logit_row)>;
-
-struct ScoredModel {
-  ChunkForward forward;
-  int32_t vocab_size = 0;
-  int32_t bos_id = 0;
-  int32_t max_tokens = 0;  // the engine's context
-};
-
-// progress(chunk_done, chunks_total, running_ppl) after each chunk.
-PerplexityResult evaluate_perplexity(
-    const ScoredModel& model, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
-    const std::function<void(int32_t, int32_t, double)>& progress = {});
-
+// progress(chunk_done, chunks_total, running_ppl) after each chunk. Each
+// chunk starts from an empty cache (sequence 0 truncated), so the engine must
+// hold at least ctx tokens. Collective where the engine is: every rank of a
+// parallel engine calls it with the same tokens and options.
 PerplexityResult evaluate_perplexity(
     Engine& engine, const std::vector<int32_t>& tokens, const PerplexityOptions& options,
     const std::function<void(int32_t, int32_t, double)>& progress = {});

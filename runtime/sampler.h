@@ -8,6 +8,13 @@
 
 namespace xq {
 
+// A token chosen from a row of logits, with that row's top-1 minus top-2
+// margin: how close the step was to a tie (what tools print with --margins).
+struct SampledToken {
+  int32_t token = 0;
+  float margin = 0.0f;
+};
+
 struct SamplerOptions {
   float temperature = 0.0f;  // 0 = greedy
   int32_t top_k = 0;         // 0 = no limit

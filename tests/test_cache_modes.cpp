@@ -5,8 +5,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cmath>
+#include <cstdio>
 #include <memory>
 #include <random>
 
@@ -34,7 +34,7 @@ std::vector<float> last_logits(const Model& model, const std::string& mode,
   options.threads = 2;
   options.max_tokens = 512;
   options.cache_mode = mode;
-  Engine engine(model, options);
+  TransformerEngine engine(model, options);
   const int32_t n = static_cast<int32_t>(tokens.size());
   const int32_t prefill = n - decode_steps;
   std::vector<float> logits(model.config().vocab_size);
@@ -92,7 +92,7 @@ std::vector<int32_t> greedy(const Model& model, const std::string& mode,
   options.threads = 1;
   options.max_tokens = 128;
   options.cache_mode = mode;
-  Engine engine(model, options);
+  TransformerEngine engine(model, options);
   std::vector<int32_t> tokens = model.tokenizer().encode(prompt, true);
   std::vector<float> logits(model.config().vocab_size);
   const int32_t n = static_cast<int32_t>(tokens.size());

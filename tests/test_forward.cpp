@@ -8,8 +8,8 @@
 #include <fstream>
 #include <vector>
 
-#include "runtime/engine.h"
 #include "kernels/error.h"
+#include "runtime/engine.h"
 #include "runtime/model.h"
 #include "runtime/sampler.h"
 #include "tests/test_util.h"
@@ -144,7 +144,7 @@ TEST(Forward, GreedyTokensMatchScalarReferenceOnStories260K) {
   EngineOptions options;
   options.threads = 2;
   options.max_tokens = 128;
-  Engine engine(*model, options);
+  TransformerEngine engine(*model, options);
   const int vocab = model->config().vocab_size;
   std::vector<float> logits(vocab);
   const int32_t n = static_cast<int32_t>(prompt.size());
@@ -184,7 +184,7 @@ TEST(Forward, PrefillEqualsTokenByTokenDecode) {
   EngineOptions options;
   options.threads = 2;
   options.max_tokens = 256;
-  Engine batched(*model, options), stepped(*model, options);
+  TransformerEngine batched(*model, options), stepped(*model, options);
   std::vector<float> all(static_cast<size_t>(n) * vocab), one(vocab);
   batched.forward(0, tokens.data(), n, 0, all.data(), 0);
   float worst = 0;
@@ -196,7 +196,7 @@ TEST(Forward, PrefillEqualsTokenByTokenDecode) {
   // Same math in another order (sgemm vs dot products): fp32 rounding only.
   EXPECT_LT(worst, 5e-3f);
   // Prefill of n - 1 then one decode step gives the last row of the full prefill.
-  Engine split(*model, options);
+  TransformerEngine split(*model, options);
   split.forward(0, tokens.data(), n - 1, 0, nullptr, n - 1);
   split.forward(0, &tokens[n - 1], 1, n - 1, one.data(), 0);
   for (int v = 0; v < vocab; ++v) EXPECT_NEAR(one[v], all[size_t(n - 1) * vocab + v], 5e-3f);
@@ -206,7 +206,7 @@ TEST(Forward, RejectsOutOfRangeTokensAndPositions) {
   auto model = Model::load(stories_path());
   EngineOptions options;
   options.max_tokens = 8;
-  Engine engine(*model, options);
+  TransformerEngine engine(*model, options);
   int32_t bad = model->config().vocab_size;
   EXPECT_THROW(engine.forward(0, &bad, 1, 0, nullptr, 0), Error);
   int32_t good = 1;

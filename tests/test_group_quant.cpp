@@ -15,8 +15,8 @@
 
 #include "kernels/cpu/group_quant.h"
 #include "kernels/cpu/quant.h"
-#include "kernels/group_quant.h"
 #include "kernels/error.h"
+#include "kernels/group_quant.h"
 
 namespace xq::cpu {
 namespace {

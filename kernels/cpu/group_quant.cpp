@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "kernels/cpu/quant.h"
-#include "kernels/group_quant.h"
 #include "kernels/error.h"
+#include "kernels/group_quant.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>

@@ -12,10 +12,10 @@
 #include <stdexcept>
 #include <string>
 
-#include "kernels/gguf_blocks.h"
 #include "kernels/cuda/backend.h"
 #include "kernels/cuda/check.h"
 #include "kernels/elementwise.h"
+#include "kernels/gguf_blocks.h"
 
 namespace xq::cuda {
 namespace {
@@ -165,8 +165,7 @@ __global__ void rope_kernel(float* x, const int32_t* positions, int64_t heads, i
 
 // One thread per packed byte: byte j of a block holds element j (low nibble)
 // and element j + 16 (high nibble); value = q * d + m.
-__global__ void dequantize_q4_1_kernel(const BlockQ4_1* blocks, float* out,
-                                       int64_t total_bytes) {
+__global__ void dequantize_q4_1_kernel(const BlockQ4_1* blocks, float* out, int64_t total_bytes) {
   const int64_t index = global_thread_index();
   if (index >= total_bytes) return;
   const int64_t block_index = index / kQ4_1PackedBytes;

@@ -101,9 +101,9 @@ class MatmulPathScope {
 // The logits after the prompt (tokens[0, n0)) and after each later token,
 // (tokens.size() - n0 + 1, vocab): the prompt in one forward pass, then one
 // token at a time (decode), all with cpu::matmul's `path`.
-template <class AnyEngine>
-std::vector<float> forced_rows(AnyEngine& engine, int32_t seq, const std::vector<int32_t>& tokens,
-                               int32_t n0, int32_t vocab, cpu::MatmulPath path) {
+inline std::vector<float> forced_rows(Engine& engine, int32_t seq,
+                                      const std::vector<int32_t>& tokens, int32_t n0, int32_t vocab,
+                                      cpu::MatmulPath path) {
   MatmulPathScope scope(path);
   const int32_t n = static_cast<int32_t>(tokens.size());
   std::vector<float> rows(static_cast<size_t>(n - n0 + 1) * vocab);
@@ -227,10 +227,9 @@ inline void print_rank0(const std::string& line) {
 // on rank 0 alone and is broadcast (ranks may outnumber cores, and the fp32
 // paths dequantize every weight). Both engines need 4 sequences and room for
 // prompt + steps tokens.
-template <class ParallelEngine>
-void expect_int8_decode_within_bounds(Engine& reference, ParallelEngine& parallel,
-                                      const std::vector<int32_t>& prompt, int steps,
-                                      const std::string& what) {
+inline void expect_int8_decode_within_bounds(Engine& reference, Engine& parallel,
+                                             const std::vector<int32_t>& prompt, int steps,
+                                             const std::string& what) {
   using cpu::MatmulPath;
   const int32_t vocab = reference.model().config().vocab_size;
   const int32_t n0 = static_cast<int32_t>(prompt.size());
@@ -247,7 +246,7 @@ void expect_int8_decode_within_bounds(Engine& reference, ParallelEngine& paralle
     ref_q8 = forced_rows(reference, 1, all, n0, vocab, MatmulPath::kFloatRoundedAsQ8);
     ref_int8 = forced_rows(reference, 2, all, n0, vocab, MatmulPath::kAuto);
     // Prefill: every row of all n tokens in one pass (more than 8 rows: fp32).
-    reference.cache().truncate(3, 0);
+    reference.truncate(3, 0);
     reference.forward(3, all.data(), n, 0, ref_rows.data(), 0);
   }
   for (std::vector<float>* v : {&ref_fp32, &ref_q8, &ref_int8, &ref_rows}) broadcast_from_rank0(*v);

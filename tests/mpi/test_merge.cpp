@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "parallel/grid.h"
-#include "parallel/partial_attention_merge.h"
+#include "runtime/partial_attention_merge.h"
 #include "tests/mpi/mpi_test_env.h"
 
 namespace xq::parallel {

@@ -1,6 +1,6 @@
 // Pipeline parallelism (TP inside each stage) under mpirun, started with
 // --grid TPxPP: every rank runs the pipelined forward pass and, in the same
-// process, the single-rank xq::Engine, both fed the same tokens, and each
+// process, the single-rank xq::TransformerEngine, both fed the same tokens, and each
 // step's logits are held to the bounds of logit_bounds.h (derived from noise
 // floors the reference measures in the same run), whatever the micro-batch
 // size; argmaxes must agree where the reference's margin exceeds twice the
@@ -33,7 +33,8 @@ using testing::same_as_rank0;
 
 // This rank's cache must hold its stage's layers and its TP share of KV heads
 // only: the single-rank bytes scaled by both fractions.
-void expect_stage_cache_bytes(const Model& model, Engine& reference, const PipelineEngine& pp) {
+void expect_stage_cache_bytes(const Model& model, TransformerEngine& reference,
+                              const PipelineEngine& pp) {
   const ModelConfig& c = model.config();
   const size_t per_layer_head =
       reference.cache().bytes_in_use() / static_cast<size_t>(c.n_layers * c.n_kv_heads);
@@ -67,7 +68,8 @@ TEST(PipelineParallel, Stories260KTeacherForcedWithinBounds) {
   auto model = Model::load(path);
   const int32_t vocab = model->config().vocab_size;
   const EngineOptions options = stories_options();
-  Engine reference(*model, options), greedy(*model, options), floors(*model, options);
+  TransformerEngine reference(*model, options), greedy(*model, options),
+      floors(*model, options);
   Grid grid(testing::grid_tp(), testing::grid_pp());
   PipelineEngine pp(*model, options, grid);
   const std::vector<std::string> prompts = {
@@ -79,8 +81,8 @@ TEST(PipelineParallel, Stories260KTeacherForcedWithinBounds) {
     const std::vector<int32_t> prompt = model->tokenizer().encode(prompts[p], true);
     const int32_t n0 = static_cast<int32_t>(prompt.size());
     const std::vector<int32_t> all = testing::greedy_tokens(greedy, p, prompt, 64);
-    floors.cache().truncate(0, 0);
-    floors.cache().truncate(1, 0);
+    floors.truncate(0, 0);
+    floors.truncate(1, 0);
     const float bound = testing::fp32_bound(testing::int8_noise_floor(floors, 0, all, n0));
     const std::vector<float> ref = forced_rows(reference, p, all, n0, vocab, MatmulPath::kAuto);
     const std::vector<float> ours = forced_rows(pp, p, all, n0, vocab, MatmulPath::kAuto);
@@ -115,14 +117,14 @@ TEST(PipelineParallel, Stories260KMicroBatchSizeDoesNotChangeResult) {
   ASSERT_GE(prompt.size(), 41u);
   prompt.resize(41);
   const int32_t n = 41;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   std::vector<float> ref(static_cast<size_t>(n) * vocab);
   reference.forward(0, prompt.data(), n, 0, ref.data(), 0);
   // The fp32 bound from the reference's int8 noise floor over the prompt and
   // 8 greedy steps (logit_bounds.h).
   float bound = 0;
   {
-    Engine greedy(*model, options), floors(*model, options);
+    TransformerEngine greedy(*model, options), floors(*model, options);
     const std::vector<int32_t> all = testing::greedy_tokens(greedy, 0, prompt, 8);
     bound = testing::fp32_bound(testing::int8_noise_floor(floors, 0, all, n));
   }
@@ -157,7 +159,7 @@ TEST(PipelineParallel, Stories260KMicroBatchSizeDoesNotChangeResult) {
     }
     EXPECT_TRUE(same_as_rank0(rows)) << what;
     // Decode goes on from the micro-batched cache.
-    Engine ref_decode(*model, options);
+    TransformerEngine ref_decode(*model, options);
     ref_decode.forward(0, prompt.data(), n, 0, nullptr, n);
     std::vector<float> a(vocab), b(vocab);
     int32_t token = argmax(&ref[static_cast<size_t>(n - 1) * vocab], vocab);
@@ -192,7 +194,7 @@ TEST(PipelineParallel, SmolLM2TeacherForcedWithinBounds) {
   options.threads = 1;
   options.max_tokens = 64;
   options.sequences = 4;
-  Engine reference(*model, options);
+  TransformerEngine reference(*model, options);
   Grid grid(testing::grid_tp(), testing::grid_pp());
   PipelineOptions po;
   po.micro_batch = 13;
@@ -226,10 +228,6 @@ TEST(PipelineParallel, RefusesUnknownCacheModesAndBadOptions) {
   po.micro_batch = 8;
   po.stage_layer_counts.assign(static_cast<size_t>(grid.pp()), 0);  // empty stages
   EXPECT_THROW(PipelineEngine(*model, options, grid, po), Error);
-  // The TP engine alone still refuses pp > 1.
-  if (grid.pp() > 1) {
-    EXPECT_THROW(TensorParallelEngine(*model, options, grid), Error);
-  }
 }
 
 }  // namespace

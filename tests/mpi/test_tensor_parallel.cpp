@@ -1,5 +1,5 @@
 // Tensor parallelism (pp = 1) under mpirun: every rank runs the sharded
-// forward pass and, in the same process, the single-rank xq::Engine, both fed
+// forward pass and, in the same process, the single-rank xq::TransformerEngine, both fed
 // the same tokens (the reference's greedy choices), and each step's logits are
 // held to a bound derived in logit_bounds.h from noise floors measured on the
 // reference in the same run; argmaxes must agree where the reference's margin
@@ -21,10 +21,9 @@
 #include "kernels/cpu/matmul.h"
 #include "kernels/error.h"
 #include "parallel/grid.h"
-#include "parallel/shard.h"
-#include "parallel/tensor_parallel_engine.h"
 #include "runtime/engine.h"
 #include "runtime/sampler.h"
+#include "runtime/shard.h"
 #include "tests/mpi/logit_bounds.h"
 #include "tests/mpi/mpi_test_env.h"
 #include "tests/test_util.h"
@@ -39,7 +38,7 @@ using testing::max_of;
 using testing::row_diffs;
 using testing::same_as_rank0;
 
-void print_weight_bytes(const char* name, const Model& model, const TensorParallelEngine& tp) {
+void print_weight_bytes(const char* name, const Model& model, const TransformerEngine& tp) {
   long long mine = static_cast<long long>(tp.weight_bytes());
   std::vector<long long> all(static_cast<size_t>(testing::world_size()));
   MPI_Gather(&mine, 1, MPI_LONG_LONG, all.data(), 1, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
@@ -81,13 +80,13 @@ TEST(TensorParallel, Stories260KTeacherForcedWithinBounds) {
   std::vector<int32_t> prompt_sizes;
   std::vector<float> fp32_bounds;
   {
-    Engine greedy(*model, options), floors(*model, options);
+    TransformerEngine greedy(*model, options), floors(*model, options);
     for (int32_t p = 0; p < static_cast<int32_t>(prompts.size()); ++p) {
       const std::vector<int32_t> prompt = model->tokenizer().encode(prompts[p], true);
       tokens.push_back(testing::greedy_tokens(greedy, p, prompt, steps));
       prompt_sizes.push_back(static_cast<int32_t>(prompt.size()));
-      floors.cache().truncate(0, 0);
-      floors.cache().truncate(1, 0);
+      floors.truncate(0, 0);
+      floors.truncate(1, 0);
       fp32_bounds.push_back(testing::fp32_bound(
           testing::int8_noise_floor(floors, 0, tokens.back(), prompt_sizes.back())));
     }
@@ -97,8 +96,8 @@ TEST(TensorParallel, Stories260KTeacherForcedWithinBounds) {
        {"fp16", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
         "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"}) {
     options.cache_mode = mode;
-    Engine reference(*model, options);
-    TensorParallelEngine tp(*model, options, grid);
+    TransformerEngine reference(*model, options);
+    TransformerEngine tp(*model, options, grid.tp_group());
     if (mode == "fp16") print_weight_bytes("stories260K", *model, tp);
     for (int32_t p = 0; p < static_cast<int32_t>(prompts.size()); ++p) {
       const std::vector<int32_t>& all = tokens[static_cast<size_t>(p)];
@@ -141,8 +140,8 @@ TEST(TensorParallel, SmolLM2TeacherForcedWithinBounds) {
   Grid grid(testing::world_size(), 1);
   for (const std::string text :
        {"The capital of France is a city where", "Once upon a time, in a small village,"}) {
-    Engine reference(*model, options);
-    TensorParallelEngine tp(*model, options, grid);
+    TransformerEngine reference(*model, options);
+    TransformerEngine tp(*model, options, grid.tp_group());
     if (text[0] == 'T') print_weight_bytes("SmolLM2-135M Q4_1", *model, tp);
     testing::expect_int8_decode_within_bounds(
         reference, tp, model->tokenizer().encode(text, true), 16,
@@ -159,7 +158,7 @@ TEST(TensorParallel, RefusesUnknownCacheModesAndUnalignedSlices) {
   options.cache_mode = "kivi-5";  // no such width
   Grid grid(testing::world_size(), 1);
   try {
-    TensorParallelEngine tp(*model, options, grid);
+    TransformerEngine tp(*model, options, grid.tp_group());
     ADD_FAILURE() << "no error for --cache kivi-5";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("kivi takes 4, 3, 2 bits"), std::string::npos) << e.what();

@@ -10,12 +10,22 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "kernels/tensor_type.h"
-#include "parallel/grid.h"
 #include "runtime/model.h"
 
-namespace xq::parallel {
+namespace xq {
+
+struct Range {
+  int64_t begin = 0, count = 0;
+  int64_t end() const { return begin + count; }
+  bool operator==(const Range&) const = default;
+};
+
+// n items over `parts` as evenly as possible: the first n % parts parts get one
+// more (9 heads over 4 ranks: 3, 2, 2, 2). Parts may be empty when n < parts.
+std::vector<Range> even_split(int64_t n, int parts);
 
 struct TpShard {
   Range heads;     // global query heads [begin, end)
@@ -50,4 +60,4 @@ struct LayerShard {
 
 LayerShard shard_layer(const LayerWeights& w, const ModelConfig& config, const TpShard& shard);
 
-}  // namespace xq::parallel
+}  // namespace xq

@@ -16,7 +16,7 @@
 
 #include "kernels/error.h"
 
-namespace xq::parallel {
+namespace xq {
 
 // A peer did not deliver in time (or MPI reported it failed). The message names
 // the group, the operation, this rank and the lost rank, with world ranks, so
@@ -80,6 +80,29 @@ class Communicator {
   virtual uint64_t bytes_sent() const = 0;
 };
 
+// The group of one: what a single process's engine runs over. Collectives are
+// the identity (all_reduce_sum leaves data as it is, all_gather copies), so
+// the one forward pass needs no special case for "not parallel"; there is no
+// peer to send to or receive from, and asking for one throws xq::Error.
+class SingleProcessCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  int world_rank(int) const override { return 0; }
+  const std::string& name() const override { return name_; }
+  void all_reduce_sum(float*, size_t) override {}
+  void all_gather(const float* in, size_t count, float* out) override;
+  void reduce_scatter_sum(const float* in, size_t count_per_rank, float* out) override;
+  void broadcast(void*, size_t, int) override {}
+  void send(const void*, size_t, int peer) override;
+  void recv(void*, size_t, int peer) override;
+  void barrier() override {}
+  uint64_t bytes_sent() const override { return 0; }
+
+ private:
+  std::string name_ = "single process";
+};
+
 // Payload bytes `rank` sends in a ring all-reduce of `count` floats over `size`
 // ranks (reduce-scatter then all-gather over chunks split as evenly as
 // possible): every chunk but two, 2 (size - 1) / size of the data on average.
@@ -92,4 +115,4 @@ inline uint64_t ring_all_reduce_bytes_sent(size_t count, int size, int rank) {
   return (2 * count - chunk((r + 1) % p) - chunk((r + 2) % p)) * sizeof(float);
 }
 
-}  // namespace xq::parallel
+}  // namespace xq

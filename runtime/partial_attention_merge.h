@@ -6,9 +6,9 @@
 #pragma once
 
 #include "kernels/cpu/attention.h"
-#include "parallel/communicator.h"
+#include "runtime/communicator.h"
 
-namespace xq::parallel {
+namespace xq {
 
 // Replaces `state` on every member with the merge of all members' states, taken
 // in rank order, so every member ends with identical bits equal (to rounding)
@@ -18,4 +18,4 @@ namespace xq::parallel {
 // Traffic: one all_gather of rows * (width + 2) floats per member.
 void merge_across(Communicator& group, cpu::PartialAttention& state);
 
-}  // namespace xq::parallel
+}  // namespace xq

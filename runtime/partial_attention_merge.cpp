@@ -1,9 +1,9 @@
-#include "parallel/partial_attention_merge.h"
+#include "runtime/partial_attention_merge.h"
 
 #include <algorithm>
 #include <vector>
 
-namespace xq::parallel {
+namespace xq {
 
 void merge_across(Communicator& group, cpu::PartialAttention& state) {
   const int members = group.size();
@@ -34,4 +34,4 @@ void merge_across(Communicator& group, cpu::PartialAttention& state) {
   state = std::move(merged);
 }
 
-}  // namespace xq::parallel
+}  // namespace xq

@@ -1,10 +1,10 @@
-#include "parallel/shard.h"
+#include "runtime/shard.h"
 
 #include <string>
 
 #include "kernels/error.h"
 
-namespace xq::parallel {
+namespace xq {
 namespace {
 
 std::string str(int64_t v) {
@@ -12,6 +12,20 @@ std::string str(int64_t v) {
 }
 
 }  // namespace
+
+std::vector<Range> even_split(int64_t n, int parts) {
+  if (parts < 1) throw Error("cannot split over " + std::to_string(parts) + " parts");
+  if (n < 0) throw Error("cannot split " + std::to_string(n) + " items");
+  std::vector<Range> ranges(static_cast<size_t>(parts));
+  const int64_t base = n / parts, extra = n % parts;
+  int64_t begin = 0;
+  for (int i = 0; i < parts; ++i) {
+    const int64_t count = base + (i < extra ? 1 : 0);
+    ranges[static_cast<size_t>(i)] = Range{begin, count};
+    begin += count;
+  }
+  return ranges;
+}
 
 TpShard plan_shard(const Model& model, int tp, int rank) {
   const ModelConfig& c = model.config();
@@ -93,4 +107,4 @@ LayerShard shard_layer(const LayerWeights& w, const ModelConfig& c, const TpShar
   return l;
 }
 
-}  // namespace xq::parallel
+}  // namespace xq

@@ -1,0 +1,177 @@
+#include "runtime/attention_step.h"
+
+#include <string>
+
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/error.h"
+#include "runtime/cache_fp16.h"
+#include "runtime/engine.h"
+#include "runtime/partial_attention_merge.h"
+
+namespace xq {
+namespace {
+
+// The cache settings every step shares: the engine's options for its layers.
+CacheOptions cache_options(const EngineOptions& options, int32_t max_tokens,
+                           const float* rope_cos_sin, Range layer_range) {
+  CacheOptions c;
+  c.mode = options.cache_mode;
+  c.max_tokens = max_tokens;
+  c.sequences = options.sequences;
+  c.rope_cos_sin = rope_cos_sin;
+  c.keep_outlier_channel = options.keep_outlier_channel;
+  c.k_latent_per_head = options.k_latent_per_head;
+  c.first_layer = static_cast<int32_t>(layer_range.begin);
+  c.layers = static_cast<int32_t>(layer_range.count);
+  c.cross_layer_restarts = options.cross_layer_restarts;
+  return c;
+}
+
+// By head: this rank's query heads and the KV heads they read.
+class HeadShardedAttention final : public AttentionStep {
+ public:
+  HeadShardedAttention(const Model& model, const CacheOptions& options, int tp,
+                       const TpShard& shard, const std::vector<LayerShard>& layers)
+      : config_(model.config()),
+        tp_(tp),
+        shard_(shard),
+        layers_(layers),
+        rope_cos_sin_(options.rope_cos_sin) {
+    if (tp == 1) {
+      cache_ = make_cache(model, options);  // every head: any mode
+    } else {
+      // A cache of this rank's KV heads, read by its query heads (which are
+      // exactly those KV heads' groups: the group divides the KV heads).
+      ModelConfig local = config_;
+      local.n_layers = options.layers;
+      local.n_heads = static_cast<int32_t>(shard.heads.count);
+      local.n_kv_heads = static_cast<int32_t>(shard.kv_heads.count);
+      cache_ = std::make_unique<Fp16KvCache>(local, options);
+    }
+  }
+
+  void run(int32_t seq, int32_t layer, const float* normed, int32_t n, int32_t pos0,
+           const int32_t* positions, float* attn) override {
+    const LayerShard& w = layers_[static_cast<size_t>(layer)];
+    const size_t rows = static_cast<size_t>(n);
+    q_.resize(rows * static_cast<size_t>(w.wq.rows));
+    k_.resize(rows * static_cast<size_t>(w.wk.rows));
+    v_.resize(rows * static_cast<size_t>(w.wv.rows));
+    cpu::matmul(w.wq, normed, n, q_.data());
+    cpu::matmul(w.wk, normed, n, k_.data());
+    cpu::matmul(w.wv, normed, n, v_.data());
+    cpu::rope(q_.data(), positions, n, static_cast<int32_t>(shard_.heads.count), config_.head_dim,
+              config_.rope_dim, config_.rope_layout, rope_cos_sin_);
+    cache_->append(seq, layer, pos0, n, normed, k_.data(), v_.data());
+    cache_->attend(seq, layer, pos0, n, q_.data(), attn);
+  }
+
+  AttentionCache& cache() override { return *cache_; }
+  const AttentionCache& cache() const override { return *cache_; }
+  size_t qkv_weight_bytes(int32_t layer) const override {
+    const LayerShard& w = layers_[static_cast<size_t>(layer)];
+    return slice_bytes(w.wq) + slice_bytes(w.wk) + slice_bytes(w.wv);
+  }
+  bool sequence_sharded() const override { return false; }
+  std::string describe() const override {
+    if (tp_ == 1) return cache_->describe();
+    return cache_->describe() + "; sharded by KV head (this rank: KV heads [" +
+           std::to_string(shard_.kv_heads.begin) + ", " + std::to_string(shard_.kv_heads.end()) +
+           "))";
+  }
+
+ private:
+  const ModelConfig& config_;
+  int tp_;
+  TpShard shard_;
+  const std::vector<LayerShard>& layers_;
+  const float* rope_cos_sin_;
+  std::unique_ptr<AttentionCache> cache_;
+  std::vector<float> q_, k_, v_;
+};
+
+// By sequence: every head over this rank's tokens, merged across the group;
+// this rank keeps its own heads' rows for its slice of Wo.
+class SequenceShardedAttention final : public AttentionStep {
+ public:
+  SequenceShardedAttention(const Model& model, CacheOptions options, Communicator& tp_group,
+                           const TpShard& shard)
+      : model_(model), comm_(tp_group), shard_(shard), rope_cos_sin_(options.rope_cos_sin) {
+    first_layer_ = options.first_layer;
+    options.sequence_shards = tp_group.size();
+    options.sequence_shard = tp_group.rank();
+    cache_ = make_cache(model, options);
+  }
+
+  void run(int32_t seq, int32_t layer, const float* normed, int32_t n, int32_t pos0,
+           const int32_t* positions, float* attn) override {
+    const ModelConfig& c = model_.config();
+    const LayerWeights& w = model_.layers()[static_cast<size_t>(first_layer_ + layer)];
+    const size_t rows = static_cast<size_t>(n);
+    q_.resize(rows * c.q_dim());
+    k_.resize(rows * c.kv_dim());
+    v_.resize(rows * c.kv_dim());
+    cpu::matmul(w.wq, normed, n, q_.data());
+    cpu::matmul(w.wk, normed, n, k_.data());
+    cpu::matmul(w.wv, normed, n, v_.data());
+    cpu::rope(q_.data(), positions, n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout,
+              rope_cos_sin_);
+    cache_->append(seq, layer, pos0, n, normed, k_.data(), v_.data());
+    cache_->attend_partial(seq, layer, pos0, n, q_.data(), partial_);
+    merge_across(comm_, partial_);
+    const int64_t hd = c.head_dim, width = shard_.heads.count * hd;
+    for (int32_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < shard_.heads.count; ++h) {
+        const int64_t row = static_cast<int64_t>(i) * c.n_heads + shard_.heads.begin + h;
+        const float inv = 1.0f / partial_.sum[row];
+        const float* merged = partial_.acc.data() + row * hd;
+        float* dst = attn + i * width + h * hd;
+        for (int64_t j = 0; j < hd; ++j) dst[j] = merged[j] * inv;
+      }
+  }
+
+  AttentionCache& cache() override { return *cache_; }
+  const AttentionCache& cache() const override { return *cache_; }
+  size_t qkv_weight_bytes(int32_t layer) const override {
+    // Every head's Q, K and V on every rank.
+    const LayerWeights& w = model_.layers()[static_cast<size_t>(first_layer_ + layer)];
+    return slice_bytes(w.wq) + slice_bytes(w.wk) + slice_bytes(w.wv);
+  }
+  bool sequence_sharded() const override { return true; }
+  std::string describe() const override {
+    return cache_->describe() + "; sharded by sequence over " + std::to_string(comm_.size()) +
+           " TP rank(s)" + (cache_->mode() == "fp16" ? " (the KV heads do not split evenly)" : "");
+  }
+
+ private:
+  const Model& model_;
+  Communicator& comm_;
+  TpShard shard_;
+  const float* rope_cos_sin_;
+  int32_t first_layer_ = 0;
+  std::unique_ptr<AttentionCache> cache_;
+  cpu::PartialAttention partial_;
+  std::vector<float> q_, k_, v_;
+};
+
+}  // namespace
+
+std::unique_ptr<AttentionStep> make_attention_step(const Model& model, const EngineOptions& options,
+                                                   int32_t max_tokens, const float* rope_cos_sin,
+                                                   Communicator& tp_group, const TpShard& shard,
+                                                   Range layer_range,
+                                                   const std::vector<LayerShard>& layers) {
+  const CacheOptions cache = cache_options(options, max_tokens, rope_cos_sin, layer_range);
+  const int tp = tp_group.size();
+  // fp16 splits by KV head where the KV heads split evenly; elsewhere (e.g.
+  // SmolLM2's 3 KV heads over 2 or 4 ranks, where a head would be held twice)
+  // it is sharded by sequence like the quantized modes.
+  const bool by_head =
+      tp == 1 || (options.cache_mode == "fp16" && model.config().n_kv_heads % tp == 0);
+  if (by_head) return std::make_unique<HeadShardedAttention>(model, cache, tp, shard, layers);
+  return std::make_unique<SequenceShardedAttention>(model, cache, tp_group, shard);
+}
+
+}  // namespace xq

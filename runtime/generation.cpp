@@ -1,0 +1,49 @@
+#include "runtime/generation.h"
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+
+#include "kernels/error.h"
+
+namespace xq {
+
+int32_t generation_capacity(const Model& model, size_t prompt_tokens, int64_t max_new_tokens) {
+  const int64_t needed = static_cast<int64_t>(prompt_tokens) + std::max<int64_t>(max_new_tokens, 0);
+  return static_cast<int32_t>(std::min<int64_t>(needed, model.config().max_seq_len));
+}
+
+GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt,
+                          const GenerationOptions& options,
+                          const std::function<void(const SampledToken&)>& on_token) {
+  if (prompt.empty()) throw Error("generate: the prompt has no tokens");
+  const int32_t n_prompt = static_cast<int32_t>(prompt.size());
+  if (n_prompt > engine.max_tokens())
+    throw Error("generate: the prompt has " + std::to_string(n_prompt) +
+                " tokens; the engine holds " + std::to_string(engine.max_tokens()));
+  const int32_t eos = engine.model().tokenizer().eos_id();
+  Sampler sampler(options.sampler);
+  GenerationResult result;
+  result.prompt_tokens = n_prompt;
+
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  SampledToken step = engine.forward_sample(options.seq, prompt.data(), n_prompt, 0, sampler);
+  const auto prefill_done = Clock::now();
+  int32_t position = n_prompt;
+  while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens &&
+         position < engine.max_tokens() && step.token != eos) {
+    result.tokens.push_back(step);
+    if (on_token) on_token(step);
+    if (static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
+    const int32_t next = step.token;
+    step = engine.forward_sample(options.seq, &next, 1, position, sampler);
+    ++position;
+  }
+  const auto end = Clock::now();
+  result.prefill_seconds = std::chrono::duration<double>(prefill_done - start).count();
+  result.decode_seconds = std::chrono::duration<double>(end - prefill_done).count();
+  return result;
+}
+
+}  // namespace xq
