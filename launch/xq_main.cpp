@@ -3,12 +3,14 @@
 //   xq generate     stream a completion of a prompt
 // Every subcommand answers --help. Errors print one line and exit non-zero.
 #include <mpi.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -494,6 +496,12 @@ int run_worker(int argc, char** argv) {
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
   if (!args.parse(argc, argv)) return 0;
+  // No rank may outlive the process that started it (mpirun, or orted on
+  // another host): Open MPI 4.1's mpirun ends an aborted job by sending its
+  // ranks SIGTERM and returns without waiting for them, and a rank that
+  // missed the signal would run on as an orphan. The kernel kills this rank
+  // when its parent exits.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   // MPI_Init and the creation of the grid's communicators have no deadline:
   // if a rank dies meanwhile, the others would wait forever. A watchdog ends
   // this rank with a message instead; after that every wait has a deadline.
