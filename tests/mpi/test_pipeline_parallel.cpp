@@ -68,8 +68,7 @@ TEST(PipelineParallel, Stories260KTeacherForcedWithinBounds) {
   auto model = Model::load(path);
   const int32_t vocab = model->config().vocab_size;
   const EngineOptions options = stories_options();
-  TransformerEngine reference(*model, options), greedy(*model, options),
-      floors(*model, options);
+  TransformerEngine reference(*model, options), greedy(*model, options), floors(*model, options);
   Grid grid(testing::grid_tp(), testing::grid_pp());
   PipelineEngine pp(*model, options, grid);
   const std::vector<std::string> prompts = {
