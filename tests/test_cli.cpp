@@ -109,16 +109,21 @@ class Cli : public ::testing::Test {
     return write(name, as_string(model.build()));
   }
 
-  // Runs xq with `args`, stdin empty and both outputs captured.
-  RunResult run(const std::vector<std::string>& args) {
+  // Runs xq with `args`, stdin empty and both outputs captured; with
+  // `merge_streams`, stderr goes into the same file as stdout (as `2>&1` into
+  // a pipe, where stdout is fully buffered) and RunResult::out holds both.
+  RunResult run(const std::vector<std::string>& args, bool merge_streams = false) {
     const std::string out_path = file("stdout.txt"), err_path = file("stderr.txt");
     posix_spawn_file_actions_t actions;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
                                      0644);
-    posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                     0644);
+    if (merge_streams)
+      posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    else
+      posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                       0644);
     std::vector<std::string> argv_strings = {XQ_BINARY};
     argv_strings.insert(argv_strings.end(), args.begin(), args.end());
     std::vector<char*> argv;
@@ -139,7 +144,7 @@ class Cli : public ::testing::Test {
     if (WIFSIGNALED(status)) result.signal = WTERMSIG(status);
     if (WIFEXITED(status)) result.exit_code = WEXITSTATUS(status);
     result.out = read_file(out_path);
-    result.err = read_file(err_path);
+    if (!merge_streams) result.err = read_file(err_path);
     return result;
   }
 
@@ -426,6 +431,27 @@ TEST_F(Cli, TinyGgufRuns) {
   EXPECT_EQ(scored.signal, 0);
   EXPECT_EQ(scored.exit_code, 0) << scored.err;
   EXPECT_NE(scored.out.find("perplexity "), std::string::npos) << scored.out;
+}
+
+// The generated text alone on stdout, ended by a newline; the statistics on a
+// line of their own on stderr, also when both go to one pipe.
+TEST_F(Cli, GenerateKeepsTextAndStatisticsOnSeparateLines) {
+  const std::string model = write_gguf("tiny.gguf", TinyLlamaGguf());
+  const std::vector<std::string> args = {"generate", "--model",      model, "--prompt",
+                                         "a b",      "--max-tokens", "3"};
+  const RunResult apart = run(args);
+  ASSERT_EQ(apart.exit_code, 0) << apart.err;
+  EXPECT_EQ(apart.out.rfind("a b", 0), 0u) << apart.out;
+  ASSERT_FALSE(apart.out.empty());
+  EXPECT_EQ(apart.out.back(), '\n') << apart.out;
+  EXPECT_EQ(apart.out.find("tokens/s"), std::string::npos) << apart.out;
+  EXPECT_NE(apart.err.find("\nprompt "), std::string::npos) << apart.err;
+  const RunResult merged = run(args, /*merge_streams=*/true);
+  ASSERT_EQ(merged.exit_code, 0) << merged.out;
+  const size_t stats = merged.out.find("prompt ");
+  ASSERT_NE(stats, std::string::npos) << merged.out;
+  ASSERT_GT(stats, 0u);
+  EXPECT_EQ(merged.out[stats - 1], '\n') << "statistics glued to the text:\n" << merged.out;
 }
 
 TEST_F(Cli, GgufWithWrongMagic) {
