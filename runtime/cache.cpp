@@ -2,9 +2,9 @@
 
 #include <cstdlib>
 
+#include "kernels/error.h"
 #include "runtime/cache_fp16.h"
 #include "runtime/cache_quantized.h"
-#include "kernels/error.h"
 
 namespace xq {
 namespace {

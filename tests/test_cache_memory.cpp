@@ -8,8 +8,8 @@
 #include <random>
 
 #include "kernels/cpu/ops.h"
-#include "runtime/cache.h"
 #include "kernels/error.h"
+#include "runtime/cache.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
 

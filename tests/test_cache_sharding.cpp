@@ -17,8 +17,8 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/thread_pool.h"
-#include "runtime/cache.h"
 #include "kernels/error.h"
+#include "runtime/cache.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
 
