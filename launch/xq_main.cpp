@@ -3,12 +3,14 @@
 //   xq generate     stream a completion of a prompt
 // Every subcommand answers --help. Errors print one line and exit non-zero.
 #include <mpi.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -306,6 +308,35 @@ void add_generation_options(Arguments& args) {
   args.option("seed", "0", "random seed");
   args.flag("ids", "print token ids instead of text");
   args.flag("margins", "with --ids: also print each step's top-1 minus top-2 logit");
+  args.option("force-ids", "",
+              "teacher forcing: one step per id (comma-separated; --max-tokens is ignored), step "
+              "0 after the prompt, step i after id i - 1 fed instead of the sampled token; each "
+              "step still prints what it sampled (with --ids --margins at temperature 0: its "
+              "argmax and margin), so two runs can be compared on the same inputs");
+}
+
+// --force-ids as token ids (empty without it); a bad list fails before the
+// model is loaded, out-of-vocabulary ids when the engine is fed them.
+std::vector<int32_t> forced_ids(const Arguments& args) {
+  std::vector<int32_t> ids;
+  std::stringstream list(args.get("force-ids"));
+  for (std::string item; std::getline(list, item, ',');) {
+    char* end = nullptr;
+    errno = 0;
+    const long long id = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || errno != 0 || id < 0 ||
+        id > std::numeric_limits<int32_t>::max())
+      throw Error("--force-ids wants token ids separated by commas, got '" + args.get("force-ids") +
+                  "'");
+    ids.push_back(static_cast<int32_t>(id));
+  }
+  return ids;
+}
+
+// Generation steps: one per forced id, else --max-tokens.
+int64_t generation_steps(const Arguments& args) {
+  return args.has("force-ids") ? static_cast<int64_t>(forced_ids(args).size())
+                               : args.get_int("max-tokens", 0);
 }
 
 // Everything generation needs from the options, checked before the model is
@@ -313,7 +344,7 @@ void add_generation_options(Arguments& args) {
 SamplerOptions generation_sampler(const Arguments& args, const char* command) {
   if (!args.has("prompt"))
     throw Error(std::string(command) + ": --prompt is required (see --help)");
-  args.get_int("max-tokens", 0);
+  generation_steps(args);
   SamplerOptions options;
   options.temperature = static_cast<float>(args.get_float("temperature"));
   options.top_k = static_cast<int32_t>(args.get_int("top-k", 0));
@@ -342,7 +373,8 @@ void generate_and_print(Engine& engine, const Arguments& args,
                         bool print) {
   const Tokenizer& tokenizer = engine.model().tokenizer();
   GenerationOptions options;
-  options.max_new_tokens = args.get_int("max-tokens", 0);
+  options.max_new_tokens = generation_steps(args);
+  options.forced_tokens = forced_ids(args);
   options.sampler = sampler_options;
   const bool print_ids = args.has("ids"), print_margins = args.has("margins");
   if (print && !print_ids) std::fputs(args.get("prompt").c_str(), stdout);
@@ -381,9 +413,8 @@ int run_generate(int argc, char** argv) {
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
   TransformerEngine engine(
-      *model,
-      engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
-                     generation_capacity(*model, prompt.size(), args.get_int("max-tokens", 0))));
+      *model, engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
+                             generation_capacity(*model, prompt.size(), generation_steps(args))));
   std::fprintf(stderr, "cache %s\n", engine.cache_description().c_str());
   generate_and_print(engine, args, sampler, prompt, /*print=*/true);
   return 0;
@@ -466,6 +497,12 @@ int run_worker(int argc, char** argv) {
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
   if (!args.parse(argc, argv)) return 0;
+  // No rank may outlive the process that started it (mpirun, or orted on
+  // another host): Open MPI 4.1's mpirun ends an aborted job by sending its
+  // ranks SIGTERM and returns without waiting for them, and a rank that
+  // missed the signal would run on as an orphan. The kernel kills this rank
+  // when its parent exits.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
   // MPI_Init and the creation of the grid's communicators have no deadline:
   // if a rank dies meanwhile, the others would wait forever. A watchdog ends
   // this rank with a message instead; after that every wait has a deadline.
@@ -504,10 +541,10 @@ int run_worker(int argc, char** argv) {
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
     parallel::PipelineEngine engine(
         *model,
-        engine_options(
-            args, threads,
-            scoring ? scoring_options.ctx
-                    : generation_capacity(*model, tokens.size(), args.get_int("max-tokens", 0))),
+        engine_options(args, threads,
+                       scoring
+                           ? scoring_options.ctx
+                           : generation_capacity(*model, tokens.size(), generation_steps(args))),
         grid, pipeline);
     if (rank == 0)
       std::fprintf(stderr,

@@ -22,6 +22,11 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt,
     throw Error("generate: the prompt has " + std::to_string(n_prompt) +
                 " tokens; the engine holds " + std::to_string(engine.max_tokens()));
   const int32_t eos = engine.model().tokenizer().eos_id();
+  for (int32_t id : options.forced_tokens)
+    if (id < 0 || id >= engine.model().config().vocab_size)
+      throw Error("generate: forced token id " + std::to_string(id) +
+                  " is outside the vocabulary of " +
+                  std::to_string(engine.model().config().vocab_size));
   Sampler sampler(options.sampler);
   GenerationResult result;
   result.prompt_tokens = n_prompt;
@@ -31,12 +36,17 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt,
   SampledToken step = engine.forward_sample(options.seq, prompt.data(), n_prompt, 0, sampler);
   const auto prefill_done = Clock::now();
   int32_t position = n_prompt;
-  while (static_cast<int64_t>(result.tokens.size()) < options.max_new_tokens &&
-         position < engine.max_tokens() && step.token != eos) {
+  const bool forced = !options.forced_tokens.empty();
+  const int64_t steps = forced
+                            ? std::min<int64_t>(options.max_new_tokens,
+                                                static_cast<int64_t>(options.forced_tokens.size()))
+                            : options.max_new_tokens;
+  while (static_cast<int64_t>(result.tokens.size()) < steps && position < engine.max_tokens() &&
+         (forced || step.token != eos)) {
     result.tokens.push_back(step);
     if (on_token) on_token(step);
-    if (static_cast<int64_t>(result.tokens.size()) == options.max_new_tokens) break;
-    const int32_t next = step.token;
+    if (static_cast<int64_t>(result.tokens.size()) == steps) break;
+    const int32_t next = forced ? options.forced_tokens[result.tokens.size() - 1] : step.token;
     step = engine.forward_sample(options.seq, &next, 1, position, sampler);
     ++position;
   }

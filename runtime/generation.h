@@ -16,6 +16,12 @@ struct GenerationOptions {
   int64_t max_new_tokens = 128;
   SamplerOptions sampler;
   int32_t seq = 0;  // the engine's sequence slot to use
+  // Teacher forcing: after step i feed forced_tokens[i] instead of the sampled
+  // token, for at most as many steps as there are ids (so the last id is not
+  // fed; EOS does not end it). Each step still reports what was sampled and
+  // its margin, so two engines can be compared on the same inputs. Throws
+  // xq::Error for an id outside the vocabulary.
+  std::vector<int32_t> forced_tokens;
 };
 
 struct GenerationResult {

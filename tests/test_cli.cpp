@@ -265,6 +265,58 @@ TEST_F(Cli, OutOfRangeNumbers) {
   EXPECT_TRUE(FailsWithOneError(run(args), {"--temperature", "wants a number", "'warm'"}));
 }
 
+// --force-ids feeds the given ids and prints what each step sampled: fed the
+// greedy run's own ids it reproduces that run (ids and margins); fed another
+// id at one step, the steps up to it are unchanged; bad lists fail.
+TEST_F(Cli, ForceIdsReplaysGreedyRun) {
+  REQUIRE_STORIES();
+  const std::vector<std::string> generate = {
+      "generate",         "--model",   stories_, "--tokenizer", tok512_,    "--prompt",
+      "Once upon a time", "--threads", "1",      "--ids",       "--margins"};
+  std::vector<std::string> args = generate;
+  args.insert(args.end(), {"--max-tokens", "12"});
+  const RunResult free = run(args);
+  ASSERT_EQ(free.exit_code, 0) << free.err;
+  std::vector<std::string> lines, ids;
+  for (size_t start = 0, end; (end = free.out.find('\n', start)) != std::string::npos;
+       start = end + 1) {
+    lines.push_back(free.out.substr(start, end - start));
+    ids.push_back(lines.back().substr(0, lines.back().find(' ')));
+  }
+  ASSERT_EQ(lines.size(), 12u) << free.out;
+  auto joined = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (const std::string& id : v) out += (out.empty() ? "" : ",") + id;
+    return out;
+  };
+  args = generate;
+  args.insert(args.end(), {"--force-ids", joined(ids)});
+  const RunResult forced = run(args);
+  ASSERT_EQ(forced.exit_code, 0) << forced.err;
+  EXPECT_EQ(forced.out, free.out);
+
+  std::vector<std::string> other = ids;
+  other[3] = ids[3] == "7" ? "8" : "7";  // fed after step 3
+  args = generate;
+  args.insert(args.end(), {"--force-ids", joined(other)});
+  const RunResult changed = run(args);
+  ASSERT_EQ(changed.exit_code, 0) << changed.err;
+  std::string first4;
+  for (int i = 0; i < 4; ++i) first4 += lines[static_cast<size_t>(i)] + "\n";
+  EXPECT_EQ(changed.out.rfind(first4, 0), 0u) << changed.out;
+  EXPECT_NE(changed.out, free.out);
+
+  args = generate;
+  args.insert(args.end(), {"--force-ids", "1,x"});
+  EXPECT_TRUE(FailsWithOneError(run(args), {"--force-ids", "'1,x'"}));
+  args = generate;
+  args.insert(args.end(), {"--force-ids", "1,2,99999"});
+  const RunResult outside = run(args);
+  EXPECT_EQ(outside.exit_code, 1);
+  EXPECT_NE(outside.err.find("forced token id 99999 is outside the vocabulary"), std::string::npos)
+      << outside.err;
+}
+
 TEST_F(Cli, CtxOutsideWhatTheModelAllows) {
   REQUIRE_STORIES();
   EXPECT_TRUE(FailsWithOneError(run(perplexity_on_stories({"--ctx", "100000"})),

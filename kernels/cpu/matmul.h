@@ -18,4 +18,17 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y);
 // Copies row `r` of w into dst as fp32 (w.cols values): embedding lookup.
 void matrix_row_to_float(const WeightMatrix& w, int64_t r, float* dst);
 
+// Which product matmul() takes. kAuto is the rule above; the others exist to
+// take decode's numerics apart (the parallel tests, bench/bench_decode_noise):
+//   kFloat: the fp32 GEMM for every n, decode included, so no activation is
+//     ever rounded to int8;
+//   kFloatRoundedAsQ8: the same after rounding x exactly as the int8 path
+//     rounds it (blocks of 32, scale max|x| / 127, half to even), whatever the
+//     weight type: the rounding without the integer arithmetic, and for
+//     weights that never take the int8 path (F32, F16) a model of it.
+// Process-wide; change it only while no matmul runs.
+enum class MatmulPath { kAuto, kFloat, kFloatRoundedAsQ8 };
+void set_matmul_path(MatmulPath path);
+MatmulPath matmul_path();
+
 }  // namespace xq::cpu

@@ -58,6 +58,13 @@ inline float max_abs_diff(const std::vector<float>& a, const std::vector<float>&
   return worst;
 }
 
+// Rank 0's values everywhere (collective; same size on every rank).
+template <typename T>
+void broadcast_from_rank0(std::vector<T>& values) {
+  MPI_Bcast(values.data(), static_cast<int>(values.size() * sizeof(T)), MPI_BYTE, 0,
+            MPI_COMM_WORLD);
+}
+
 // True when these values have the same bits as rank 0's (collective).
 template <typename T>
 bool same_as_rank0(const std::vector<T>& values) {
