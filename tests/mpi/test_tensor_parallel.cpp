@@ -55,7 +55,7 @@ void print_weight_bytes(const char* name, const Model& model, const TransformerE
 }
 
 // stories260K (fp32 weights, so decode keeps fp32 activations), every cache
-// mode, three prompts of 64 teacher-forced steps. fp16: the fp32 bound; a
+// mode (at tp 2), three prompts of 64 teacher-forced steps. fp16: the fp32 bound; a
 // quantized cache: its own rounding noise at the step plus kRedraws times
 // its largest (logit_bounds.h).
 TEST(TensorParallel, Stories260KTeacherForcedWithinBounds) {
@@ -92,9 +92,14 @@ TEST(TensorParallel, Stories260KTeacherForcedWithinBounds) {
     }
   }
   std::vector<std::vector<float>> fp16_rows;  // the reference's, per prompt
-  for (const std::string mode :
-       {"fp16", "kivi-4", "kivi-3", "kivi-2", "xquant-8", "xquant-4", "xquant-3", "xquant-2",
-        "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"}) {
+  // Every mode at tp 2; one of each kind at other sizes: with 4 ranks on 2
+  // busy cores every collective waits for a time slice, and every mode runs
+  // through the worker at tp 4 anyway (mpi.worker_tp4_pp1).
+  std::vector<std::string> modes = {"fp16", "kivi-4", "xquant-4", "xquant-cl-3"};
+  if (grid.tp() == 2)
+    modes = {"fp16",     "kivi-4",   "kivi-3",      "kivi-2",      "xquant-8",   "xquant-4",
+             "xquant-3", "xquant-2", "xquant-cl-4", "xquant-cl-3", "xquant-cl-2"};
+  for (const std::string& mode : modes) {
     options.cache_mode = mode;
     TransformerEngine reference(*model, options);
     TransformerEngine tp(*model, options, grid.tp_group());
