@@ -43,7 +43,7 @@ struct CacheOptions {
   // never need each other's accumulators. A single-process run names a
   // pipeline's stage boundaries here to reproduce its numbers.
   std::vector<int32_t> cross_layer_restarts;
-  // Sequence sharding (architecture.md, "Sharding"): this cache is member
+  // Sequence sharding (docs/design.md, "Caches over a TP group"): this cache is member
   // `sequence_shard` of `sequence_shards` caches that split each sequence's
   // tokens between them (runtime/sequence_shard.h, in the mode's unit); it
   // keeps only its own tokens and answers attend_partial() over them.

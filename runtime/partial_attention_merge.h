@@ -1,4 +1,4 @@
-// The flash-decoding merge across a TP group (architecture.md, "Sharding"): in
+// The flash-decoding merge across a TP group (docs/design.md): in
 // XQuant modes each rank of the group holds different tokens of a sequence and
 // computes attention over its own tokens as an online-softmax state (running
 // max, sum of exp, weighted sum of values: kernels/attention_state.h). Merging

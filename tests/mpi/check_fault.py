@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs tests/mpi/fault_probe under mpirun and checks that a lost rank ends the
-job quickly and by name: the job must end within --limit seconds (30, the
-issue's bound), fail, and its output must contain every --expect string (for
+job quickly and by name: the job must end within --limit seconds (30 by
+default: the fault rule's bound), fail, and its output must contain every --expect string (for
 example the lost rank and the operation). Prints the job's output."""
 import argparse
 import os

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kills one rank of `mpirun xq worker` mid-generation (SIGKILL, as a crash)
-and checks issue 4's fault rule on the real launch path: the whole job must
-end within --limit seconds of the kill (30, the issue's bound), fail, name the
+and checks the fault rule on the real launch path: the whole job must
+end within --limit seconds of the kill (30 by default), fail, name the
 lost rank and the operation that was waiting for it, and leave no worker
 process behind.
 

@@ -1,4 +1,4 @@
-// Bytes communicated per decode step (issue 4): on every rank of a (tp, pp)
+// Bytes communicated per decode step: on every rank of a (tp, pp)
 // grid, the bytes its TP group and its pipeline column send in one decode step
 // equal the formula of parallel/decode_traffic.h exactly, and are the same at
 // 256 and at 4096 tokens of context, in every cache mode: the fp16 cache is
