@@ -112,6 +112,16 @@ class ThreadPool {
   std::atomic<int> pending_{0};
 };
 
+// OpenBLAS single-threaded from process start, not only once an engine sizes
+// the pool: code that calls BLAS or LAPACK without an engine (a cache's SVD
+// set-up, a tool) would otherwise get OpenBLAS's own threads, which spin-wait
+// for cores our threads or other processes hold (on a loaded 2-core machine
+// a SmolLM2 latent set-up went from 0.6 s to 140 s).
+[[maybe_unused]] const bool openblas_single_threaded = [] {
+  openblas_set_num_threads(1);
+  return true;
+}();
+
 ThreadPool& pool() {
   static ThreadPool instance;
   return instance;
