@@ -13,6 +13,7 @@
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/error.h"
 #include "runtime/cache_mode.h"
+#include "runtime/decode_queries.h"
 
 namespace xq {
 namespace {
@@ -97,17 +98,8 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
   const uint16_t* value_block = values(seq, layer);
   const int32_t kv_heads = config_.n_kv_heads;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
-  // Causal: each query sees the stored tokens at positions up to its own.
-  std::vector<int32_t> visible_end(n);
-  for (int32_t i = 0; i < n; ++i) visible_end[i] = shard_.owned_before(pos0 + i + 1);
-  cpu::DecodeQueries queries;
-  queries.q = q;
-  queries.n = n;
-  queries.heads = heads;
-  queries.kv_heads = kv_heads;
-  queries.head_dim = hd;
-  queries.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  queries.visible_end = visible_end.data();
+  std::vector<int32_t> visible_end;
+  const cpu::DecodeQueries queries = decode_queries(q, n, pos0, config_, shard_, visible_end);
   cpu::attend_in_blocks(
       kv_heads * blocks, static_cast<int64_t>(n) * heads, hd, result,
       [&](int64_t job, cpu::PartialAttention& mine) {

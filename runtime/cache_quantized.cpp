@@ -14,6 +14,7 @@
 #include "kernels/cpu/small_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 #include "kernels/error.h"
+#include "runtime/decode_queries.h"
 
 namespace xq {
 namespace {
@@ -465,17 +466,8 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
   float* acc = cross_layer_accumulator_ ? accumulator(seq) : nullptr;
   const int64_t d = config_.dim;
 
-  // Causal: each query sees the stored tokens at positions up to its own.
-  std::vector<int32_t> visible_end(n);
-  for (int32_t i = 0; i < n; ++i) visible_end[i] = shard_.owned_before(pos0 + i + 1);
-  cpu::DecodeQueries queries;
-  queries.q = q;
-  queries.n = n;
-  queries.heads = heads;
-  queries.kv_heads = kv_heads;
-  queries.head_dim = hd;
-  queries.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  queries.visible_end = visible_end.data();
+  std::vector<int32_t> visible_end;
+  const cpu::DecodeQueries queries = decode_queries(q, n, pos0, config_, shard_, visible_end);
 
   cpu::PartialAttention result;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
