@@ -68,6 +68,12 @@ class PipelineEngine final : public Engine {
   std::string cache_description() const override { return stage_->cache_description(); }
   size_t cache_bytes_in_use() const override { return stage_->cache_bytes_in_use(); }
   double cache_fraction_of_fp16() const override { return stage_->cache_fraction_of_fp16(); }
+  int32_t sequence_slots() const override { return stage_->sequence_slots(); }
+  // Interim: this rank's stage's pool.
+  PoolInfo pool() const override { return stage_->pool(); }
+  int32_t blocks_for_tokens(int32_t tokens) const override {
+    return stage_->blocks_for_tokens(tokens);
+  }
 
   // This rank's stage: its layers, weights and cache.
   const TransformerEngine& stage_engine() const { return *stage_; }

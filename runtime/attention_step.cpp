@@ -21,6 +21,7 @@ CacheOptions cache_options(const EngineOptions& options, int32_t max_tokens,
   c.mode = options.cache_mode;
   c.max_tokens = max_tokens;
   c.sequences = options.sequences;
+  c.pool_bytes = options.cache_bytes;
   c.rope_cos_sin = rope_cos_sin;
   c.keep_outlier_channel = options.keep_outlier_channel;
   c.k_latent_per_head = options.k_latent_per_head;

@@ -13,14 +13,21 @@
 #include <vector>
 
 #include "kernels/cpu/attention.h"
+#include "kernels/error.h"
 #include "runtime/model.h"
 
 namespace xq {
 
 struct CacheOptions {
   std::string mode = "fp16";  // a name in the table of modes (runtime/cache_mode.h)
-  int32_t max_tokens = 0;     // per sequence
+  // Positions per sequence (the context; the RoPE table's length). Nothing is
+  // reserved per sequence: storage comes from the pool block by block.
+  int32_t max_tokens = 0;
+  // Sequence slots (ids [0, sequences)): bookkeeping only (block tables).
   int32_t sequences = 1;
+  // The block pool's budget in bytes for this cache (this rank's layers and
+  // shard). 0: room for `sequences` sequences of max_tokens tokens each.
+  size_t pool_bytes = 0;
   // RoPE cos/sin table for positions [0, max_tokens), from cpu::rope_table();
   // owned by the engine. Caches rotate keys themselves because some modes
   // (KIVI, XQuant) must keep or rebuild them before rotation.
@@ -99,6 +106,29 @@ class AttentionCache {
   // Bytes the cache's stored tokens really occupy now, counted as they are
   // written (codes, parameters, window), not from the formula.
   virtual size_t bytes_in_use() const = 0;
+
+  // The block pool (docs/design.md, "The cache pool"). Storage is cut into
+  // blocks of kBlockTokens token positions; a sequence takes blocks as it
+  // grows and gives them back on truncate()/release().
+  static constexpr int32_t kBlockTokens = 128;
+  // Bytes of one block of the pool (every layer and stream this cache holds).
+  virtual size_t block_bytes() const = 0;
+  virtual int32_t total_blocks() const = 0;
+  virtual int32_t free_blocks() const = 0;
+  virtual int32_t sequences() const = 0;
+  // Blocks a sequence of `tokens` tokens holds in this cache (its shard's
+  // part under sequence sharding): a function of the count alone, so a
+  // scheduler can keep its own ledger.
+  virtual int32_t blocks_for_tokens(int32_t tokens) const = 0;
+  // Gives every block of `seq` back to the pool (truncate(seq, 0)).
+  void release(int32_t seq) { truncate(seq, 0); }
+};
+
+// Thrown by append() when the pool has no block for the new tokens; the cache
+// is left as it was before the call.
+class PoolExhausted : public Error {
+ public:
+  using Error::Error;
 };
 
 // Makes a cache of the named mode (a row of runtime/cache_mode.h) for `model`.

@@ -30,6 +30,18 @@ class Fp16KvCache : public AttentionCache {
   double fp16_bytes_per_token() const override { return bytes_per_token(); }
   size_t bytes_for_tokens(int32_t tokens) const override;
   size_t bytes_in_use() const override;
+  // Interim: the storage is still reserved per sequence.
+  size_t block_bytes() const override { return bytes_for_tokens(kBlockTokens); }
+  int32_t total_blocks() const override { return sequences() * blocks_for_tokens(max_tokens_); }
+  int32_t free_blocks() const override {
+    int32_t used = 0;
+    for (int32_t s : lengths_) used += blocks_for_tokens(s);
+    return total_blocks() - used;
+  }
+  int32_t sequences() const override { return static_cast<int32_t>(lengths_.size()); }
+  int32_t blocks_for_tokens(int32_t tokens) const override {
+    return (tokens + kBlockTokens - 1) / kBlockTokens;
+  }
 
  private:
   // (kv_heads, max_tokens, head_dim) block of one sequence's layer.

@@ -33,6 +33,24 @@ SampledToken Engine::forward_sample(int32_t seq, const int32_t* tokens, int32_t 
   return chosen;
 }
 
+void Engine::forward_batch(const std::vector<Segment>& segments, float* logits) {
+  const size_t vocab = static_cast<size_t>(model().config().vocab_size);
+  for (const Segment& s : segments) {
+    forward(s.seq, s.tokens, s.n, s.pos0, s.wants_logits ? logits : nullptr, s.n - 1);
+    if (s.wants_logits) logits += vocab;
+  }
+}
+
+PoolInfo TransformerEngine::pool() const {
+  const AttentionCache& cache = attention_->cache();
+  PoolInfo info;
+  info.block_tokens = AttentionCache::kBlockTokens;
+  info.total_blocks = cache.total_blocks();
+  info.block_bytes = cache.block_bytes();
+  info.budget_bytes = static_cast<size_t>(info.total_blocks) * info.block_bytes;
+  return info;
+}
+
 TransformerEngine::TransformerEngine(const Model& model, const EngineOptions& options)
     : TransformerEngine(model, options, single_process_) {}
 

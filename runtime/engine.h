@@ -32,7 +32,10 @@ namespace xq {
 struct EngineOptions {
   int threads = 1;
   int32_t max_tokens = 0;  // cache capacity per sequence; 0 = the model's context length
-  int32_t sequences = 1;
+  int32_t sequences = 1;   // sequence slots (bookkeeping only)
+  // The cache pool's budget on each rank (--cache-memory); 0: room for
+  // `sequences` sequences of max_tokens tokens.
+  size_t cache_bytes = 0;
   std::string cache_mode = "fp16";
   bool keep_outlier_channel = false;  // xquant on GQA: channel 0 of X·Uk in fp16
   bool k_latent_per_head = true;      // xquant on GQA: see CacheOptions
@@ -45,6 +48,26 @@ struct EngineOptions {
 // id outside the vocabulary: what every engine's forward() checks first.
 void check_forward_input(const ModelConfig& config, int32_t max_tokens, const int32_t* tokens,
                          int32_t n, int32_t pos0);
+
+// One sequence's part of a batched step: its next n tokens at positions
+// [pos0, pos0 + n) (a prefill chunk, or one decode token).
+struct Segment {
+  int32_t seq = 0;
+  int32_t pos0 = 0;
+  const int32_t* tokens = nullptr;
+  int32_t n = 0;
+  bool wants_logits = false;  // the logits of its last row
+};
+
+// What a scheduler needs to know of the cache pool, for the tightest rank of
+// a parallel engine (each rank's pool holds the same budget; ranks differ in
+// bytes per block, and under sequence sharding in the tokens they keep).
+struct PoolInfo {
+  int32_t block_tokens = 0;  // token positions per block
+  int32_t total_blocks = 0;  // on the tightest rank
+  size_t block_bytes = 0;    // bytes of one block on that rank
+  size_t budget_bytes = 0;   // the budget each rank was given
+};
 
 class Engine {
  public:
@@ -74,6 +97,23 @@ class Engine {
   virtual size_t cache_bytes_in_use() const = 0;
   virtual double cache_fraction_of_fp16() const = 0;
 
+  // Runs every segment as one batch: all rows go through each layer together
+  // (a matmul reads the weights once for all of them) and attention runs per
+  // segment over its own sequence. Writes the last row's logits of each
+  // segment with wants_logits, in segment order, to logits (count, vocab).
+  // A row's result does not depend on the other segments. Segments name
+  // distinct sequences. Collective like forward(); a parallel engine returns
+  // the logits on every rank. Throws PoolExhausted when a block is missing
+  // (nothing of the step is then kept) and xq::Error for bad input.
+  virtual void forward_batch(const std::vector<Segment>& segments, float* logits);
+  // Sequence slots: ids [0, sequence_slots()).
+  virtual int32_t sequence_slots() const = 0;
+  virtual PoolInfo pool() const = 0;
+  // Blocks a sequence of `tokens` tokens holds on the tightest rank.
+  virtual int32_t blocks_for_tokens(int32_t tokens) const = 0;
+  // Gives the blocks of `seq` back (truncate to 0).
+  void release(int32_t seq) { truncate(seq, 0); }
+
  private:
   std::vector<float> last_row_;  // forward_sample's logits
 };
@@ -99,6 +139,11 @@ class TransformerEngine final : public Engine {
   std::string cache_description() const override { return attention_->describe(); }
   size_t cache_bytes_in_use() const override { return attention_->cache().bytes_in_use(); }
   double cache_fraction_of_fp16() const override { return attention_->cache().fraction_of_fp16(); }
+  int32_t sequence_slots() const override { return attention_->cache().sequences(); }
+  PoolInfo pool() const override;
+  int32_t blocks_for_tokens(int32_t tokens) const override {
+    return attention_->cache().blocks_for_tokens(tokens);
+  }
 
   // The pieces of forward(), for a pipeline stage.
   // Throws xq::Error for positions beyond capacity or token ids out of range.
