@@ -18,6 +18,105 @@ PipelineEngine::PipelineEngine(const Model& model, const EngineOptions& options,
       stage_layers(model.config().n_layers, grid.pp(), pipeline.stage_layer_counts);
   stage_ = std::make_unique<TransformerEngine>(model, options, grid.tp_group(),
                                                ranges[static_cast<size_t>(grid.stage())]);
+  // The tightest rank's pool: a min over the TP group, then over the column.
+  pool_ = stage_->pool();
+  float blocks = static_cast<float>(pool_.total_blocks);
+  std::vector<float> all(static_cast<size_t>(std::max(grid.tp(), grid.pp())));
+  grid.tp_group().all_gather(&blocks, 1, all.data());
+  blocks = *std::min_element(all.begin(), all.begin() + grid.tp());
+  grid.pipeline().all_gather(&blocks, 1, all.data());
+  const int tightest_stage =
+      static_cast<int>(std::min_element(all.begin(), all.begin() + grid.pp()) - all.begin());
+  float bytes = static_cast<float>(pool_.block_bytes);
+  grid.pipeline().broadcast(&bytes, sizeof bytes, tightest_stage);
+  pool_.total_blocks = static_cast<int32_t>(all[static_cast<size_t>(tightest_stage)]);
+  pool_.block_bytes = static_cast<size_t>(bytes);
+}
+
+// Each rank checks the step against its own pool; the ranks then agree, so
+// all throw or none does, before any activation moves.
+void PipelineEngine::forward_batch(const std::vector<Segment>& segments, float* logits) {
+  const ModelConfig& c = model_.config();
+  if (segments.empty()) return;
+  std::string problem;
+  bool pool_problem = false;
+  try {
+    stage_->check_batch(segments);
+  } catch (const PoolExhausted& e) {
+    problem = e.what();
+    pool_problem = true;
+  } catch (const Error& e) {
+    problem = e.what();
+  }
+  float failed[2] = {problem.empty() ? 0.0f : 1.0f, pool_problem ? 1.0f : 0.0f};
+  grid_.tp_group().all_reduce_sum(failed, 2);
+  grid_.pipeline().all_reduce_sum(failed, 2);
+  if (failed[0] > 0) {
+    if (problem.empty()) problem = "forward_batch: another rank refused the step";
+    if (failed[1] > 0) throw PoolExhausted(problem);
+    throw Error(problem);
+  }
+
+  const int stage = grid_.stage(), last = grid_.pp() - 1;
+  Communicator& pipe = grid_.pipeline();
+  const int32_t vocab = c.vocab_size;
+  int32_t rows = 0, scored = 0;
+  for (const Segment& s : segments) rows += s.n, scored += s.wants_logits ? 1 : 0;
+  // Micro-batches of whole segments, near-equal in rows: at least pp of them
+  // (so a decode step of many sequences keeps every stage busy) and at most
+  // micro_batch rows each where segments allow. A segment is never split:
+  // its chunk boundaries decide what its queries see of the cache.
+  const int32_t pieces = std::min<int32_t>(
+      static_cast<int32_t>(segments.size()),
+      grid_.pp() == 1 ? 1
+                      : std::max<int32_t>(grid_.pp(), (rows + micro_batch_ - 1) / micro_batch_));
+  std::vector<std::vector<Segment>> batches(static_cast<size_t>(pieces));
+  {
+    int32_t taken = 0;
+    size_t piece = 0;
+    for (const Segment& s : segments) {
+      // Move on once this piece holds its share of the rows.
+      if (!batches[piece].empty() && piece + 1 < batches.size() &&
+          taken >= static_cast<int64_t>(rows) * static_cast<int64_t>(piece + 1) / pieces)
+        ++piece;
+      batches[piece].push_back(s);
+      taken += s.n;
+    }
+  }
+  float* scored_out = logits;
+  for (const std::vector<Segment>& batch : batches) {
+    if (batch.empty()) continue;
+    int32_t m = 0;
+    for (const Segment& s : batch) m += s.n;
+    hidden_.resize(static_cast<size_t>(m) * c.dim);
+    const size_t bytes = static_cast<size_t>(m) * c.dim * sizeof(float);
+    if (stage == 0) {
+      int32_t row = 0;
+      for (const Segment& s : batch) {
+        stage_->embed(s.tokens, s.n, hidden_.data() + static_cast<size_t>(row) * c.dim);
+        row += s.n;
+      }
+    } else {
+      pipe.recv(hidden_.data(), bytes, stage - 1);
+    }
+    stage_->run_layers(batch, hidden_.data());
+    if (stage < last) {
+      pipe.send(hidden_.data(), bytes, stage + 1);
+    } else if (logits != nullptr) {
+      int32_t row = 0, wanted = 0;
+      head_rows_.resize(batch.size() * c.dim);
+      for (const Segment& s : batch) {
+        row += s.n;
+        if (s.wants_logits)
+          std::copy_n(hidden_.data() + static_cast<size_t>(row - 1) * c.dim, c.dim,
+                      head_rows_.data() + static_cast<size_t>(wanted++) * c.dim);
+      }
+      stage_->head(head_rows_.data(), wanted, scored_out);
+      scored_out += static_cast<size_t>(wanted) * vocab;
+    }
+  }
+  if (logits != nullptr && scored > 0 && last > 0)
+    pipe.broadcast(logits, static_cast<size_t>(scored) * vocab * sizeof(float), last);
 }
 
 void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,

@@ -44,9 +44,9 @@ struct PipelineOptions {
 
 class PipelineEngine final : public Engine {
  public:
-  // Collective-free; throws xq::Error for an unknown cache mode, when
-  // micro_batch < 1, when the counts do not split the layers or the
-  // model does not split over tp.
+  // Collective over the grid (the ranks agree on the pool); throws xq::Error for an unknown cache
+  // mode, when micro_batch < 1, when the counts do not split the layers or the model does not split
+  // over tp.
   PipelineEngine(const Model& model, const EngineOptions& options, Grid& grid,
                  const PipelineOptions& pipeline = {});
 
@@ -69,11 +69,18 @@ class PipelineEngine final : public Engine {
   size_t cache_bytes_in_use() const override { return stage_->cache_bytes_in_use(); }
   double cache_fraction_of_fp16() const override { return stage_->cache_fraction_of_fp16(); }
   int32_t sequence_slots() const override { return stage_->sequence_slots(); }
-  // Interim: this rank's stage's pool.
-  PoolInfo pool() const override { return stage_->pool(); }
+  // The pool of the rank with the fewest blocks (learnt at construction).
+  // Blocks per sequence are counted as TP rank 0 holds them: under sequence
+  // sharding it keeps the most tokens of every sequence.
+  PoolInfo pool() const override { return pool_; }
   int32_t blocks_for_tokens(int32_t tokens) const override {
     return stage_->blocks_for_tokens(tokens);
   }
+  // Segments go down the pipeline as micro-batches of whole segments (at
+  // least pp of them where there are as many segments, so every stage has
+  // work while the others do), each stage sending a micro-batch on as soon
+  // as it is done. Collective over the whole grid; every rank gets the logits.
+  void forward_batch(const std::vector<Segment>& segments, float* logits) override;
 
   // This rank's stage: its layers, weights and cache.
   const TransformerEngine& stage_engine() const { return *stage_; }
@@ -91,7 +98,9 @@ class PipelineEngine final : public Engine {
   void run(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
            int32_t first_logit_row, bool broadcast_logits);
 
+  PoolInfo pool_;
   std::vector<float> hidden_;       // one micro-batch, (rows, dim)
+  std::vector<float> head_rows_;    // forward_batch: the rows that are scored
   std::vector<float> last_logits_;  // forward_sample's row
 };
 

@@ -1,5 +1,6 @@
 #include "runtime/attention_step.h"
 
+#include <algorithm>
 #include <string>
 
 #include "kernels/cpu/attention.h"
@@ -57,7 +58,7 @@ class HeadShardedAttention final : public AttentionStep {
     }
   }
 
-  void run(int32_t seq, int32_t layer, const float* normed, int32_t n, int32_t pos0,
+  void run(const std::vector<Segment>& segments, int32_t layer, const float* normed, int32_t n,
            const int32_t* positions, float* attn) override {
     const LayerShard& w = layers_[static_cast<size_t>(layer)];
     const size_t rows = static_cast<size_t>(n);
@@ -69,8 +70,14 @@ class HeadShardedAttention final : public AttentionStep {
     cpu::matmul(w.wv, normed, n, v_.data());
     cpu::rope(q_.data(), positions, n, static_cast<int32_t>(shard_.heads.count), config_.head_dim,
               config_.rope_dim, config_.rope_layout, rope_cos_sin_);
-    cache_->append(seq, layer, pos0, n, normed, k_.data(), v_.data());
-    cache_->attend(seq, layer, pos0, n, q_.data(), attn);
+    size_t row = 0;
+    for (const Segment& s : segments) {
+      cache_->append(s.seq, layer, s.pos0, s.n, normed + row * config_.dim,
+                     k_.data() + row * w.wk.rows, v_.data() + row * w.wv.rows);
+      cache_->attend(s.seq, layer, s.pos0, s.n, q_.data() + row * w.wq.rows,
+                     attn + row * w.wq.rows);
+      row += static_cast<size_t>(s.n);
+    }
   }
 
   AttentionCache& cache() override { return *cache_; }
@@ -110,7 +117,7 @@ class SequenceShardedAttention final : public AttentionStep {
     cache_ = make_cache(model, options);
   }
 
-  void run(int32_t seq, int32_t layer, const float* normed, int32_t n, int32_t pos0,
+  void run(const std::vector<Segment>& segments, int32_t layer, const float* normed, int32_t n,
            const int32_t* positions, float* attn) override {
     const ModelConfig& c = model_.config();
     const LayerWeights& w = model_.layers()[static_cast<size_t>(first_layer_ + layer)];
@@ -123,8 +130,27 @@ class SequenceShardedAttention final : public AttentionStep {
     cpu::matmul(w.wv, normed, n, v_.data());
     cpu::rope(q_.data(), positions, n, c.n_heads, c.head_dim, c.rope_dim, c.rope_layout,
               rope_cos_sin_);
-    cache_->append(seq, layer, pos0, n, normed, k_.data(), v_.data());
-    cache_->attend_partial(seq, layer, pos0, n, q_.data(), partial_);
+    // Every segment's state goes into one (rows * n_heads, head_dim) state,
+    // so the group merges the whole step with one all_gather.
+    if (segments.size() == 1) {
+      const Segment& s = segments.front();
+      cache_->append(s.seq, layer, s.pos0, s.n, normed, k_.data(), v_.data());
+      cache_->attend_partial(s.seq, layer, s.pos0, s.n, q_.data(), partial_);
+    } else {
+      partial_.reset(static_cast<int64_t>(n) * c.n_heads, c.head_dim);
+      size_t row = 0;
+      for (const Segment& s : segments) {
+        cache_->append(s.seq, layer, s.pos0, s.n, normed + row * c.dim,
+                       k_.data() + row * c.kv_dim(), v_.data() + row * c.kv_dim());
+        cache_->attend_partial(s.seq, layer, s.pos0, s.n, q_.data() + row * c.q_dim(), segment_);
+        const size_t first = row * c.n_heads, count = static_cast<size_t>(s.n) * c.n_heads;
+        std::copy_n(segment_.max.begin(), count, partial_.max.begin() + first);
+        std::copy_n(segment_.sum.begin(), count, partial_.sum.begin() + first);
+        std::copy_n(segment_.acc.begin(), count * c.head_dim,
+                    partial_.acc.begin() + first * c.head_dim);
+        row += static_cast<size_t>(s.n);
+      }
+    }
     merge_across(comm_, partial_);
     // This rank's heads of each query: rows i * n_heads + [heads.begin, heads.end()).
     const int64_t width = shard_.heads.count * c.head_dim;
@@ -153,7 +179,7 @@ class SequenceShardedAttention final : public AttentionStep {
   const float* rope_cos_sin_;
   int32_t first_layer_ = 0;
   std::unique_ptr<AttentionCache> cache_;
-  cpu::PartialAttention partial_;
+  cpu::PartialAttention partial_, segment_;
   std::vector<float> q_, k_, v_;
 };
 

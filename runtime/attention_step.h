@@ -27,16 +27,20 @@
 namespace xq {
 
 struct EngineOptions;
+struct Segment;
 
 class AttentionStep {
  public:
   virtual ~AttentionStep() = default;
-  // attn (n, this rank's heads * head_dim) = causal attention of layer
-  // `layer` (an index into the engine's layers) for n tokens of `seq` at
-  // positions[i] = pos0 + i, given their normed inputs (n, dim). Collective
-  // over the TP group where the step is split by sequence.
-  virtual void run(int32_t seq, int32_t layer, const float* normed, int32_t n, int32_t pos0,
-                   const int32_t* positions, float* attn) = 0;
+  // attn (rows, this rank's heads * head_dim) = causal attention of layer
+  // `layer` (an index into the engine's layers) for the rows of every
+  // segment, in segment order (segment s covers rows [row0_s, row0_s + n_s)
+  // at positions[row] = pos0_s + row - row0_s), given their normed inputs
+  // (rows, dim). Q, K and V come from one matmul over all rows; each segment
+  // is appended to and attends over its own sequence. Collective over the TP
+  // group where the step is split by sequence.
+  virtual void run(const std::vector<Segment>& segments, int32_t layer, const float* normed,
+                   int32_t rows, const int32_t* positions, float* attn) = 0;
   virtual AttentionCache& cache() = 0;
   virtual const AttentionCache& cache() const = 0;
   // Bytes of Wq, Wk and Wv this rank reads for layer `layer`.

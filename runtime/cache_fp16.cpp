@@ -125,7 +125,8 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
         block.value_stride = hd;
         block.values_shared = false;
         cpu::absorb_block(mine, queries, block, scores.data(), kDecodeBlock);
-      });
+      },
+      blocks);
 }
 
 void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float* q,

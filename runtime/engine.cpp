@@ -138,21 +138,95 @@ void TransformerEngine::head(const float* hidden, int32_t n, float* logits) {
   cpu::matmul(model_.output(), normed_.data(), n, logits);
 }
 
+void TransformerEngine::run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0) {
+  Segment segment;
+  segment.seq = seq;
+  segment.pos0 = pos0;
+  segment.n = n;
+  run_layers(std::vector<Segment>{segment}, hidden);
+}
+
+void TransformerEngine::check_batch(const std::vector<Segment>& segments) const {
+  std::vector<int32_t> seen;
+  for (const Segment& s : segments) {
+    if (s.seq < 0 || s.seq >= sequence_slots())
+      throw Error("forward_batch: sequence " + std::to_string(s.seq) + " is not a slot in [0, " +
+                  std::to_string(sequence_slots()) + ")");
+    if (std::find(seen.begin(), seen.end(), s.seq) != seen.end())
+      throw Error("forward_batch: sequence " + std::to_string(s.seq) + " appears twice in a step");
+    seen.push_back(s.seq);
+    if (s.n <= 0) throw Error("forward_batch: a segment has no tokens");
+    if (s.pos0 > length(s.seq))
+      throw Error("forward_batch: sequence " + std::to_string(s.seq) + " holds " +
+                  std::to_string(length(s.seq)) + " tokens; a segment cannot start at " +
+                  std::to_string(s.pos0));
+    if (s.tokens != nullptr) check_input(s.tokens, s.n, s.pos0);
+  }
+  // Blocks the step takes, checked before anything is written, so a step the
+  // pool cannot hold leaves every cache as it was.
+  int64_t needed = 0;
+  for (const Segment& s : segments)
+    needed += blocks_for_tokens(s.pos0 + s.n) - blocks_for_tokens(std::min(s.pos0, length(s.seq)));
+  const int32_t free = attention_->cache().free_blocks();
+  if (needed > free)
+    throw PoolExhausted("cache pool: the step needs " + std::to_string(needed) + " more blocks; " +
+                        std::to_string(free) + " are free");
+}
+
+void TransformerEngine::forward_batch(const std::vector<Segment>& segments, float* logits) {
+  const ModelConfig& c = model_.config();
+  if (segments.empty()) return;
+  if (layer_range_.begin != 0 || layer_range_.end() != c.n_layers)
+    throw Error("forward_batch: this engine holds some layers only; a pipeline runs it");
+  check_batch(segments);
+  int32_t rows = 0;
+  for (const Segment& s : segments) rows += s.n;
+  ensure_scratch(rows);
+  int32_t row = 0;
+  for (const Segment& s : segments) {
+    embed(s.tokens, s.n, hidden_.data() + static_cast<size_t>(row) * c.dim);
+    row += s.n;
+  }
+  run_layers(segments, hidden_.data());
+  // Only the rows whose logits someone reads go through the output head.
+  std::vector<int32_t> wanted;
+  row = 0;
+  for (const Segment& s : segments) {
+    row += s.n;
+    if (s.wants_logits) wanted.push_back(row - 1);
+  }
+  if (wanted.empty() || logits == nullptr) return;
+  head_rows_.resize(wanted.size() * c.dim);
+  for (size_t i = 0; i < wanted.size(); ++i)
+    std::copy_n(hidden_.data() + static_cast<size_t>(wanted[i]) * c.dim, c.dim,
+                head_rows_.data() + i * c.dim);
+  head(head_rows_.data(), static_cast<int32_t>(wanted.size()), logits);
+}
+
 // The one layer loop. Each rank adds its partial Wo and down outputs across
 // the group (the identity for a group of one), so every rank's hidden state
-// stays the full, replicated residual stream.
-void TransformerEngine::run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0) {
+// stays the full, replicated residual stream. Every row of the batch goes
+// through each matmul together; only attention looks at which sequence a row
+// belongs to.
+void TransformerEngine::run_layers(const std::vector<Segment>& segments, float* hidden) {
   const ModelConfig& c = model_.config();
+  int32_t n = 0;
+  for (const Segment& s : segments) n += s.n;
   if (n <= 0) return;
   ensure_scratch(n);
-  for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
+  int32_t row = 0;
+  for (const Segment& s : segments)
+    for (int32_t i = 0; i < s.n; ++i) positions_[row++] = s.pos0 + i;
+  // A segment that starts inside what its sequence holds rewrites from there.
+  for (const Segment& s : segments)
+    if (s.pos0 < length(s.seq)) truncate(s.seq, s.pos0);
   const size_t residual = static_cast<size_t>(n) * c.dim;
 
   for (int32_t layer = 0; layer < static_cast<int32_t>(layers_.size()); ++layer) {
     const LayerShard& w = layers_[static_cast<size_t>(layer)];
     // Attention block: this rank's heads through its columns of Wo.
     cpu::rmsnorm(hidden, w.attn_norm, normed_.data(), n, c.dim, c.rms_eps);
-    attention_->run(seq, layer, normed_.data(), n, pos0, positions_.data(), attn_.data());
+    attention_->run(segments, layer, normed_.data(), n, positions_.data(), attn_.data());
     cpu::matmul(w.wo, attn_.data(), n, proj_.data());
     comm_.all_reduce_sum(proj_.data(), residual);
     cpu::add(hidden, proj_.data(), static_cast<int64_t>(residual));

@@ -153,6 +153,15 @@ class TransformerEngine final : public Engine {
   // Runs this engine's layers in place on hidden (n, dim) at positions
   // [pos0, pos0 + n); collective over the TP group.
   void run_layers(int32_t seq, float* hidden, int32_t n, int32_t pos0);
+  // The same for a batch of segments: hidden (rows, dim) holds their rows in
+  // segment order. A segment starting before its sequence's length rewrites
+  // from there.
+  void run_layers(const std::vector<Segment>& segments, float* hidden);
+  // Throws xq::Error for a segment forward_batch cannot run (a slot out of
+  // range, a sequence twice, a gap after its length, bad tokens) and
+  // PoolExhausted when this rank's pool lacks the blocks; writes nothing.
+  void check_batch(const std::vector<Segment>& segments) const;
+  void forward_batch(const std::vector<Segment>& segments, float* logits) override;
   // logits (n, vocab) = output head of the final norm of hidden (n, dim).
   void head(const float* hidden, int32_t n, float* logits);
 
@@ -181,6 +190,7 @@ class TransformerEngine final : public Engine {
   // Activations of the current batch, (n, width) each.
   std::vector<float> hidden_, normed_, attn_, proj_, gate_, up_;
   std::vector<int32_t> positions_;
+  std::vector<float> head_rows_;  // the rows forward_batch scores
 };
 
 }  // namespace xq

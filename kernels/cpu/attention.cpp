@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <stdexcept>
 #include <vector>
 
@@ -110,16 +109,45 @@ void absorb_block(PartialAttention& state, const DecodeQueries& queries, const C
 }
 
 void attend_in_blocks(int64_t jobs, int64_t rows, int64_t width, PartialAttention& result,
-                      const std::function<void(int64_t job, PartialAttention& state)>& absorb_job) {
+                      const std::function<void(int64_t job, PartialAttention& state)>& absorb_job,
+                      int64_t blocks_per_group) {
+  if (blocks_per_group <= 0) blocks_per_group = std::max<int64_t>(jobs, 1);
+  // Runs of kBlocksPerRun consecutive blocks of one group are absorbed in
+  // order into a state of their own; the runs' states are then folded into
+  // the result in run order. Which runs a row's blocks fall in depends only
+  // on the blocks' indices, never on how many jobs or queries the call has or
+  // on the threads, so a query gets the same bits in a decode step as in any
+  // prefill chunk or batch (a run past its causal limit is empty, and merging
+  // an empty state changes nothing).
+  constexpr int64_t kBlocksPerRun = 4;
+  const int64_t groups = (jobs + blocks_per_group - 1) / blocks_per_group;
+  const int64_t runs_per_group = (blocks_per_group + kBlocksPerRun - 1) / kBlocksPerRun;
+  const int64_t runs = groups * runs_per_group;
+  // Grow-only: this runs once per layer per step.
+  thread_local std::vector<PartialAttention> run_states;
+  if (static_cast<int64_t>(run_states.size()) < runs) run_states.resize(static_cast<size_t>(runs));
+  std::vector<PartialAttention>& states = run_states;
+  parallel_for(runs, [&](int64_t first_run, int64_t last_run) {
+    for (int64_t run = first_run; run < last_run; ++run) {
+      PartialAttention& state = states[static_cast<size_t>(run)];
+      state.reset(rows, width);
+      const int64_t group = run / runs_per_group;
+      const int64_t first_block = (run % runs_per_group) * kBlocksPerRun;
+      const int64_t last_block = std::min(first_block + kBlocksPerRun, blocks_per_group);
+      for (int64_t b = first_block; b < last_block; ++b) {
+        const int64_t job = group * blocks_per_group + b;
+        if (job < jobs) absorb_job(job, state);
+      }
+    }
+  });
   result.reset(rows, width);
-  std::mutex result_mutex;
-  parallel_for(jobs, [&](int64_t first_job, int64_t last_job) {
-    // Lives across calls: this runs once per layer per decode step.
-    thread_local PartialAttention mine;
-    mine.reset(rows, width);
-    for (int64_t job = first_job; job < last_job; ++job) absorb_job(job, mine);
-    std::lock_guard<std::mutex> lock(result_mutex);
-    merge_partial_attention(result, mine);
+  parallel_for(rows, [&](int64_t first_row, int64_t last_row) {
+    for (int64_t run = 0; run < runs; ++run) {
+      const PartialAttention& from = states[static_cast<size_t>(run)];
+      for (int64_t r = first_row; r < last_row; ++r)
+        attention_state::merge_row(result.max[r], result.sum[r], result.acc.data() + r * width,
+                                   from.max[r], from.sum[r], from.acc.data() + r * width, width);
+    }
   });
 }
 

@@ -95,11 +95,15 @@ struct CachedBlock {
 void absorb_block(PartialAttention& state, const DecodeQueries& queries, const CachedBlock& block,
                   float* scores, int64_t score_stride);
 
-// The block walk of decode: runs absorb_job(job, state) for jobs [0, jobs)
-// across threads, each thread into its own state of (rows, width), and merges
-// the threads' states into `result` (reset first). A job typically reads one
-// block of the cache (widening or rebuilding it) and calls absorb_block.
+// The block walk: runs absorb_job(job, state) for jobs [0, jobs) across
+// threads and merges their states into `result` (reset first). A job
+// typically reads one block of the cache (widening or rebuilding it) and calls
+// absorb_block. Jobs are blocks of groups (job = group * blocks_per_group +
+// block; 0: one group of `jobs` blocks); each row's blocks are folded in a
+// fixed order, so its result does not depend on the number of jobs, queries
+// or threads.
 void attend_in_blocks(int64_t jobs, int64_t rows, int64_t width, PartialAttention& result,
-                      const std::function<void(int64_t job, PartialAttention& state)>& absorb_job);
+                      const std::function<void(int64_t job, PartialAttention& state)>& absorb_job,
+                      int64_t blocks_per_group = 0);
 
 }  // namespace xq::cpu
