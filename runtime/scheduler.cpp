@@ -440,8 +440,7 @@ StepPlan Scheduler::plan_step() {
   return plan;
 }
 
-void Scheduler::fail_step(const StepPlan& plan, const std::string& message) {
-  (void)plan;
+void Scheduler::fail_step(const std::string& message) {
   std::vector<Sequence*> failed = planned_;
   for (Sequence* s : failed) {
     if (s->slot >= 0) release_slot(*s);
@@ -457,7 +456,7 @@ void Scheduler::step() {
   try {
     executor_.execute(plan, logits_.data());
   } catch (const std::exception& e) {
-    fail_step(plan, e.what());
+    fail_step(e.what());
     last_plan_ = std::move(plan);
     return;
   }

@@ -135,7 +135,7 @@ class Scheduler {
   void sample(Sequence& s, const float* logits);
   bool append_text(Sequence& s, const std::string& piece, std::string& out);
   void finish(Sequence& s, FinishReason reason, const std::string& message);
-  void fail_step(const StepPlan& plan, const std::string& message);
+  void fail_step(const std::string& message);
   int32_t free_blocks() const { return total_blocks_ - ledger_blocks_; }
   int32_t outstanding_prefill_blocks() const;
 

@@ -4,7 +4,8 @@
 // the quantized caches' keys depend on) -- so a chunk boundary in the wrong
 // place changes the tokens, and a run can be compared with the same prompt
 // run alone through generate(). The last tests do the same on the real
-// stories260K engine (fp16 and xquant-4, with and without preemption).
+// stories260K engine (fp16 and kivi-2, whose 128-token key groups make a
+// misplaced chunk boundary change tokens; with and without preemption).
 // Tolerance everywhere: none; tokens must match exactly.
 #include <gtest/gtest.h>
 
@@ -665,12 +666,12 @@ TEST(SchedulerRealEngine, Fp16StaggeredGreedyEqualsSolo) {
   real_engine_matches_solo("fp16", AdmissionPolicy::kReserve, 16, false);
 }
 
-TEST(SchedulerRealEngine, Xquant4StaggeredGreedyEqualsSolo) {
-  real_engine_matches_solo("xquant-4", AdmissionPolicy::kReserve, 16, false);
+TEST(SchedulerRealEngine, Kivi2StaggeredGreedyEqualsSolo) {
+  real_engine_matches_solo("kivi-2", AdmissionPolicy::kReserve, 16, false);
 }
 
-TEST(SchedulerRealEngine, Xquant4OptimisticSmallPoolPreemptsAndEqualsSolo) {
-  real_engine_matches_solo("xquant-4", AdmissionPolicy::kOptimistic, 5, true);
+TEST(SchedulerRealEngine, Kivi2OptimisticSmallPoolPreemptsAndEqualsSolo) {
+  real_engine_matches_solo("kivi-2", AdmissionPolicy::kOptimistic, 5, true);
 }
 
 }  // namespace
