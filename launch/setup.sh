@@ -18,6 +18,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   clang libclang-rt-14-dev clang-format
+  nlohmann-json3-dev
 )
 if [ -z "${XQ_SKIP_APT:-}" ]; then
   missing=()

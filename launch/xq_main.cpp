@@ -25,6 +25,8 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "launch/arguments.h"
+#include "launch/batch_tool.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
@@ -37,152 +39,6 @@
 
 namespace xq {
 namespace {
-
-// Parses "--name value" and "--flag" arguments against a declared set.
-class Arguments {
- public:
-  Arguments(std::string command, std::string summary)
-      : command_(std::move(command)), summary_(std::move(summary)) {}
-
-  void option(const std::string& name, const std::string& fallback, const std::string& help) {
-    values_[name] = fallback;
-    order_.push_back({name, help, false});
-  }
-  void flag(const std::string& name, const std::string& help) {
-    values_[name] = "";
-    order_.push_back({name, help, true});
-  }
-
-  // Returns false when --help was asked for (usage already printed).
-  bool parse(int argc, char** argv) {
-    for (int i = 0; i < argc; ++i) {
-      std::string arg = argv[i];
-      if (arg == "--help" || arg == "-h") {
-        print_usage();
-        return false;
-      }
-      if (arg.rfind("--", 0) != 0)
-        throw Error(command_ + ": unexpected argument '" + arg + "' (see --help)");
-      std::string name = arg.substr(2);
-      auto it = values_.find(name);
-      if (it == values_.end())
-        throw Error(command_ + ": unknown option '" + arg + "' (see --help)");
-      if (is_flag(name)) {
-        it->second = "1";
-      } else {
-        if (i + 1 >= argc) throw Error(command_ + ": option '" + arg + "' needs a value");
-        it->second = argv[++i];
-      }
-    }
-    return true;
-  }
-
-  std::string get(const std::string& name) const { return values_.at(name); }
-  bool has(const std::string& name) const { return !values_.at(name).empty(); }
-  // The default bounds are int32's: callers store most values in int32_t, and
-  // a value that wrapped on the way there would be silently wrong.
-  int64_t get_int(const std::string& name, int64_t min = std::numeric_limits<int32_t>::min(),
-                  int64_t max = std::numeric_limits<int32_t>::max()) const {
-    const std::string& v = values_.at(name);
-    char* end = nullptr;
-    errno = 0;
-    long long parsed = std::strtoll(v.c_str(), &end, 10);
-    if (v.empty() || *end != '\0' || errno != 0 || parsed < min || parsed > max)
-      throw Error(command_ + ": --" + name + " wants an integer from " + std::to_string(min) +
-                  " to " + std::to_string(max) + ", got '" + v + "'");
-    return parsed;
-  }
-  double get_float(const std::string& name) const {
-    const std::string& v = values_.at(name);
-    char* end = nullptr;
-    double parsed = std::strtod(v.c_str(), &end);
-    if (v.empty() || *end != '\0' || !std::isfinite(parsed))
-      throw Error(command_ + ": --" + name + " wants a number, got '" + v + "'");
-    return parsed;
-  }
-
- private:
-  struct Entry {
-    std::string name, help;
-    bool is_flag;
-  };
-  bool is_flag(const std::string& name) const {
-    for (const Entry& e : order_)
-      if (e.name == name) return e.is_flag;
-    return false;
-  }
-  void print_usage() const {
-    std::printf("usage: xq %s [options]\n\n%s\n\noptions:\n", command_.c_str(), summary_.c_str());
-    for (const Entry& e : order_) {
-      std::string left = "--" + e.name + (e.is_flag ? "" : " V");
-      std::string fallback = values_.at(e.name);
-      std::printf(
-          "  %-22s %s%s\n", left.c_str(), e.help.c_str(),
-          (!e.is_flag && !fallback.empty()) ? (" (default: " + fallback + ")").c_str() : "");
-    }
-  }
-
-  std::string command_, summary_;
-  std::map<std::string, std::string> values_;
-  std::vector<Entry> order_;
-};
-
-std::string default_model_path() {
-  const char* dir = std::getenv("XQ_MODELS_DIR");
-  return std::string(dir ? dir : "models") + "/SmolLM2-135M-Instruct.Q4_1.gguf";
-}
-
-// More threads than this is a typo, and the thread pool would fail to create them.
-constexpr int64_t kMaxThreads = 1024;
-
-void add_model_options(Arguments& args) {
-  args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
-  args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
-  args.option("threads", "2", "CPU threads");
-  args.option("cache", "fp16",
-              "attention cache mode: " + cache_mode_names() + " ('xq modes' says what each keeps)");
-  args.flag("keep-outlier-channel",
-            "xquant on GQA models: keep channel 0 of X·Uk in fp16 (paper appendix B)");
-  args.option("k-latent", "per-head",
-              "xquant on GQA models: 'per-head' (one SVD per KV head) or 'joint' (one SVD of "
-              "Wk, as the paper)");
-  args.option("cl-restarts", "",
-              "xquant-cl: layers where the delta chain starts over from X, comma-separated (a "
-              "pipeline's stage boundaries, which its stages do themselves)");
-}
-
-std::vector<int32_t> cl_restarts(const Arguments& args) {
-  std::vector<int32_t> layers;
-  std::stringstream list(args.get("cl-restarts"));
-  for (std::string item; std::getline(list, item, ',');) {
-    char* end = nullptr;
-    const long layer = std::strtol(item.c_str(), &end, 10);
-    if (item.empty() || *end != '\0' || layer < 0 || layer > std::numeric_limits<int32_t>::max())
-      throw Error("--cl-restarts wants layer numbers separated by commas, got '" +
-                  args.get("cl-restarts") + "'");
-    layers.push_back(static_cast<int32_t>(layer));
-  }
-  return layers;
-}
-
-bool k_latent_per_head(const Arguments& args) {
-  const std::string value = args.get("k-latent");
-  if (value != "per-head" && value != "joint")
-    throw Error("--k-latent must be 'per-head' or 'joint', got '" + value + "'");
-  return value == "per-head";
-}
-
-// The engine as the model options (add_model_options) ask for it.
-EngineOptions engine_options(const Arguments& args, int threads, int32_t max_tokens) {
-  EngineOptions options;
-  options.threads = threads;
-  options.max_tokens = max_tokens;
-  options.cache_mode = args.get("cache");
-  options.keep_outlier_channel = args.has("keep-outlier-channel");
-  options.k_latent_per_head = k_latent_per_head(args);
-  options.cross_layer_restarts = cl_restarts(args);
-  return options;
-}
 
 std::string read_text_file(const std::string& path) {
   // An ifstream opens a directory without complaint and then reads nothing,
@@ -630,7 +486,8 @@ int usage(FILE* out) {
                "  generate     complete a prompt, streamed to stdout\n"
                "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
                "  tokenize     print the token ids of a text\n"
-               "  modes        list the attention cache modes\n\n"
+               "  modes        list the attention cache modes\n"
+               "  batch        run a JSONL file of requests through the batch scheduler\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -644,7 +501,7 @@ int main(int argc, char** argv) {
   std::map<std::string, std::function<int(int, char**)>> commands = {
       {"perplexity", xq::run_perplexity}, {"generate", xq::run_generate},
       {"worker", xq::run_worker},         {"tokenize", xq::run_tokenize},
-      {"modes", xq::run_modes},
+      {"modes", xq::run_modes},           {"batch", xq::run_batch},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);

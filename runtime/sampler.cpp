@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "kernels/error.h"
 
@@ -26,6 +27,27 @@ float top2_margin(const float* logits, int32_t n) {
     }
   }
   return first - second;
+}
+
+Logprobs logprobs(const float* logits, int32_t n, int32_t chosen, int32_t top_n) {
+  if (chosen < 0 || chosen >= n)
+    throw Error("logprobs: token " + std::to_string(chosen) + " is outside the " +
+                std::to_string(n) + " logits");
+  const float max_logit = logits[argmax(logits, n)];
+  double total = 0;
+  for (int32_t i = 0; i < n; ++i) total += std::exp(static_cast<double>(logits[i]) - max_logit);
+  const double log_total = std::log(total) + max_logit;
+  auto logprob = [&](int32_t i) { return static_cast<float>(logits[i] - log_total); };
+  Logprobs result;
+  result.chosen = {chosen, logprob(chosen)};
+  const int32_t keep = std::clamp(top_n, 0, n);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  for (int32_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = i;
+  std::partial_sort(ids.begin(), ids.begin() + keep, ids.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  for (int32_t k = 0; k < keep; ++k) result.top.push_back({ids[k], logprob(ids[k])});
+  return result;
 }
 
 Sampler::Sampler(const SamplerOptions& options) : options_(options), rng_(options.seed) {

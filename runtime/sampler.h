@@ -33,6 +33,22 @@ class Sampler {
   std::vector<std::pair<float, int32_t>> candidates_;
 };
 
+// A token's natural-log probability under softmax of the raw logits (no
+// temperature, no top-k/top-p: what the model says, as OpenAI-style APIs report).
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0.0f;
+};
+
+struct Logprobs {
+  TokenLogprob chosen;
+  std::vector<TokenLogprob> top;  // the top_n most likely, most likely first, ties to lowest id
+};
+
+// log_softmax of logits (n) for `chosen` and the top_n most likely tokens
+// (top_n is clamped to n). Computed in double, so a logprob near 0 is not lost.
+Logprobs logprobs(const float* logits, int32_t n, int32_t chosen, int32_t top_n);
+
 // Index of the largest logit; ties go to the lowest id.
 int32_t argmax(const float* logits, int32_t n);
 
