@@ -257,17 +257,12 @@ BatchSummary run_batch_jsonl(StepExecutor& executor, const SchedulerOptions& opt
   return summary;
 }
 
-int run_batch(int argc, char** argv) {
-  Arguments args("batch",
-                 "Run a JSONL file of requests through the batch scheduler (continuous batching "
-                 "with chunked prefill) and write one JSON result line per request line, in "
-                 "input order. Fields: see launch/batch_tool.h.");
-  add_model_options(args);
+void add_batch_options(Arguments& args) {
   args.option("input", "", "JSONL file of requests (required)");
   args.option("output", "", "JSONL file for the results (required)");
   args.option("cache-memory", "",
-              "cache pool budget, e.g. 512MiB, 2GiB, 64MB or bytes (default: room for every "
-              "sequence's whole context)");
+              "cache pool budget per rank, e.g. 512MiB, 2GiB, 64MB or bytes (default: room for "
+              "every sequence's whole context)");
   args.option("max-batch-tokens", "512", "tokens one step runs at most");
   args.option("max-sequences", "8", "sequences running at once");
   args.option("policy", "reserve",
@@ -275,21 +270,40 @@ int run_batch(int argc, char** argv) {
               "what prefill needs; preempt the newest when the pool runs out)");
   args.option("max-decode-only-steps", "8",
               "steps a waiting prefill may get nothing before it goes first");
-  if (!args.parse(argc, argv)) return 0;
+}
+
+BatchOptions batch_options(const Arguments& args, const char* tool) {
   if (!args.has("input") || !args.has("output"))
-    throw Error("batch: --input and --output are required (see --help)");
-  SchedulerOptions options;
-  options.max_batch_tokens = static_cast<int32_t>(args.get_int("max-batch-tokens", 1));
-  options.max_sequences = static_cast<int32_t>(args.get_int("max-sequences", 1, 4096));
-  options.max_decode_only_steps = static_cast<int32_t>(args.get_int("max-decode-only-steps", 0));
-  options.policy = parse_admission_policy(args.get("policy"));
-  const size_t cache_bytes =
+    throw Error(std::string(tool) + ": --input and --output are required (see --help)");
+  BatchOptions b;
+  b.input = args.get("input");
+  b.output = args.get("output");
+  b.scheduler.max_batch_tokens = static_cast<int32_t>(args.get_int("max-batch-tokens", 1));
+  b.scheduler.max_sequences = static_cast<int32_t>(args.get_int("max-sequences", 1, 4096));
+  b.scheduler.max_decode_only_steps =
+      static_cast<int32_t>(args.get_int("max-decode-only-steps", 0));
+  b.scheduler.policy = parse_admission_policy(args.get("policy"));
+  b.cache_bytes =
       args.has("cache-memory") ? parse_byte_size(args.get("cache-memory"), "--cache-memory") : 0;
+  return b;
+}
+
+int run_batch(int argc, char** argv) {
+  Arguments args("batch",
+                 "Run a JSONL file of requests through the batch scheduler (continuous batching "
+                 "with chunked prefill) and write one JSON result line per request line, in "
+                 "input order. Fields: see launch/batch_tool.h.");
+  add_model_options(args);
+  add_batch_options(args);
+  if (!args.parse(argc, argv)) return 0;
+  const BatchOptions batch = batch_options(args, "batch");
+  const SchedulerOptions& options = batch.scheduler;
+  const size_t cache_bytes = batch.cache_bytes;
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-  std::ifstream in(args.get("input"), std::ios::binary);
-  if (!in) throw Error(args.get("input") + ": cannot open the input file");
-  std::ofstream out(args.get("output"), std::ios::binary | std::ios::trunc);
-  if (!out) throw Error(args.get("output") + ": cannot create the output file");
+  std::ifstream in(batch.input, std::ios::binary);
+  if (!in) throw Error(batch.input + ": cannot open the input file");
+  std::ofstream out(batch.output, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error(batch.output + ": cannot create the output file");
 
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   EngineOptions engine_opts = engine_options(args, threads, 0);

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <string>
 
 #include "runtime/scheduler.h"
 
@@ -36,6 +37,18 @@ struct BatchSummary {
 // stderr when `progress` is set.
 BatchSummary run_batch_jsonl(StepExecutor& executor, const SchedulerOptions& options,
                              std::istream& in, std::ostream& out, bool progress);
+
+// The options `xq batch` and `xq worker --input` share: files, scheduler and
+// pool budget.
+class Arguments;
+void add_batch_options(Arguments& args);
+struct BatchOptions {
+  std::string input, output;
+  SchedulerOptions scheduler;
+  size_t cache_bytes = 0;  // 0: room for every sequence's whole context
+};
+// Throws xq::Error naming `tool` for a missing file or a bad value.
+BatchOptions batch_options(const Arguments& args, const char* tool);
 
 // The `xq batch` command (argv after the command name).
 int run_batch(int argc, char** argv);

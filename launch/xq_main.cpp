@@ -30,6 +30,7 @@
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
+#include "parallel/plan_broadcast.h"
 #include "runtime/cache_mode.h"
 #include "runtime/engine.h"
 #include "runtime/generation.h"
@@ -337,6 +338,51 @@ void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, 
   }
 }
 
+// `xq worker --input --output`: the batch of `xq batch` on a tp x pp grid.
+// World rank 0 reads the requests, schedules and writes the results; every
+// step's plan goes to all ranks (parallel/plan_broadcast.h).
+int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& watchdog) {
+  if (args.has("prompt") || args.has("file"))
+    throw Error("worker: --input runs a batch of requests; --prompt and --file do not apply");
+  const BatchOptions batch = batch_options(args, "worker");
+  parallel::Grid grid(tp, pp);
+  watchdog.finished();
+  const bool leader = grid.world_rank() == 0;
+  std::ifstream in;
+  std::ofstream out;
+  if (leader) {
+    in.open(batch.input, std::ios::binary);
+    if (!in) throw Error(batch.input + ": cannot open the input file");
+    out.open(batch.output, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error(batch.output + ": cannot create the output file");
+  }
+  auto model = Model::load(args.get("model"), args.get("tokenizer"));
+  parallel::PipelineOptions pipeline;
+  pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
+  const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+  EngineOptions options = engine_options(args, threads, 0);
+  options.sequences = batch.scheduler.max_sequences;
+  options.cache_bytes = batch.cache_bytes;
+  parallel::PipelineEngine engine(*model, options, grid, pipeline);
+  if (!leader) {
+    parallel::follow_plans(grid, engine);
+    return 0;
+  }
+  std::fprintf(stderr,
+               "worker: tp %d x pp %d, cache %s, pool %d blocks of %d tokens (tightest rank)\n", tp,
+               pp, engine.cache_description().c_str(), engine.pool().total_blocks,
+               engine.pool().block_tokens);
+  parallel::PlanBroadcaster executor(grid, engine);
+  const BatchSummary summary = run_batch_jsonl(executor, batch.scheduler, in, out, true);
+  executor.finish();
+  if (!out) throw Error(batch.output + ": write error");
+  std::fprintf(stderr, "%d requests (%d failed), %lld tokens generated in %.2f s (%.1f tokens/s)\n",
+               summary.requests, summary.failed, static_cast<long long>(summary.completion_tokens),
+               summary.seconds,
+               summary.seconds > 0 ? summary.completion_tokens / summary.seconds : 0.0);
+  return 0;
+}
+
 // One rank of a tensor- and pipeline-parallel run: every rank loads the model
 // (mapping it; each reads only its own slices), joins the tp x pp grid and
 // runs the same generation loop (or, with --file, the same perplexity
@@ -344,14 +390,16 @@ void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, 
 int run_worker(int argc, char** argv) {
   Arguments args("worker",
                  "One rank of a parallel run, started by mpirun: mpirun -np T*P xq worker --tp T "
-                 "--pp P --prompt TEXT (generation) or --file TEXT_FILE (perplexity). Rank 0 "
-                 "prints the result.");
+                 "--pp P --prompt TEXT (generation), --file TEXT_FILE (perplexity) or --input "
+                 "REQUESTS.jsonl --output RESULTS.jsonl (a batch of requests, as xq batch: rank 0 "
+                 "schedules, every rank runs each step). Rank 0 prints the result.");
   add_model_options(args);
   add_generation_options(args);
   add_perplexity_options(args);
   args.option("tp", "1", "tensor-parallel ranks per pipeline stage");
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
+  add_batch_options(args);
   if (!args.parse(argc, argv)) return 0;
   // No rank may outlive the process that started it (mpirun, or orted on
   // another host): Open MPI 4.1's mpirun ends an aborted job by sending its
@@ -369,6 +417,11 @@ int run_worker(int argc, char** argv) {
   try {
     const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
     const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
+    if (args.has("input") || args.has("output")) {
+      const int status = run_worker_batch(args, tp, pp, watchdog);
+      MPI_Finalize();
+      return status;
+    }
     const bool scoring = args.has("file");
     SamplerOptions sampler;
     PerplexityOptions scoring_options;
