@@ -364,8 +364,25 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   options.sequences = batch.scheduler.max_sequences;
   options.cache_bytes = batch.cache_bytes;
   parallel::PipelineEngine engine(*model, options, grid, pipeline);
+  // Each rank's time in steps and in its own work, printed by rank 0: the
+  // pipeline's bubble as measured.
+  auto report_bubble = [&] {
+    const double mine[3] = {static_cast<double>(grid.stage()), engine.batch_seconds(),
+                            engine.busy_seconds()};
+    std::vector<double> all(static_cast<size_t>(3 * tp * pp));
+    parallel::check_mpi(
+        MPI_Gather(mine, 3, MPI_DOUBLE, all.data(), 3, MPI_DOUBLE, 0, MPI_COMM_WORLD),
+        "MPI_Gather");
+    if (!leader) return;
+    for (int r = 0; r < tp * pp; ++r) {
+      const double* v = all.data() + static_cast<size_t>(3) * r;
+      std::fprintf(stderr, "rank %d (stage %d): %.2f s in steps, %.2f s computing, bubble %.1f%%\n",
+                   r, static_cast<int>(v[0]), v[1], v[2], v[1] > 0 ? 100 * (1 - v[2] / v[1]) : 0.0);
+    }
+  };
   if (!leader) {
     parallel::follow_plans(grid, engine);
+    report_bubble();
     return 0;
   }
   std::fprintf(stderr,
@@ -375,6 +392,7 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   parallel::PlanBroadcaster executor(grid, engine);
   const BatchSummary summary = run_batch_jsonl(executor, batch.scheduler, in, out, true);
   executor.finish();
+  report_bubble();
   if (!out) throw Error(batch.output + ": write error");
   std::fprintf(stderr, "%d requests (%d failed), %lld tokens generated in %.2f s (%.1f tokens/s)\n",
                summary.requests, summary.failed, static_cast<long long>(summary.completion_tokens),

@@ -1,6 +1,7 @@
 #include "parallel/pipeline_engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <string>
 
@@ -38,6 +39,11 @@ PipelineEngine::PipelineEngine(const Model& model, const EngineOptions& options,
 void PipelineEngine::forward_batch(const std::vector<Segment>& segments, float* logits) {
   const ModelConfig& c = model_.config();
   if (segments.empty()) return;
+  using Clock = std::chrono::steady_clock;
+  const auto step_start = Clock::now();
+  auto seconds_since = [](Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  };
   std::string problem;
   bool pool_problem = false;
   try {
@@ -99,7 +105,9 @@ void PipelineEngine::forward_batch(const std::vector<Segment>& segments, float* 
     } else {
       pipe.recv(hidden_.data(), bytes, stage - 1);
     }
+    const auto busy_start = Clock::now();
     stage_->run_layers(batch, hidden_.data());
+    busy_seconds_ += seconds_since(busy_start);
     if (stage < last) {
       pipe.send(hidden_.data(), bytes, stage + 1);
     } else if (logits != nullptr) {
@@ -111,12 +119,15 @@ void PipelineEngine::forward_batch(const std::vector<Segment>& segments, float* 
           std::copy_n(hidden_.data() + static_cast<size_t>(row - 1) * c.dim, c.dim,
                       head_rows_.data() + static_cast<size_t>(wanted++) * c.dim);
       }
+      const auto head_start = Clock::now();
       stage_->head(head_rows_.data(), wanted, scored_out);
+      busy_seconds_ += seconds_since(head_start);
       scored_out += static_cast<size_t>(wanted) * vocab;
     }
   }
   if (logits != nullptr && scored > 0 && last > 0)
     pipe.broadcast(logits, static_cast<size_t>(scored) * vocab * sizeof(float), last);
+  batch_seconds_ += seconds_since(step_start);
 }
 
 void PipelineEngine::forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,

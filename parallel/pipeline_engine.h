@@ -87,6 +87,11 @@ class PipelineEngine final : public Engine {
   Range layers() const { return stage_->layers(); }
   size_t weight_bytes() const { return stage_->weight_bytes(); }
   int32_t micro_batch() const { return micro_batch_; }
+  // Seconds this rank spent inside forward_batch, and of those in its own
+  // layers and head: 1 - busy / total is the bubble this stage saw (waiting
+  // on its neighbours and the agreement on each step).
+  double batch_seconds() const { return batch_seconds_; }
+  double busy_seconds() const { return busy_seconds_; }
 
  private:
   const Model& model_;
@@ -99,6 +104,7 @@ class PipelineEngine final : public Engine {
            int32_t first_logit_row, bool broadcast_logits);
 
   PoolInfo pool_;
+  double batch_seconds_ = 0, busy_seconds_ = 0;
   std::vector<float> hidden_;       // one micro-batch, (rows, dim)
   std::vector<float> head_rows_;    // forward_batch: the rows that are scored
   std::vector<float> last_logits_;  // forward_sample's row
