@@ -34,6 +34,15 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XQ_GEMM_AVX2 1
 #include <immintrin.h>
+// dpbusd adds four u8 x s8 products into each int32 lane in one instruction:
+// the same exact integer lane sums as maddubs + madd, so the same bits.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define XQ_GEMM_VNNI 1
+#define XQ_GEMM_DPBUSD(acc, a, b) _mm256_dpbusd_epi32(acc, a, b)
+#elif defined(__AVXVNNI__)
+#define XQ_GEMM_VNNI 1
+#define XQ_GEMM_DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32(acc, a, b)
+#endif
 #endif
 
 namespace xq::cpu {
@@ -246,28 +255,43 @@ inline WeightUnit load_unit(const uint8_t* block) {
   return unit;
 }
 
+// The 8 int32 lane sums of unsigned a times signed b (four bytes per lane),
+// and of c times d added to them when kTwo.
+template <bool kVnni, bool kTwo>
+inline __m256i lane_sums(__m256i a, __m256i b, __m256i c, __m256i d, __m256i ones) {
+#if XQ_GEMM_VNNI
+  if constexpr (kVnni) {
+    const __m256i sums = XQ_GEMM_DPBUSD(_mm256_setzero_si256(), a, b);
+    return kTwo ? XQ_GEMM_DPBUSD(sums, c, d) : sums;
+  }
+#endif
+  // Nibbles: at most 2 * 2 * 31 * 127 per int16. Q8: |q| <= 128 and |x| <= 127
+  // keep each pair below 2^15. No saturation either way.
+  __m256i pairs = _mm256_maddubs_epi16(a, b);
+  if constexpr (kTwo) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(c, d));
+  return _mm256_madd_epi16(pairs, ones);
+}
+
 // One unit of one weight row against one x row (xu: the unit in Q8Rows).
-template <class F>
+template <class F, bool kVnni>
 inline __m256 unit_step(const WeightUnit& unit, const uint8_t* xu, __m256i ones, __m256 acc) {
   if constexpr (F::kNibbles) {
     const __m256i x_low = _mm256_load_si256(reinterpret_cast<const __m256i*>(xu));
     const __m256i x_high = _mm256_load_si256(reinterpret_cast<const __m256i*>(xu + 32));
-    // At most 2 * 2 * 31 * 127 per int16: no saturation.
-    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(unit.low, x_low),
-                                           _mm256_maddubs_epi16(unit.high, x_high));
+    const __m256i sums = lane_sums<kVnni, true>(unit.low, x_low, unit.high, x_high, ones);
     const __m256 scale =
         _mm256_mul_ps(unit.scale, _mm256_load_ps(reinterpret_cast<const float*>(xu + 64)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, acc);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
     return _mm256_fmadd_ps(unit.offset, _mm256_load_ps(reinterpret_cast<const float*>(xu + 96)),
                            acc);
   } else {
-    // maddubs wants an unsigned operand: |q| there, q's sign moved onto x.
-    // |q| <= 128 and |x| <= 127 keep each pair below 2^15.
+    // The products want an unsigned operand: |q| there, q's sign moved onto x.
     const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xu));
-    const __m256i pairs = _mm256_maddubs_epi16(unit.high, _mm256_sign_epi8(x, unit.low));
+    const __m256i sums =
+        lane_sums<kVnni, false>(unit.high, _mm256_sign_epi8(x, unit.low), ones, ones, ones);
     const __m256 scale =
         _mm256_mul_ps(unit.scale, _mm256_load_ps(reinterpret_cast<const float*>(xu + 32)));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), scale, acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
   }
 }
 
@@ -285,7 +309,7 @@ constexpr int64_t kPrefetchDistance = 4096;
 
 // J weight rows (from w, row_bytes apart) times R x rows (from x, x_stride
 // apart) into y (row i at y + i * ldy, column j at + j).
-template <class F, int J, int R>
+template <class F, bool kVnni, int J, int R>
 void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride, int64_t blocks,
           float* y, int64_t ldy) {
   __m256 acc[J][R];
@@ -305,7 +329,8 @@ void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride,
       const WeightUnit unit =
           load_unit<F, decltype(half)::value>(w + j * row_bytes + u * kWeightUnitBytes);
       for (int i = 0; i < R; ++i)
-        acc[j][i] = unit_step<F>(unit, x + i * x_stride + u * F::kUnitBytes, ones, acc[j][i]);
+        acc[j][i] =
+            unit_step<F, kVnni>(unit, x + i * x_stride + u * F::kUnitBytes, ones, acc[j][i]);
     }
   };
   const int64_t full_units = blocks / kBlocksPerUnit;
@@ -326,7 +351,7 @@ void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride,
 }
 
 // Weight rows [begin, end) against rows [i0, i0 + R) of x.
-template <class F, int J, int R>
+template <class F, bool kVnni, int J, int R>
 void tile_row_range(const WeightMatrix& w, const Q8Rows& x, int64_t i0, int64_t begin, int64_t end,
                     float* y) {
   const int64_t blocks = w.cols / kBlockElems;
@@ -334,11 +359,12 @@ void tile_row_range(const WeightMatrix& w, const Q8Rows& x, int64_t i0, int64_t 
   float* yi = y + i0 * w.rows;
   int64_t r = begin;
   for (; r + J <= end; r += J)
-    tile<F, J, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
-  for (; r < end; ++r) tile<F, 1, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
+    tile<F, kVnni, J, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
+  for (; r < end; ++r)
+    tile<F, kVnni, 1, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
 }
 
-template <class F>
+template <class F, bool kVnni>
 void gemm_avx2(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end,
                float* y) {
   // A chunk of weight rows of about 16 KB stays in L1/L2 while every tile of x
@@ -350,28 +376,28 @@ void gemm_avx2(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_
       // Fewer x rows leave registers for more weight rows side by side.
       switch (std::min<int64_t>(kMaxTileRows, x.rows() - i0)) {
         case 8:
-          tile_row_range<F, 1, 8>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 1, 8>(w, x, i0, begin, end, y);
           break;
         case 7:
-          tile_row_range<F, 1, 7>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 1, 7>(w, x, i0, begin, end, y);
           break;
         case 6:
-          tile_row_range<F, 1, 6>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 1, 6>(w, x, i0, begin, end, y);
           break;
         case 5:
-          tile_row_range<F, 1, 5>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 1, 5>(w, x, i0, begin, end, y);
           break;
         case 4:
-          tile_row_range<F, 2, 4>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 2, 4>(w, x, i0, begin, end, y);
           break;
         case 3:
-          tile_row_range<F, 2, 3>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 2, 3>(w, x, i0, begin, end, y);
           break;
         case 2:
-          tile_row_range<F, 4, 2>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 4, 2>(w, x, i0, begin, end, y);
           break;
         default:
-          tile_row_range<F, 4, 1>(w, x, i0, begin, end, y);
+          tile_row_range<F, kVnni, 4, 1>(w, x, i0, begin, end, y);
           break;
       }
     }
@@ -379,10 +405,10 @@ void gemm_avx2(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_
 }
 #endif  // XQ_GEMM_AVX2
 
-template <class F>
+template <class F, bool kVnni>
 void gemm(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end, float* y) {
 #if XQ_GEMM_AVX2
-  gemm_avx2<F>(w, x, row_begin, row_end, y);
+  gemm_avx2<F, kVnni>(w, x, row_begin, row_end, y);
 #else
   gemm_scalar<F>(w, x, row_begin, row_end, y);
 #endif
@@ -506,7 +532,15 @@ template <class F>
 struct Default {
   static void run(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end,
                   float* y) {
-    gemm<F>(w, x, row_begin, row_end, y);
+    gemm<F, true>(w, x, row_begin, row_end, y);
+  }
+};
+
+template <class F>
+struct WithoutVnni {
+  static void run(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end,
+                  float* y) {
+    gemm<F, false>(w, x, row_begin, row_end, y);
   }
 };
 
@@ -521,5 +555,19 @@ void q8_gemm(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t 
   dispatch<Scalar>(w, x, row_begin, row_end, y);
 }
 }  // namespace portable
+
+namespace without_vnni {
+void q8_gemm(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end, float* y) {
+  dispatch<WithoutVnni>(w, x, row_begin, row_end, y);
+}
+}  // namespace without_vnni
+
+bool q8_gemm_uses_vnni() {
+#if XQ_GEMM_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
 
 }  // namespace xq::cpu

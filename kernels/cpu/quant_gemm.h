@@ -71,4 +71,12 @@ namespace portable {
 void q8_gemm(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end, float* y);
 }  // namespace portable
 
+// Where the build has VNNI (AVX512-VNNI with VL, or AVX-VNNI), q8_gemm forms
+// the integer lane sums with dpbusd; these are exact, so the bits equal the
+// plain AVX2 kernel's. That kernel, even in such builds, for the tests:
+namespace without_vnni {
+void q8_gemm(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int64_t row_end, float* y);
+}  // namespace without_vnni
+bool q8_gemm_uses_vnni();
+
 }  // namespace xq::cpu
