@@ -157,11 +157,10 @@ TEST(MatmulBatch, RowsAreBitwiseIndependentOfBatch) {
 // So |kernel - reference| <= (L + 2) u M + u sum|w_k x^_k| (to first order;
 // the + 3 below instead of + 2 covers the second-order terms).
 //
-// F32 / F16 / BF16: eight fp32 chains of fma's over k (lane l takes k = l mod
-// 8), then 3 levels of additions: ceil(cols / 8) + 3 roundings, each at most
-// u times a partial sum bounded by sum|w_k x_k|, so (ceil(cols / 8) + 3) u
-// sum|w_k x_k| to first order; cols u sum|w_k x_k| (the bound of a plain
-// recursive sum) covers it with room to spare for cols >= 8.
+// F32 / F16 / BF16: the kernel is exactly the fp32 chain s = fma(x_k, w_k, s)
+// over k in order (checked bit for bit with std::fma), and so within
+// cols * u * sum|w_k x_k| of the double sum (the classic bound for a
+// recursive sum of cols terms).
 double block_offset(TensorType type, const uint8_t* block) {
   uint16_t bits;
   std::memcpy(&bits, block, 2);
@@ -198,12 +197,14 @@ TEST(MatmulBatch, MatchesDoubleReference) {
         for (int64_t r = 0; r < rows; ++r) {
           cpu::dequantize_row(type, m.w.row(r), w.data(), cols);
           double reference = 0, magnitude = 0, chain_magnitude = 0;
+          float chain = 0;
           for (int64_t k = 0; k < cols; ++k) {
             const double xk = int8 ? static_cast<double>(prepared.block_terms()[2 * (k / 32)]) *
                                          prepared.quants()[k]
                                    : xi[k];
             reference += w[k] * xk;
             magnitude += std::fabs(w[k] * xk);
+            chain = std::fma(xi[k], w[k], chain);
             if (int8) {
               const double o = block_offset(type, m.w.row(r) + k / 32 * t.block_bytes);
               chain_magnitude += (std::fabs(w[k] - o) + std::fabs(o)) * std::fabs(xk);
@@ -215,6 +216,7 @@ TEST(MatmulBatch, MatchesDoubleReference) {
             const double lanes_chain = 2 * std::ceil(static_cast<double>(cols / 32) / 2) + 3;
             bound = (lanes_chain + 3) * kUnitRoundoff * chain_magnitude + kUnitRoundoff * magnitude;
           } else {
+            EXPECT_EQ(got, chain) << tensor_type_name(type) << ": not the fp32 fma chain";
             bound = static_cast<double>(cols) * kUnitRoundoff * magnitude;
           }
           EXPECT_LE(std::fabs(got - reference), bound)

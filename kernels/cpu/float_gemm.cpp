@@ -1,15 +1,15 @@
 // fp32 GEMM with a fixed summation order per element (see float_gemm.h).
 //
-// Tiling, in plain words: both operands keep k contiguous (rows of W and rows
-// of x), so a tile is a set of dot products: J weight rows by R x rows, J * R
-// accumulators of 8 lanes. Each step of k loads 8 values of each of the J
-// weight rows and of the R x rows once and does J * R fma's. A full tile is
-// 3 weight rows by 4 x rows (12 accumulators, 3 weight vectors: 15 of the 16
-// registers); fewer x rows (all of decode) take more weight rows side by side
-// so that enough independent fma's are in flight. Weight rows are walked in
-// chunks that stay in L1 while every tile of x passes over them. Nothing is
-// packed: decode streams W once, as a matrix-vector product should. Weights
-// that are neither F32 nor F16 are dequantized a chunk of rows at a time.
+// Tiling, in plain words: the weight rows are taken 16 at a time (a panel).
+// For each range of up to 256 values of k, the panel's weights are copied
+// transposed into a small buffer (panel[k][16], 16 KB, which stays in L1), so
+// that one step of k is two vectors of 16 weights. Every row of x then passes
+// over the panel in tiles of 6 rows: 12 accumulators of 8 lanes, each lane
+// one output element; per step of k each row's x[k] is broadcast and
+// multiplied into both vectors. Between ranges of k the running sums go to y
+// and come back unchanged, so an element's chain of fma's is the same whether
+// k was cut or not, and the same in every tile shape (a short last tile of x,
+// a panel padded with zero rows) and in the scalar code.
 #include "kernels/cpu/float_gemm.h"
 
 #include <algorithm>
@@ -27,7 +27,9 @@
 namespace xq::cpu {
 namespace {
 
-constexpr int64_t kChunkRows = 24;  // weight rows per chunk (a multiple of 3, 4, 6, 8)
+constexpr int kPanelRows = 16;
+constexpr int64_t kDepth = 256;  // values of k per packed panel
+constexpr int kTileRows = 6;     // rows of x per tile
 
 inline uint16_t load_u16(const uint8_t* p) {
   uint16_t v;
@@ -35,185 +37,260 @@ inline uint16_t load_u16(const uint8_t* p) {
   return v;
 }
 
-// Rows as the kernels read them: F32 and F16 in place, the rest dequantized.
-struct Rows {
-  const uint8_t* data;
-  size_t stride;
-  bool half;  // fp16 values, else fp32
-};
-
-inline float value_at(const Rows& rows, int64_t r, int64_t k) {
-  const uint8_t* row = rows.data + static_cast<size_t>(r) * rows.stride;
-  if (rows.half) return fp16_to_fp32(load_u16(row + 2 * k));
-  float v;
-  std::memcpy(&v, row + 4 * k, sizeof(v));
-  return v;
+inline void prefetch_line(const uint8_t* p) {
+#if XQ_FLOAT_GEMM_AVX2
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  (void)p;
+#endif
 }
 
-// Reduction shared by every path.
-inline float reduce_lanes(const float* a) {
-  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+// Weights that are neither F32 nor F16 are dequantized a panel at a time.
+bool read_directly(TensorType type) {
+  return type == TensorType::kF32 || type == TensorType::kF16;
 }
 
-// One element, lane by lane: what a build without AVX2 runs, and the same
-// float operations in the same order as the vector tile.
-float element_scalar(const Rows& w, int64_t r, const float* x, int64_t cols) {
-  float acc[8] = {};
-  for (int64_t k0 = 0; k0 < cols; k0 += 8) {
-    for (int lane = 0; lane < 8; ++lane) {
-      const int64_t k = k0 + lane;
-      const float wk = k < cols ? value_at(w, r, k) : 0.0f;
-      const float xk = k < cols ? x[k] : 0.0f;
-      acc[lane] = std::fma(xk, wk, acc[lane]);
-    }
+// Weight (row r, column k) as fp32, for F32 / F16 in place or from the rows
+// dequantized into `dequantized` (row r - first at (r - first) * cols).
+inline float weight_at(const WeightMatrix& w, const float* dequantized, int64_t first, int64_t r,
+                       int64_t k) {
+  if (w.type == TensorType::kF32) {
+    float v;
+    std::memcpy(&v, w.row(r) + 4 * k, sizeof(v));
+    return v;
   }
-  return reduce_lanes(acc);
-}
-
-void rows_scalar(const Rows& w, int64_t first, int64_t count, const float* x, int64_t n,
-                 int64_t cols, float* y, int64_t ldy) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t r = 0; r < count; ++r) y[i * ldy + r] = element_scalar(w, r, x + i * cols, cols);
-  }
-  (void)first;
+  if (w.type == TensorType::kF16) return fp16_to_fp32(load_u16(w.row(r) + 2 * k));
+  return dequantized[(r - first) * w.cols + k];
 }
 
 #if XQ_FLOAT_GEMM_AVX2
-inline __m256 load8(const Rows& w, int64_t r, int64_t k) {
-  const uint8_t* row = w.data + static_cast<size_t>(r) * w.stride;
-  if (w.half) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
-  }
-  return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+// In place: rows become columns of the 8 x 8 block.
+inline void transpose8(__m256 (&v)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
 }
 
-// The last, partial group of 8 values of k, zero-padded (never read past).
-inline __m256 load_tail(const Rows& w, int64_t r, int64_t k, int64_t count) {
-  alignas(32) float v[8] = {};
-  for (int64_t t = 0; t < count; ++t) v[t] = value_at(w, r, k + t);
-  return _mm256_load_ps(v);
-}
+#endif
 
-inline __m256 load_x_tail(const float* x, int64_t count) {
-  alignas(32) float v[8] = {};
-  std::memcpy(v, x, static_cast<size_t>(count) * sizeof(float));
-  return _mm256_load_ps(v);
-}
-
-// {reduce(a), reduce(b), reduce(c), reduce(d)} in reduce_lanes' order.
-inline __m128 reduce4(__m256 a, __m256 b, __m256 c, __m256 d) {
-  const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
-}
-
-// Decode's weight rows are read once, J side by side; tiles of one or two x
-// rows prefetch them this far ahead.
-constexpr int64_t kPrefetchDistance = 2048;
-
-// Weight rows [r, r + J) times x rows [0, R) (ldx apart) into y (row i at
-// y + i * ldy, column j at + j).
-template <int J, int R>
-void tile(const Rows& w, int64_t r, const float* x, int64_t ldx, int64_t cols, float* y,
-          int64_t ldy) {
-  __m256 acc[J][R];
-  for (int j = 0; j < J; ++j) {
-    for (int i = 0; i < R; ++i) acc[j][i] = _mm256_setzero_ps();
-  }
-  const int64_t element_bytes = w.half ? 2 : 4;
-  int64_t k = 0;
-  for (; k + 8 <= cols; k += 8) {
-    __m256 wv[J];
-    for (int j = 0; j < J; ++j) {
-      if constexpr (R <= 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(w.data + (r + j) * w.stride + k * element_bytes +
-                                                   kPrefetchDistance),
-                     _MM_HINT_T0);
+// panel[p * 16 + c] = weight (first + c, k0 + p) for p < depth, c < 16; rows
+// at or past first + count are zero.
+#if XQ_FLOAT_GEMM_AVX2
+// The vector part of the pack for one source format (0: fp32 rows at a
+// stride, 1: fp16 rows at a stride), so that the loop holds no branch on the
+// type. `rows[c]` points at row c's value k0; rows past count are zeros.
+template <int kFormat>
+void pack_vector(const uint8_t* const* rows, int count, int64_t depth, float* panel) {
+  for (int64_t p = 0; p + 8 <= depth; p += 8) {
+    for (int group = 0; group < kPanelRows; group += 8) {
+      __m256 v[8];
+      for (int c = 0; c < 8; ++c) {
+        const uint8_t* row = rows[group + c];
+        if (group + c >= count) {
+          v[c] = _mm256_setzero_ps();
+        } else if constexpr (kFormat == 1) {
+          v[c] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * p)));
+        } else {
+          v[c] = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + p);
+        }
       }
-      wv[j] = load8(w, r + j, k);
-    }
-    for (int i = 0; i < R; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-      for (int j = 0; j < J; ++j) acc[j][i] = _mm256_fmadd_ps(xv, wv[j], acc[j][i]);
-    }
-  }
-  if (k < cols) {
-    __m256 wv[J];
-    for (int j = 0; j < J; ++j) wv[j] = load_tail(w, r + j, k, cols - k);
-    for (int i = 0; i < R; ++i) {
-      const __m256 xv = load_x_tail(x + i * ldx + k, cols - k);
-      for (int j = 0; j < J; ++j) acc[j][i] = _mm256_fmadd_ps(xv, wv[j], acc[j][i]);
-    }
-  }
-  const __m256 zero = _mm256_setzero_ps();
-  for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < J; j += 4) {
-      const __m128 sums =
-          reduce4(acc[j][i], j + 1 < J ? acc[j + 1][i] : zero, j + 2 < J ? acc[j + 2][i] : zero,
-                  j + 3 < J ? acc[j + 3][i] : zero);
-      alignas(16) float out[4];
-      _mm_store_ps(out, sums);
-      for (int t = 0; t < 4 && j + t < J; ++t) y[i * ldy + j + t] = out[t];
-    }
-  }
-}
-
-// Weight rows [0, count) of w against x rows [0, R).
-template <int J, int R>
-void tile_rows(const Rows& w, int64_t count, const float* x, int64_t cols, float* y, int64_t ldy) {
-  int64_t r = 0;
-  for (; r + J <= count; r += J) tile<J, R>(w, r, x, cols, cols, y + r, ldy);
-  for (; r < count; ++r) tile<1, R>(w, r, x, cols, cols, y + r, ldy);
-}
-
-void rows_vector(const Rows& w, int64_t count, const float* x, int64_t n, int64_t cols, float* y,
-                 int64_t ldy) {
-  constexpr int64_t kTileRows = 4;
-  for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
-    const float* xs = x + i0 * cols;
-    float* ys = y + i0 * ldy;
-    // Fewer x rows leave registers for more weight rows side by side.
-    switch (std::min(kTileRows, n - i0)) {
-      case 4:
-        tile_rows<3, 4>(w, count, xs, cols, ys, ldy);
-        break;
-      case 3:
-        tile_rows<4, 3>(w, count, xs, cols, ys, ldy);
-        break;
-      case 2:
-        tile_rows<6, 2>(w, count, xs, cols, ys, ldy);
-        break;
-      default:
-        tile_rows<8, 1>(w, count, xs, cols, ys, ldy);
-        break;
+      transpose8(v);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(panel + (p + t) * kPanelRows + group, v[t]);
     }
   }
 }
 #endif
 
 template <bool kVector>
+void pack_panel(const WeightMatrix& w, const float* dequantized, int64_t first, int count,
+                int64_t k0, int64_t depth, float* panel) {
+  int64_t p = 0;
+#if XQ_FLOAT_GEMM_AVX2
+  if constexpr (kVector) {
+    const uint8_t* rows[kPanelRows];
+    for (int c = 0; c < kPanelRows; ++c) {
+      const int64_t r = first + std::min(c, count - 1);
+      if (w.type == TensorType::kF32 || w.type == TensorType::kF16) {
+        rows[c] = w.row(r) + k0 * (w.type == TensorType::kF16 ? 2 : 4);
+      } else {
+        rows[c] = reinterpret_cast<const uint8_t*>(dequantized + (r - first) * w.cols + k0);
+      }
+    }
+    if (w.type == TensorType::kF16) {
+      pack_vector<1>(rows, count, depth, panel);
+    } else {
+      pack_vector<0>(rows, count, depth, panel);
+    }
+    p = depth / 8 * 8;
+  }
+#endif
+  for (; p < depth; ++p) {
+    for (int c = 0; c < kPanelRows; ++c) {
+      panel[p * kPanelRows + c] =
+          c < count ? weight_at(w, dequantized, first, first + c, k0 + p) : 0.0f;
+    }
+  }
+}
+
+#if XQ_FLOAT_GEMM_AVX2
+inline void row_step(const float* a, __m256 b0, __m256 b1, __m256& lo, __m256& hi) {
+  const __m256 av = _mm256_broadcast_ss(a);
+  lo = _mm256_fmadd_ps(av, b0, lo);
+  hi = _mm256_fmadd_ps(av, b1, hi);
+}
+
+// R rows of x (ldx apart, from column k0 already applied) times the panel over
+// `depth` steps into c (R x 16, ldc apart). With `resume` the sums continue
+// from c's values. The accumulators are named variables: GCC keeps an array
+// of vectors on the stack.
+template <int R>
+void tile(int64_t depth, const float* x, int64_t ldx, const float* panel, float* c, int64_t ldc,
+          bool resume) {
+  static_assert(R >= 1 && R <= kTileRows);
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  if (resume) {
+    auto load = [&](int r, __m256& lo, __m256& hi) {
+      lo = _mm256_loadu_ps(c + r * ldc);
+      hi = _mm256_loadu_ps(c + r * ldc + 8);
+    };
+    load(0, c00, c01);
+    if constexpr (R > 1) load(1, c10, c11);
+    if constexpr (R > 2) load(2, c20, c21);
+    if constexpr (R > 3) load(3, c30, c31);
+    if constexpr (R > 4) load(4, c40, c41);
+    if constexpr (R > 5) load(5, c50, c51);
+  }
+  for (int64_t p = 0; p < depth; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(panel + p * kPanelRows);
+    const __m256 b1 = _mm256_loadu_ps(panel + p * kPanelRows + 8);
+    row_step(x + p, b0, b1, c00, c01);
+    if constexpr (R > 1) row_step(x + ldx + p, b0, b1, c10, c11);
+    if constexpr (R > 2) row_step(x + 2 * ldx + p, b0, b1, c20, c21);
+    if constexpr (R > 3) row_step(x + 3 * ldx + p, b0, b1, c30, c31);
+    if constexpr (R > 4) row_step(x + 4 * ldx + p, b0, b1, c40, c41);
+    if constexpr (R > 5) row_step(x + 5 * ldx + p, b0, b1, c50, c51);
+  }
+  auto store = [&](int r, __m256 lo, __m256 hi) {
+    _mm256_storeu_ps(c + r * ldc, lo);
+    _mm256_storeu_ps(c + r * ldc + 8, hi);
+  };
+  store(0, c00, c01);
+  if constexpr (R > 1) store(1, c10, c11);
+  if constexpr (R > 2) store(2, c20, c21);
+  if constexpr (R > 3) store(3, c30, c31);
+  if constexpr (R > 4) store(4, c40, c41);
+  if constexpr (R > 5) store(5, c50, c51);
+}
+
+void tile_rows_vector(int rows, int64_t depth, const float* x, int64_t ldx, const float* panel,
+                      float* c, int64_t ldc, bool resume) {
+  switch (rows) {
+    case 6:
+      return tile<6>(depth, x, ldx, panel, c, ldc, resume);
+    case 5:
+      return tile<5>(depth, x, ldx, panel, c, ldc, resume);
+    case 4:
+      return tile<4>(depth, x, ldx, panel, c, ldc, resume);
+    case 3:
+      return tile<3>(depth, x, ldx, panel, c, ldc, resume);
+    case 2:
+      return tile<2>(depth, x, ldx, panel, c, ldc, resume);
+    default:
+      return tile<1>(depth, x, ldx, panel, c, ldc, resume);
+  }
+}
+#endif
+
+// The same chain per element as the vector tile, one element at a time.
+void tile_rows_scalar(int rows, int64_t depth, const float* x, int64_t ldx, const float* panel,
+                      float* c, int64_t ldc, bool resume) {
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < kPanelRows; ++j) {
+      float sum = resume ? c[r * ldc + j] : 0.0f;
+      for (int64_t p = 0; p < depth; ++p)
+        sum = std::fma(x[r * ldx + p], panel[p * kPanelRows + j], sum);
+      c[r * ldc + j] = sum;
+    }
+  }
+}
+
+template <bool kVector>
+void tile_rows(int rows, int64_t depth, const float* x, int64_t ldx, const float* panel, float* c,
+               int64_t ldc, bool resume) {
+#if XQ_FLOAT_GEMM_AVX2
+  if constexpr (kVector) return tile_rows_vector(rows, depth, x, ldx, panel, c, ldc, resume);
+#endif
+  tile_rows_scalar(rows, depth, x, ldx, panel, c, ldc, resume);
+}
+
+template <bool kVector>
 void float_gemm_with(const WeightMatrix& w, const float* x, int64_t n, int64_t row_begin,
                      int64_t row_end, float* y) {
   // Per thread and grow-only: no allocation once the largest shape was seen.
-  static thread_local std::vector<float> dequantized_buffer;
-  const bool direct = w.type == TensorType::kF32 || w.type == TensorType::kF16;
-  if (!direct && dequantized_buffer.size() < static_cast<size_t>(kChunkRows * w.cols))
-    dequantized_buffer.resize(static_cast<size_t>(kChunkRows * w.cols));
-  for (int64_t first = row_begin; first < row_end; first += kChunkRows) {
-    const int64_t count = std::min(kChunkRows, row_end - first);
-    Rows rows{w.row(first), w.row_bytes, w.type == TensorType::kF16};
+  static thread_local std::vector<float> panel_buffer, dequantized_buffer;
+  std::vector<float>& panel = panel_buffer;
+  if (panel.size() < static_cast<size_t>(kPanelRows * kDepth)) panel.resize(kPanelRows * kDepth);
+  const bool direct = read_directly(w.type);
+  if (!direct && dequantized_buffer.size() < static_cast<size_t>(kPanelRows * w.cols))
+    dequantized_buffer.resize(static_cast<size_t>(kPanelRows * w.cols));
+  const int64_t ldy = w.rows;
+  for (int64_t first = row_begin; first < row_end; first += kPanelRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kPanelRows, row_end - first));
     if (!direct) {
-      for (int64_t c = 0; c < count; ++c)
+      for (int c = 0; c < count; ++c)
         dequantize_row(w.type, w.row(first + c), dequantized_buffer.data() + c * w.cols, w.cols);
-      rows = Rows{reinterpret_cast<const uint8_t*>(dequantized_buffer.data()),
-                  static_cast<size_t>(w.cols) * sizeof(float), false};
     }
-#if XQ_FLOAT_GEMM_AVX2
-    if constexpr (kVector) {
-      rows_vector(rows, count, x, n, w.cols, y + first, w.rows);
-      continue;
+    // The pack reads 16 rows side by side, a short run of each, which the
+    // hardware prefetchers follow poorly; decode would wait on memory. Each
+    // range of k therefore prefetches its share of the next panel's bytes.
+    const int64_t ranges = (w.cols + kDepth - 1) / kDepth;
+    const size_t next_bytes =
+        direct && first + kPanelRows < row_end
+            ? static_cast<size_t>(std::min<int64_t>(kPanelRows, row_end - first - kPanelRows)) *
+                  w.row_bytes
+            : 0;
+    const size_t share = (next_bytes / static_cast<size_t>(ranges) + 63) / 64 * 64;
+    for (int64_t k0 = 0; k0 < w.cols; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, w.cols - k0);
+      const uint8_t* ahead = next_bytes ? w.row(first + kPanelRows) : nullptr;
+      for (size_t offset = static_cast<size_t>(k0 / kDepth) * share;
+           ahead && offset < std::min(next_bytes, static_cast<size_t>(k0 / kDepth + 1) * share);
+           offset += 64)
+        prefetch_line(ahead + offset);
+      pack_panel<kVector>(w, dequantized_buffer.data(), first, count, k0, depth, panel.data());
+      const bool resume = k0 > 0;
+      for (int64_t i0 = 0; i0 < n; i0 += kTileRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTileRows, n - i0));
+        const float* xs = x + i0 * w.cols + k0;
+        float* ys = y + i0 * ldy + first;
+        if (count == kPanelRows) {
+          tile_rows<kVector>(rows, depth, xs, w.cols, panel.data(), ys, ldy, resume);
+        } else {
+          // A panel padded with zero rows: its tile goes through a buffer so
+          // that y's columns past the panel are not written.
+          float partial[kTileRows * kPanelRows] = {};
+          for (int r = 0; r < rows && resume; ++r)
+            std::memcpy(partial + r * kPanelRows, ys + r * ldy, count * sizeof(float));
+          tile_rows<kVector>(rows, depth, xs, w.cols, panel.data(), partial, kPanelRows, resume);
+          for (int r = 0; r < rows; ++r)
+            std::memcpy(ys + r * ldy, partial + r * kPanelRows, count * sizeof(float));
+        }
+      }
     }
-#endif
-    rows_scalar(rows, first, count, x, n, w.cols, y + first, w.rows);
   }
 }
 

@@ -2,11 +2,10 @@
 // directly, the others dequantized row by row), used for every row count n so
 // that a row of y never depends on n or on the other rows of x.
 //
-// Every output element is summed the same way: eight fp32 lanes, lane l
-// running s_l = fma(x[k], w[k], s_l) over k = l, l + 8, l + 16, ... in order
-// (a last partial group of 8 padded with zeros), then the lanes reduced as
-// ((0+1)+(2+3)) + ((4+5)+(6+7)); whatever tile the element lands in and
-// however the weight rows are split across threads.
+// Every output element is one fp32 chain over k in order:
+// s = fma(x[k], w[k], s) from s = 0, k = 0, 1, ..., cols - 1. That is what a
+// scalar loop of std::fma computes, bit for bit, whatever tile the element
+// lands in and however the weight rows are split across threads.
 #pragma once
 
 #include <cstdint>
