@@ -3,6 +3,10 @@
 // run here), and prefill GEMMs against OpenBLAS sgemm alone on the same shapes.
 //
 //   build/bench/bench_engine [--models a.gguf,b.bin] [--prefill 256] [--decode 64]
+//
+// For an fp32 model of SmolLM2's shapes (none is shipped), write one first:
+//   python3 bench/gguf_to_f32.py models/SmolLM2-135M-Instruct.Q4_1.gguf
+//       models/SmolLM2-135M-Instruct.F32.gguf
 #include <cblas.h>
 
 #include <algorithm>
@@ -85,15 +89,21 @@ Speeds measure(const xq::Model& model, int threads, int prefill_tokens, int deco
   return {prefill_tokens / best_prefill, decode_tokens / decode_s, bytes};
 }
 
-// Engine matmul (dequantize + sgemm) against sgemm alone on fp32 copies of the
-// same weights, summed over one layer's shapes plus the output head.
-double prefill_gemm_efficiency(const xq::Model& model, int threads, int n) {
+// Engine matmul against OpenBLAS sgemm alone on fp32 copies of the same
+// weights, over one layer's shapes: time ratio, and GFLOP/s of each (2 n rows
+// cols per matrix; for quantized weights "GFLOP/s-equivalent" of the int8 work).
+struct GemmSpeed {
+  double ratio, ours_gflops, sgemm_gflops;
+};
+
+GemmSpeed prefill_gemm_speed(const xq::Model& model, int threads, int n) {
   xq::cpu::set_thread_count(threads);
   const auto& layer = model.layers()[0];
   std::vector<xq::WeightMatrix> shapes = {layer.wq,     layer.wk,   layer.wv,    layer.wo,
                                           layer.w_gate, layer.w_up, layer.w_down};
-  double ours = 0, reference = 0;
+  double ours = 0, reference = 0, flops = 0;
   for (const auto& w : shapes) {
+    flops += 2.0 * n * static_cast<double>(w.rows) * static_cast<double>(w.cols);
     std::vector<float> x(static_cast<size_t>(n) * w.cols, 0.5f), y(static_cast<size_t>(n) * w.rows);
     std::vector<float> wf(static_cast<size_t>(w.rows) * w.cols);
     for (int64_t r = 0; r < w.rows; ++r) xq::cpu::matrix_row_to_float(w, r, wf.data() + r * w.cols);
@@ -116,7 +126,7 @@ double prefill_gemm_efficiency(const xq::Model& model, int threads, int n) {
     ours += best_ours;
     reference += best_ref;
   }
-  return reference / ours;
+  return {reference / ours, flops / ours / 1e9, flops / reference / 1e9};
 }
 
 }  // namespace
@@ -150,18 +160,20 @@ int main(int argc, char** argv) {
               bandwidth[1] / 1e9, bandwidth[2] / 1e9);
   std::printf(
       "| model | threads | prefill tok/s | decode tok/s | decode bytes/token | decode GB/s | of "
-      "copy bandwidth | prefill GEMM vs sgemm |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
+      "copy bandwidth | prefill GEMM vs sgemm | GEMM GFLOP/s (ours / sgemm) |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (const std::string& path : xq::bench::split_commas(models)) {
     try {
       auto model = xq::Model::load(path);
       for (int threads : {1, 2}) {
         Speeds s = measure(*model, threads, prefill, decode);
-        double efficiency = prefill_gemm_efficiency(*model, threads, prefill);
+        GemmSpeed gemm = prefill_gemm_speed(*model, threads, prefill);
         double achieved = s.decode_bytes_per_token * s.decode_tps;
-        std::printf("| %s | %d | %.1f | %.1f | %.2f MB | %.2f | %.0f%% | %.0f%% |\n", path.c_str(),
-                    threads, s.prefill_tps, s.decode_tps, s.decode_bytes_per_token / 1e6,
-                    achieved / 1e9, 100.0 * achieved / bandwidth[threads], 100.0 * efficiency);
+        std::printf("| %s | %d | %.1f | %.1f | %.2f MB | %.2f | %.0f%% | %.0f%% | %.1f / %.1f |\n",
+                    path.c_str(), threads, s.prefill_tps, s.decode_tps,
+                    s.decode_bytes_per_token / 1e6, achieved / 1e9,
+                    100.0 * achieved / bandwidth[threads], 100.0 * gemm.ratio, gemm.ours_gflops,
+                    gemm.sgemm_gflops);
         std::fflush(stdout);
       }
     } catch (const xq::Error& e) {

@@ -48,7 +48,7 @@ TEST(MatmulPaths, Int8DecodeWithinItsRoundingBoundOfFp32) {
       cpu::dequantize_row(type, data.data() + r * row_bytes, w.data() + r * cols, cols);
     }
     const WeightMatrix matrix{type, data.data(), rows, cols, row_bytes};
-    for (int64_t n : {1, 5}) {  // the dot-product path (at most 8 rows)
+    for (int64_t n : {1, 5, 20}) {  // the int8 path takes every n: a short tile, a full one
       std::vector<float> x(static_cast<size_t>(n * cols));
       for (float& v : x) v = normal(rng);
       x[7] = 25.0f;  // an outlier: its block's scale is large

@@ -1,7 +1,7 @@
 // cpu::matmul on a column slice of a larger matrix (data at the first column's
 // block, cols = slice width, row_bytes of the full row), as tensor parallelism
 // cuts Wo and down: the same bits as the slice copied into a packed matrix,
-// on the decode (dot product) path and the prefill (sgemm) path.
+// for one row of x, a short tile of rows and several tiles.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -34,7 +34,7 @@ TEST(MatmulSlice, ColumnSliceWithFullRowStrideEqualsPackedCopy) {
     }
     WeightMatrix sliced{type, full.data() + offset, rows, width, row_bytes};
     WeightMatrix copy{type, packed.data(), rows, width, slice_row_bytes};
-    for (int64_t n : {1, 3, 20}) {  // dot products, and the sgemm path from 9 rows on
+    for (int64_t n : {1, 3, 20}) {
       std::vector<float> x(static_cast<size_t>(n * width));
       for (float& v : x) v = normal(rng);
       std::vector<float> a(static_cast<size_t>(n * rows)), b(a.size());

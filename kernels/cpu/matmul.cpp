@@ -1,21 +1,17 @@
 #include "kernels/cpu/matmul.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
 
+#include "kernels/cpu/float_gemm.h"
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/quant_gemm.h"
 #include "kernels/cpu/thread_pool.h"
 
 namespace xq::cpu {
 namespace {
-
-// Below this many rows of x, reading W once per row of x costs less than
-// dequantizing it for a GEMM.
-constexpr int64_t kMaxRowsForDotPath = 8;
 
 std::atomic<MatmulPath> path_in_use{MatmulPath::kAuto};
 
@@ -54,23 +50,21 @@ void matrix_row_to_float(const WeightMatrix& w, int64_t r, float* dst) {
 }
 
 void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
+  if (n <= 0 || w.rows <= 0) return;
+  // Threads split the rows of W (columns of y), never k: which thread or tile
+  // computes an element does not change its sum.
+  constexpr int64_t kRowsPerThread = 16;
   const MatmulPath path = matmul_path();
-  if (n <= kMaxRowsForDotPath && path == MatmulPath::kAuto) {
-    // Workers must see the caller's buffers, not their own thread_local copies.
-    static thread_local std::vector<QuantizedActivations> prepared_by_caller;
-    std::vector<QuantizedActivations>& prepared = prepared_by_caller;
-    if (static_cast<int64_t>(prepared.size()) < n) prepared.resize(n);
-    for (int64_t t = 0; t < n; ++t)
-      quantize_activations(w.type, x + t * w.cols, w.cols, prepared[t]);
+  if (path == MatmulPath::kAuto && has_q8_gemm(w.type)) {
+    // Workers must see the caller's buffer, not their own thread_local copy.
+    static thread_local Q8Rows prepared_by_caller;
+    Q8Rows& prepared = prepared_by_caller;
+    prepared.reset(w.type, n, w.cols);
     parallel_for(
-        w.rows,
-        [&](int64_t begin, int64_t end) {
-          for (int64_t t = 0; t < n; ++t) {
-            dot_rows(w.type, w.row(begin), w.row_bytes, end - begin, prepared[t], w.cols,
-                     y + t * w.rows + begin);
-          }
-        },
-        16);
+        n, [&](int64_t begin, int64_t end) { prepared.quantize(x, begin, end); }, 4);
+    parallel_for(
+        w.rows, [&](int64_t begin, int64_t end) { q8_gemm(w, prepared, begin, end, y); },
+        kRowsPerThread);
     return;
   }
   static thread_local std::vector<float> rounded_by_caller;
@@ -79,52 +73,9 @@ void matmul(const WeightMatrix& w, const float* x, int64_t n, float* y) {
     round_as_q8(x, n, w.cols, rounded_by_caller.data());
     x = rounded_by_caller.data();
   }
-  if (n <= kMaxRowsForDotPath) {
-    // fp32 x with few rows (kFloat, kFloatRoundedAsQ8): each weight row
-    // dequantized into a buffer that stays in L1 and dotted in fp32, rather
-    // than the whole of W dequantized for one GEMM.
-    parallel_for(
-        w.rows,
-        [&](int64_t begin, int64_t end) {
-          std::vector<float> buffer(w.type == TensorType::kF32 ? 0 : static_cast<size_t>(w.cols));
-          for (int64_t r = begin; r < end; ++r) {
-            const float* row = reinterpret_cast<const float*>(w.row(r));
-            if (w.type != TensorType::kF32) {
-              dequantize_row(w.type, w.row(r), buffer.data(), w.cols);
-              row = buffer.data();
-            }
-            for (int64_t t = 0; t < n; ++t)
-              y[t * w.rows + r] = cblas_sdot(static_cast<int>(w.cols), row, 1, x + t * w.cols, 1);
-          }
-        },
-        16);
-    return;
-  }
-  // OpenBLAS runs single-threaded (see thread_pool.cpp); each of our threads
-  // dequantizes its own slice of W's rows and multiplies it, so one pool owns
-  // the cores and no two sets of threads spin against each other.
-  static thread_local std::vector<float> dequantized_by_caller;
-  std::vector<float>& dequantized = dequantized_by_caller;
-  if (w.type != TensorType::kF32) dequantized.resize(static_cast<size_t>(w.rows * w.cols));
-  // fp32 weights are used in place with their row stride, which is larger than
-  // cols for a column slice (tensor parallelism); dequantized ones are packed.
-  const int ldw = w.type == TensorType::kF32 ? static_cast<int>(w.row_bytes / sizeof(float))
-                                             : static_cast<int>(w.cols);
   parallel_for(
-      w.rows,
-      [&](int64_t begin, int64_t end) {
-        const float* slice = reinterpret_cast<const float*>(w.row(begin));
-        if (w.type != TensorType::kF32) {
-          for (int64_t r = begin; r < end; ++r)
-            dequantize_row(w.type, w.row(r), dequantized.data() + r * w.cols, w.cols);
-          slice = dequantized.data() + begin * w.cols;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n),
-                    static_cast<int>(end - begin), static_cast<int>(w.cols), 1.0f, x,
-                    static_cast<int>(w.cols), slice, ldw, 0.0f, y + begin,
-                    static_cast<int>(w.rows));
-      },
-      64);
+      w.rows, [&](int64_t begin, int64_t end) { float_gemm(w, x, n, begin, end, y); },
+      kRowsPerThread);
 }
 
 }  // namespace xq::cpu
