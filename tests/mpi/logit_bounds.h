@@ -225,8 +225,10 @@ inline void print_rank0(const std::string& line) {
 // reference's own int8 noise at the step plus kRedraws E plus the fp32 bound;
 // the parallel engine's own int8 noise within kRedraws E. The reference runs
 // on rank 0 alone and is broadcast (ranks may outnumber cores, and the fp32
-// paths dequantize every weight). Both engines need 4 sequences and room for
-// prompt + steps tokens.
+// paths dequantize every weight). Prefill rows take the int8 path as decode
+// does (one path for every row count), so each is held to the reference's own
+// int8 noise at that row plus kRedraws E plus the fp32 bound. Both engines
+// need 4 sequences and room for prompt + steps tokens.
 inline void expect_int8_decode_within_bounds(Engine& reference, Engine& parallel,
                                              const std::vector<int32_t>& prompt, int steps,
                                              const std::string& what) {
@@ -241,15 +243,21 @@ inline void expect_int8_decode_within_bounds(Engine& reference, Engine& parallel
   const size_t rows = static_cast<size_t>(steps + 1) * vocab;
   std::vector<float> ref_fp32(rows), ref_q8(rows), ref_int8(rows);
   std::vector<float> ref_rows(static_cast<size_t>(n) * vocab), ours_rows(ref_rows.size());
+  std::vector<float> ref_rows_fp32(ref_rows.size());
   if (root) {
     ref_fp32 = forced_rows(reference, 0, all, n0, vocab, MatmulPath::kFloat);
     ref_q8 = forced_rows(reference, 1, all, n0, vocab, MatmulPath::kFloatRoundedAsQ8);
     ref_int8 = forced_rows(reference, 2, all, n0, vocab, MatmulPath::kAuto);
-    // Prefill: every row of all n tokens in one pass (more than 8 rows: fp32).
+    // Prefill: every row of all n tokens in one pass, as in production and
+    // with fp32 activations (the row's own int8 noise).
     reference.truncate(3, 0);
     reference.forward(3, all.data(), n, 0, ref_rows.data(), 0);
+    MatmulPathScope fp32_activations(MatmulPath::kFloat);
+    reference.truncate(3, 0);
+    reference.forward(3, all.data(), n, 0, ref_rows_fp32.data(), 0);
   }
-  for (std::vector<float>* v : {&ref_fp32, &ref_q8, &ref_int8, &ref_rows}) broadcast_from_rank0(*v);
+  for (std::vector<float>* v : {&ref_fp32, &ref_q8, &ref_int8, &ref_rows, &ref_rows_fp32})
+    broadcast_from_rank0(*v);
   const std::vector<float> ours_fp32 = forced_rows(parallel, 0, all, n0, vocab, MatmulPath::kFloat);
   const std::vector<float> ours_int8 = forced_rows(parallel, 2, all, n0, vocab, MatmulPath::kAuto);
   parallel.forward(3, all.data(), n, 0, ours_rows.data(), 0);
@@ -260,7 +268,10 @@ inline void expect_int8_decode_within_bounds(Engine& reference, Engine& parallel
   const float fp32 = fp32_bound(floor);
 
   LogitComparison prefill(what + " prefill");
-  prefill.add_rows(ref_rows, ours_rows, vocab, fp32);
+  const std::vector<float> prefill_noise = row_diffs(ref_rows, ref_rows_fp32, vocab);
+  for (size_t r = 0; r < prefill_noise.size(); ++r)
+    prefill.add(static_cast<int>(r), &ref_rows[r * vocab], &ours_rows[r * vocab], vocab,
+                prefill_noise[r] + kRedraws * floor + fp32);
   EXPECT_TRUE(prefill.ok());
   LogitComparison decode_fp32(what + " fp32 decode");
   decode_fp32.add_rows(ref_fp32, ours_fp32, vocab, fp32);
