@@ -45,7 +45,7 @@ void check_accounting(const Model& model, const std::string& mode) {
       cache->append(0, layer, length, n, x.data(), k.data(), v.data());
     length = target;
     const double formula = static_cast<double>(cache->bytes_for_tokens(length));
-    const double held = static_cast<double>(cache->bytes_in_use());
+    const double held = static_cast<double>(cache->payload_bytes());
     EXPECT_NEAR(held, formula, 0.01 * formula) << mode << " after " << length << " tokens";
   }
   // With whole groups only (1024 = 8 x 128) the formula is bytes_per_token x n.
