@@ -367,6 +367,36 @@ TEST_P(CachePool, TruncateThenAppendEqualsAFreshRun) {
   }
 }
 
+// Truncating inside a quantized per-channel group puts its decoded head back
+// in the fp16 window, which needs window pages: from a full pool that is
+// PoolExhausted with the cache unchanged; a cut at a group edge needs none.
+TEST(CachePoolTruncate, DecodedHeadNeedsWindowPages) {
+  auto model = Model::load(testing::shared_path("models/stories260K.bin"));
+  const ModelConfig& c = model->config();
+  std::vector<float> rope(static_cast<size_t>(kMaxTokens) * c.rope_dim);
+  cpu::rope_table(rope.data(), kMaxTokens, c.rope_dim, c.rope_theta);
+  CacheOptions options;
+  options.mode = "kivi-2";
+  options.max_tokens = kMaxTokens;
+  options.rope_cos_sin = rope.data();
+  const size_t block = make_cache(*model, options)->block_bytes();
+  options.pool_bytes = 2 * block;  // two groups, no room for a window
+  auto cache = make_cache(*model, options);
+  run_step(c, {cache.get()}, 0, 5, 0, 256);
+  ASSERT_EQ(cache->free_blocks(), 0);
+  const size_t payload = cache->payload_bytes();
+  EXPECT_THROW(cache->truncate(0, 200), PoolExhausted);
+  EXPECT_EQ(cache->length(0), 256);
+  EXPECT_EQ(cache->payload_bytes(), payload);
+  EXPECT_EQ(cache->free_blocks(), 0);
+  cache->truncate(0, 128);  // a group edge: gives one block back
+  EXPECT_EQ(cache->free_blocks(), 1);
+  EXPECT_EQ(cache->length(0), 128);
+  cache->truncate(0, 50);  // the freed block becomes the window page
+  EXPECT_EQ(cache->free_blocks(), 0);
+  EXPECT_EQ(cache->total_blocks() - cache->free_blocks(), cache->blocks_for_tokens(50));
+}
+
 INSTANTIATE_TEST_SUITE_P(Table, CachePool, ::testing::ValuesIn(testing::table_mode_names()),
                          testing::mode_test_name);
 
