@@ -6,6 +6,7 @@
 // continuous batching and sequence sharding can sit on the same interface.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -14,6 +15,7 @@
 
 #include "kernels/cpu/attention.h"
 #include "kernels/error.h"
+#include "runtime/block_pool.h"
 #include "runtime/model.h"
 
 namespace xq {
@@ -103,33 +105,47 @@ class AttentionCache {
   // Bytes one sequence of `tokens` tokens takes by the formula, including the
   // fp16 window of tokens still waiting for their group.
   virtual size_t bytes_for_tokens(int32_t tokens) const = 0;
-  // Bytes the cache's stored tokens really occupy now, counted as they are
-  // written (codes, parameters, window), not from the formula.
-  virtual size_t bytes_in_use() const = 0;
+  // Bytes of the pool's blocks the sequences hold now: held blocks x
+  // block_bytes(), what the budget pays for. At most total_blocks() x
+  // block_bytes() <= the budget.
+  size_t bytes_in_use() const {
+    return static_cast<size_t>(total_blocks() - free_blocks()) * block_bytes();
+  }
+  // Bytes of the stored tokens as written (codes, parameters, fp16 window,
+  // accumulator rows), counted at each write: what bytes_for_tokens() predicts.
+  virtual size_t payload_bytes() const = 0;
 
   // The block pool (docs/design.md, "The cache pool"). Storage is cut into
   // blocks of kBlockTokens token positions; a sequence takes blocks as it
   // grows and gives them back on truncate()/release().
   static constexpr int32_t kBlockTokens = 128;
-  // Bytes of one block of the pool (every layer and stream this cache holds).
+  // Bytes of one block of the pool: 128 token positions of every layer and
+  // stream this cache holds; fp16 window pages have the same size.
   virtual size_t block_bytes() const = 0;
   virtual int32_t total_blocks() const = 0;
   virtual int32_t free_blocks() const = 0;
   virtual int32_t sequences() const = 0;
   // Blocks a sequence of `tokens` tokens holds in this cache (its shard's
-  // part under sequence sharding): a function of the count alone, so a
-  // scheduler can keep its own ledger.
+  // part under sequence sharding) once every layer has them: a function of
+  // the count alone, so a scheduler can keep its own ledger. One block per
+  // 128-token group begun, plus, in modes with per-channel streams, the
+  // window pages of the tokens past the last whole group.
   virtual int32_t blocks_for_tokens(int32_t tokens) const = 0;
+  // The most blocks a sequence holds while one step (each layer appended
+  // once) takes it from `from` to `to` tokens: blocks_for_tokens(to), except
+  // where a per-channel window shrinks while new groups begin, and the layers
+  // not yet past the step still keep the old window's pages.
+  virtual int32_t blocks_for_step(int32_t from, int32_t to) const {
+    return std::max(blocks_for_tokens(from), blocks_for_tokens(to));
+  }
   // Gives every block of `seq` back to the pool (truncate(seq, 0)).
   void release(int32_t seq) { truncate(seq, 0); }
 };
 
-// Thrown by append() when the pool has no block for the new tokens; the cache
-// is left as it was before the call.
-class PoolExhausted : public Error {
- public:
-  using Error::Error;
-};
+// PoolExhausted (runtime/block_pool.h) is thrown by append() when the pool
+// has no block for the new tokens, and by truncate() inside a quantized
+// per-channel group whose decoded head needs window pages the pool lacks; the
+// cache is left as it was before the call.
 
 // Makes a cache of the named mode (a row of runtime/cache_mode.h) for `model`.
 // Throws xq::Error on an unknown mode or options the mode does not take.

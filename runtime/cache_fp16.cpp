@@ -34,18 +34,29 @@ Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
       rope_cos_sin_(options.rope_cos_sin) {
   if (max_tokens_ <= 0 || sequences_ <= 0) throw Error("fp16 cache: capacity must be positive");
   if (!rope_cos_sin_) throw Error("fp16 cache: no RoPE table");
-  capacity_ = shard_.owned_before(max_tokens_);
-  block_elems_ = static_cast<size_t>(config.n_kv_heads) * capacity_ * config.head_dim;
-  storage_.resize(block_elems_ * 2 * config.n_layers * sequences_);
+  head_elems_ = static_cast<size_t>(kBlockTokens) * config.head_dim;
+  // A block: per layer, K then V, each (kv_heads, 128, head_dim) fp16.
+  const size_t bytes =
+      round_up(head_elems_ * config.n_kv_heads * 2 * config.n_layers * sizeof(uint16_t),
+               BlockPool::kAlignment);
+  pool_ = BlockPool(bytes, blocks_in_budget(options.pool_bytes, bytes,
+                                            sequences_ * blocks_for_tokens(max_tokens_)));
+  tables_.resize(sequences_);
+  layer_lengths_.assign(static_cast<size_t>(sequences_) * config.n_layers, 0);
   lengths_.assign(sequences_, 0);
 }
 
-uint16_t* Fp16KvCache::keys(int32_t seq, int32_t layer) {
-  return storage_.data() + (static_cast<size_t>(seq) * config_.n_layers + layer) * 2 * block_elems_;
+const uint16_t* Fp16KvCache::keys(int32_t block, int32_t layer) const {
+  return reinterpret_cast<const uint16_t*>(pool_.block(block)) +
+         static_cast<size_t>(layer) * 2 * config_.n_kv_heads * head_elems_;
 }
 
-uint16_t* Fp16KvCache::values(int32_t seq, int32_t layer) {
-  return keys(seq, layer) + block_elems_;
+uint16_t* Fp16KvCache::keys(int32_t block, int32_t layer) {
+  return const_cast<uint16_t*>(static_cast<const Fp16KvCache*>(this)->keys(block, layer));
+}
+
+const uint16_t* Fp16KvCache::values(int32_t block, int32_t layer) const {
+  return keys(block, layer) + config_.n_kv_heads * head_elems_;
 }
 
 void Fp16KvCache::check(int32_t seq, int32_t pos0, int32_t n) const {
@@ -56,12 +67,31 @@ void Fp16KvCache::check(int32_t seq, int32_t pos0, int32_t n) const {
                 ") exceed the cache capacity of " + std::to_string(max_tokens_) + " tokens");
 }
 
+void Fp16KvCache::fit_table(int32_t seq) {
+  const int32_t* held = layer_lengths_.data() + static_cast<size_t>(seq) * config_.n_layers;
+  const int32_t longest = *std::max_element(held, held + config_.n_layers);
+  resize_table(pool_, tables_[seq], blocks_for_tokens(longest), 0);
+}
+
 void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, const float*,
                          const float* k, const float* v) {
   check(seq, pos0, n);
+  int32_t* held = layer_lengths_.data() + static_cast<size_t>(seq) * config_.n_layers;
+  if (pos0 > held[layer])
+    throw Error("cache: position " + std::to_string(pos0) + " leaves a gap after the " +
+                std::to_string(held[layer]) + " tokens of sequence " + std::to_string(seq));
+  BlockTable& table = tables_[seq];
+  const int32_t groups = blocks_for_tokens(pos0 + n);
+  if (pos0 == 0 && held[layer] > 0) {
+    // A new sequence in the slot: its blocks go back first (the check in
+    // resize_table counts them as free), every layer starts over.
+    resize_table(pool_, table, groups, 0);
+    std::fill(held, held + config_.n_layers, 0);
+    lengths_[seq] = 0;
+  } else if (groups > static_cast<int32_t>(table.groups.size())) {
+    resize_table(pool_, table, groups, 0);  // throws before anything is written
+  }
   const int32_t hd = config_.head_dim, kv_dim = config_.kv_dim();
-  uint16_t* key_block = keys(seq, layer);
-  uint16_t* value_block = values(seq, layer);
   rotated_.assign(k, k + static_cast<size_t>(n) * kv_dim);
   positions_.resize(n);
   for (int32_t i = 0; i < n; ++i) positions_[i] = pos0 + i;
@@ -70,19 +100,28 @@ void Fp16KvCache::append(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   for (int32_t i = 0; i < n; ++i) {
     if (!shard_.owns(pos0 + i)) continue;  // another shard's token
     const int32_t slot = shard_.owned_before(pos0 + i);
+    uint16_t* key_block = keys(table.groups[slot / kBlockTokens], layer);
+    uint16_t* value_block = key_block + config_.n_kv_heads * head_elems_;
     for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
-      size_t at = (static_cast<size_t>(g) * capacity_ + slot) * hd;
+      const size_t at = g * head_elems_ + static_cast<size_t>(slot % kBlockTokens) * hd;
       cpu::fp32_to_fp16_row(rotated_.data() + static_cast<size_t>(i) * kv_dim + g * hd,
                             key_block + at, hd);
       cpu::fp32_to_fp16_row(v + static_cast<size_t>(i) * kv_dim + g * hd, value_block + at, hd);
     }
   }
+  held[layer] = std::max(held[layer], pos0 + n);
   if (layer == config_.n_layers - 1) lengths_[seq] = std::max(lengths_[seq], pos0 + n);
+}
+
+void Fp16KvCache::check_appended(int32_t seq, int32_t layer, int32_t end) const {
+  if (end > layer_lengths_[static_cast<size_t>(seq) * config_.n_layers + layer])
+    throw Error("cache: attend over tokens that were not appended");
 }
 
 void Fp16KvCache::attend_partial(int32_t seq, int32_t layer, int32_t pos0, int32_t n,
                                  const float* q, cpu::PartialAttention& state) {
   check(seq, pos0, n);
+  check_appended(seq, layer, pos0 + n);
   attend_blocks(seq, layer, pos0, n, q, state);
 }
 
@@ -94,8 +133,7 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
                                 cpu::PartialAttention& result) {
   const int32_t hd = config_.head_dim, heads = config_.n_heads, group = heads / config_.n_kv_heads;
   const int32_t total = shard_.owned_before(pos0 + n);  // stored tokens the queries may see
-  const uint16_t* key_block = keys(seq, layer);
-  const uint16_t* value_block = values(seq, layer);
+  const BlockTable& table = tables_[seq];
   const int32_t kv_heads = config_.n_kv_heads;
   const int64_t blocks = (total + kDecodeBlock - 1) / kDecodeBlock;
   std::vector<int32_t> visible_end;
@@ -111,9 +149,13 @@ void Fp16KvCache::attend_blocks(int32_t seq, int32_t layer, int32_t pos0, int32_
         const int32_t g = static_cast<int32_t>(job / blocks);
         const int32_t t0 = static_cast<int32_t>(job % blocks) * kDecodeBlock;
         const int32_t rows = std::min(kDecodeBlock, total - t0);
-        const size_t at = (static_cast<size_t>(g) * capacity_ + t0) * hd;
-        cpu::fp16_to_fp32_row(key_block + at, k_rows.data(), static_cast<int64_t>(rows) * hd);
-        cpu::fp16_to_fp32_row(value_block + at, v_rows.data(), static_cast<int64_t>(rows) * hd);
+        // A decode block lies inside one pool block (64 divides 128).
+        const int32_t pool_block = table.groups[t0 / kBlockTokens];
+        const size_t at = g * head_elems_ + static_cast<size_t>(t0 % kBlockTokens) * hd;
+        cpu::fp16_to_fp32_row(keys(pool_block, layer) + at, k_rows.data(),
+                              static_cast<int64_t>(rows) * hd);
+        cpu::fp16_to_fp32_row(values(pool_block, layer) + at, v_rows.data(),
+                              static_cast<int64_t>(rows) * hd);
         cpu::CachedBlock block;
         block.first_token = t0;
         block.tokens = rows;
@@ -134,10 +176,10 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   check(seq, pos0, n);
   if (shard_.sharded())
     throw Error("cache: a sequence-sharded cache attends through attend_partial()");
+  check_appended(seq, layer, pos0 + n);
   const int32_t hd = config_.head_dim, heads = config_.n_heads;
   const int32_t total = pos0 + n;
-  const uint16_t* key_block = keys(seq, layer);
-  const uint16_t* value_block = values(seq, layer);
+  const BlockTable& table = tables_[seq];
   const int64_t q_stride = static_cast<int64_t>(heads) * hd;
 
   if (n < kMinQueriesForGemm) {  // decode
@@ -152,20 +194,26 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   const size_t head_elems = static_cast<size_t>(total) * hd;
   std::vector<float> k_float(head_elems * config_.n_kv_heads),
       v_float(head_elems * config_.n_kv_heads);
-  for (int32_t g = 0; g < config_.n_kv_heads; ++g) {
-    const size_t head_at = static_cast<size_t>(g) * capacity_ * hd;
-    cpu::fp16_to_fp32_row(key_block + head_at, k_float.data() + g * head_elems,
-                          static_cast<int64_t>(head_elems));
-    cpu::fp16_to_fp32_row(value_block + head_at, v_float.data() + g * head_elems,
-                          static_cast<int64_t>(head_elems));
-  }
+  for (int32_t g = 0; g < config_.n_kv_heads; ++g)
+    for (int32_t t0 = 0; t0 < total; t0 += kBlockTokens) {
+      const int32_t block = table.groups[t0 / kBlockTokens];
+      const int64_t count = static_cast<int64_t>(std::min(kBlockTokens, total - t0)) * hd;
+      const size_t out_at = g * head_elems + static_cast<size_t>(t0) * hd;
+      cpu::fp16_to_fp32_row(keys(block, layer) + g * head_elems_, k_float.data() + out_at, count);
+      cpu::fp16_to_fp32_row(values(block, layer) + g * head_elems_, v_float.data() + out_at, count);
+    }
   cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, k_float.data(),
                         v_float.data(), static_cast<int64_t>(head_elems), hd, out);
 }
 
 void Fp16KvCache::truncate(int32_t seq, int32_t from) {
   check(seq, 0, 0);
-  lengths_[seq] = std::min(lengths_[seq], std::max(0, from));
+  from = std::max(0, from);
+  lengths_[seq] = std::min(lengths_[seq], from);
+  int32_t* held = layer_lengths_.data() + static_cast<size_t>(seq) * config_.n_layers;
+  for (int32_t layer = 0; layer < config_.n_layers; ++layer)
+    held[layer] = std::min(held[layer], from);
+  fit_table(seq);  // only gives blocks back
 }
 
 double Fp16KvCache::bytes_per_token() const {
@@ -177,7 +225,7 @@ size_t Fp16KvCache::bytes_for_tokens(int32_t tokens) const {
          config_.kv_dim() * config_.n_layers;
 }
 
-size_t Fp16KvCache::bytes_in_use() const {
+size_t Fp16KvCache::payload_bytes() const {
   size_t tokens = 0;
   for (int32_t len : lengths_) tokens += static_cast<size_t>(shard_.owned_before(len));
   return tokens * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;

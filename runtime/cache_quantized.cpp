@@ -60,11 +60,11 @@ void QuantizedCache::multiply_blocks(const float* in, int32_t rows,
 void QuantizedCache::restore_outliers(int32_t seq, int32_t layer_index, int32_t t0, int32_t rows,
                                       float* latent_rows) {
   const int64_t kv = config_.kv_dim();
-  const uint16_t* kept = outliers(seq, layer_index) + static_cast<size_t>(t0) * outliers_per_token_;
-  for (int32_t t = 0; t < rows; ++t)
+  for (int32_t t = 0; t < rows; ++t) {
+    const uint16_t* kept = outliers(seq, layer_index, t0 + t);
     for (int32_t k = 0; k < outliers_per_token_; ++k)
-      latent_rows[t * kv + outlier_channel(k)] =
-          cpu::fp16_to_fp32(kept[static_cast<size_t>(t) * outliers_per_token_ + k]);
+      latent_rows[t * kv + outlier_channel(k)] = cpu::fp16_to_fp32(kept[k]);
+  }
 }
 
 // keys (rows, kv) = K source rows (rows, k_width) through the layer's rebuild
@@ -143,10 +143,10 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
   const int64_t d = config_.dim, kv = config_.kv_dim();
   const KvSource source = layout_.kv_source;
   const bool cross_layer = source == KvSource::kCrossLayerDeltas;
-  capacity_ = shard_.owned_before(max_tokens_);
+  const int32_t capacity = shard_.owned_before(max_tokens_);  // this shard's positions
   layers_.resize(config_.n_layers);
-  positions_.resize(capacity_);
-  for (int32_t j = 0; j < capacity_; ++j) positions_[j] = shard_.position(j);
+  positions_.resize(capacity);
+  for (int32_t j = 0; j < capacity; ++j) positions_[j] = shard_.position(j);
   lengths_.assign(static_cast<size_t>(options.sequences), 0);
   // XQuant-CL chains: a layer codes a delta unless it is at or below the base,
   // the first of this cache (a pipeline stage) or a named restart.
@@ -162,18 +162,12 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
     cross_layer_delta_[i] = global > kCrossLayerBase && !restart;
     cross_layer_keeps_[i] = global >= kCrossLayerBase;
   }
-  sequences_ = options.sequences;
   k_latent_per_head_ = options.k_latent_per_head;
   keep_outlier_ = options.keep_outlier_channel && source == KvSource::kRebuiltFromLatents;
   // Appendix B's outlier channel is the first of each latent: one per KV head
   // when every head has its own.
   outliers_per_token_ = k_latent_per_head_ ? config_.n_kv_heads : 1;
-  if (keep_outlier_)
-    outlier_channel_.resize(static_cast<size_t>(config_.n_layers) * options.sequences *
-                            outliers_per_token_ * capacity_);
   cross_layer_accumulator_ = spec.cross_layer_accumulator;
-  if (cross_layer_accumulator_)
-    accumulator_.resize(static_cast<size_t>(options.sequences) * capacity_ * d);
   const bool cl_latent = cross_layer && layout_.streams[0].content == StreamContent::kXDeltaLatent;
   for (int32_t i = 0; i < config_.n_layers; ++i) {
     Layer& layer = layers_[i];
@@ -183,7 +177,7 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
     const int bits = pinned ? std::max(spec.bits, kPinnedBits) : spec.bits;
     for (int32_t s = 0; s < layout_.stream_count; ++s)
       layer.stores.emplace_back(stream_width(layout_.streams[s].content, config_), bits,
-                                layout_.streams[s].axis, capacity_, options.sequences);
+                                layout_.streams[s].axis, options.sequences);
     const LayerWeights& w = model.layers()[global];
     switch (source) {
       case KvSource::kReadBack:
@@ -225,6 +219,7 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
         for (int64_t c = 0; c < r.cols; ++c)
           layer.rebuild_k_t[b0 * r.cols + c * block_rows + j] = r.values[(b0 + j) * r.cols + c];
   }
+  lay_out_blocks(options);
   const RowStore& first = layers_[0].stores[0];
   switch (source) {
     case KvSource::kReadBack:
@@ -267,8 +262,81 @@ QuantizedCache::QuantizedCache(const Model& model, const CacheOptions& options,
   }
 }
 
+// A block of the pool holds 128 local tokens of every layer: per layer, each
+// stream's group (codes, then fp16 scale and zero point pairs), then the
+// layer's outlier channels; then the CL accumulator rows. Regions start on
+// cache lines. A window page holds window_tokens_ fp16 rows of every
+// per-channel stream, stream after stream: as many as fit in one block.
+void QuantizedCache::lay_out_blocks(const CacheOptions& options) {
+  const size_t line = BlockPool::kAlignment;
+  size_t offset = 0, window_row_bytes = 0;
+  std::vector<size_t> group_offsets;  // per store, layer by layer
+  outlier_offsets_.assign(config_.n_layers, 0);
+  for (int32_t i = 0; i < config_.n_layers; ++i) {
+    for (const RowStore& store : layers_[i].stores) {
+      group_offsets.push_back(offset);
+      offset = round_up(offset + store.group_bytes(), line);
+      window_row_bytes += store.window_row_bytes();
+    }
+    if (keep_outlier_) {
+      outlier_offsets_[i] = offset;
+      offset = round_up(
+          offset + static_cast<size_t>(kBlockTokens) * outliers_per_token_ * sizeof(uint16_t),
+          line);
+    }
+  }
+  if (cross_layer_accumulator_) {
+    accumulator_offset_ = offset;
+    offset += static_cast<size_t>(kBlockTokens) * config_.dim * sizeof(float);
+  }
+  const size_t block_bytes = round_up(offset, line);
+  if (window_row_bytes)
+    window_tokens_ = static_cast<int32_t>(
+        std::min<size_t>(block_bytes / window_row_bytes, RowStore::kGroup - 1));
+  size_t next = 0, window_at = 0;
+  for (Layer& layer : layers_)
+    for (RowStore& store : layer.stores) {
+      store.place(group_offsets[next++], window_at, window_tokens_);
+      window_at += static_cast<size_t>(window_tokens_) * store.window_row_bytes();
+    }
+  const int32_t sequences = options.sequences;
+  const int32_t capacity = shard_.owned_before(max_tokens_);
+  // Room for every sequence at full length with the largest window it can have.
+  const int32_t per_sequence = (capacity + kBlockTokens - 1) / kBlockTokens +
+                               window_pages(std::min(capacity, kBlockTokens - 1));
+  pool_ = BlockPool(block_bytes,
+                    blocks_in_budget(options.pool_bytes, block_bytes, sequences * per_sequence));
+  tables_.resize(sequences);
+  layer_ends_.assign(static_cast<size_t>(sequences) * config_.n_layers, 0);
+}
+
 void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                             const float* x, const float* k, const float* v) {
+  if (seq < 0 || seq >= sequences())
+    throw Error("cache: sequence " + std::to_string(seq) + " out of range");
+  if (pos0 < 0 || n < 0 || pos0 + n > max_tokens_)
+    throw Error("cache: positions [" + std::to_string(pos0) + ", " + std::to_string(pos0 + n) +
+                ") exceed the cache capacity of " + std::to_string(max_tokens_) + " tokens");
+  int32_t* ends = layer_ends_.data() + static_cast<size_t>(seq) * config_.n_layers;
+  if (pos0 != 0 && pos0 != ends[layer_index])
+    throw Error("cache: position " + std::to_string(pos0) + " does not continue a sequence of " +
+                std::to_string(ends[layer_index]) + " tokens");
+  const int32_t local_end = shard_.owned_before(pos0 + n);
+  if (pos0 == 0 && ends[layer_index] > 0) {
+    // A new sequence in the slot (even where this shard gets none of its
+    // first tokens): every layer starts over, its blocks back in the pool
+    // first (resize_table counts them as free).
+    BlockTable& table = tables_[seq];
+    resize_table(pool_, table, (local_end + kBlockTokens - 1) / kBlockTokens,
+                 window_pages(local_end % kBlockTokens));
+    for (Layer& layer : layers_)
+      for (RowStore& store : layer.stores) store.truncate(pool_, table, seq, 0);
+    std::fill(ends, ends + config_.n_layers, 0);
+    lengths_[seq] = 0;
+    clear_accumulator(seq, 0);
+  } else {
+    reserve(seq, local_end);  // throws before anything is written
+  }
   if (!shard_.sharded()) {
     append_own(seq, layer_index, pos0, n, x, k, v);
   } else {
@@ -286,13 +354,58 @@ void QuantizedCache::append(int32_t seq, int32_t layer_index, int32_t pos0, int3
       if (v) std::copy_n(v + i * kv, kv, own_v_.data() + own * kv);
       ++own;
     }
-    if (pos0 == 0)  // a new sequence, even where this shard gets none of its first tokens
-      for (RowStore& store : layers_[layer_index].stores) store.truncate(seq, 0);
     if (own > 0)
       append_own(seq, layer_index, own_pos0, own, x ? own_x_.data() : nullptr,
                  k ? own_k_.data() : nullptr, v ? own_v_.data() : nullptr);
   }
+  ends[layer_index] = pos0 + n;
   if (layer_index == config_.n_layers - 1) lengths_[seq] = pos0 + n;
+  settle(seq);
+}
+
+void QuantizedCache::reserve(int32_t seq, int32_t local_end) {
+  BlockTable& table = tables_[seq];
+  const int32_t groups = (local_end + kBlockTokens - 1) / kBlockTokens;
+  const int32_t window = window_pages(local_end % kBlockTokens);
+  // Only grows: the layers still behind read the blocks and pages held now.
+  if (groups > static_cast<int32_t>(table.groups.size()) ||
+      window > static_cast<int32_t>(table.window.size())) {
+    const int32_t had = static_cast<int32_t>(table.groups.size());
+    resize_table(pool_, table, std::max<int32_t>(groups, table.groups.size()),
+                 std::max<int32_t>(window, table.window.size()));
+    clear_accumulator(seq, had);
+  }
+}
+
+// A sequence's accumulator rows start at zero, as a fresh cache's did: a
+// layer's append reads the rows of its new tokens, which the base layer's
+// attend writes first in a forward pass but a caller may skip; zero rows
+// keep the result from depending on what the block held before.
+void QuantizedCache::clear_accumulator(int32_t seq, int32_t first_group) {
+  if (!cross_layer_accumulator_) return;
+  const BlockTable& table = tables_[seq];
+  for (size_t g = static_cast<size_t>(first_group); g < table.groups.size(); ++g)
+    std::fill_n(reinterpret_cast<float*>(pool_.block(table.groups[g]) + accumulator_offset_),
+                static_cast<size_t>(kBlockTokens) * config_.dim, 0.0f);
+}
+
+void QuantizedCache::settle(int32_t seq) {
+  const int32_t tokens = layers_[0].stores[0].length(seq);
+  for (const Layer& layer : layers_)
+    for (const RowStore& store : layer.stores)
+      if (store.length(seq) != tokens) return;  // a layer is still behind
+  resize_table(pool_, tables_[seq], (tokens + kBlockTokens - 1) / kBlockTokens,
+               window_pages(tokens % kBlockTokens));  // only gives back
+}
+
+int32_t QuantizedCache::blocks_for_step(int32_t from, int32_t to) const {
+  int32_t most = std::max(blocks_for_tokens(from), blocks_for_tokens(to));
+  const int32_t local_from = shard_.owned_before(from), local_to = shard_.owned_before(to);
+  if (local_to > local_from)  // the old window's pages stay until the last layer passes
+    most = std::max(most, (local_to + kBlockTokens - 1) / kBlockTokens +
+                              std::max(window_pages(local_from % kBlockTokens),
+                                       window_pages(local_to % kBlockTokens)));
+  return most;
 }
 
 void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
@@ -300,11 +413,11 @@ void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, 
   Layer& layer = layers_[layer_index];
   switch (layout_.kv_source) {
     case KvSource::kReadBack:
-      layer.stores[0].append(seq, pos0, n, k);
-      layer.stores[1].append(seq, pos0, n, v);
+      layer.stores[0].append(pool_, tables_[seq], seq, pos0, n, k);
+      layer.stores[1].append(pool_, tables_[seq], seq, pos0, n, v);
       break;
     case KvSource::kRebuiltFromX:
-      layer.stores[0].append(seq, pos0, n, x);
+      layer.stores[0].append(pool_, tables_[seq], seq, pos0, n, x);
       break;
     case KvSource::kCrossLayerDeltas: {
       // The encoder codes X_i minus what the decoder will have reconstructed
@@ -312,15 +425,18 @@ void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, 
       const int64_t d = config_.dim;
       delta_.assign(x, x + static_cast<size_t>(n) * d);
       if (cross_layer_delta_[layer_index]) {
-        const float* previous = accumulator(seq) + static_cast<size_t>(pos0) * d;
-        for (size_t i = 0; i < delta_.size(); ++i) delta_[i] -= previous[i];
+        for (int32_t i = 0; i < n; ++i) {
+          const float* previous = accumulator_row(seq, pos0 + i);
+          float* delta = delta_.data() + static_cast<size_t>(i) * d;
+          for (int64_t j = 0; j < d; ++j) delta[j] -= previous[j];
+        }
       }
       if (layer.encode_k.rows) {
         encoded_.resize(static_cast<size_t>(n) * layer.encode_k.rows);
         encode_cross_layer_latent(layer, delta_.data(), n, encoded_.data());
-        layer.stores[0].append(seq, pos0, n, encoded_.data());
+        layer.stores[0].append(pool_, tables_[seq], seq, pos0, n, encoded_.data());
       } else {
-        layer.stores[0].append(seq, pos0, n, delta_.data());
+        layer.stores[0].append(pool_, tables_[seq], seq, pos0, n, delta_.data());
       }
       break;
     }
@@ -337,21 +453,21 @@ void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, 
         // Channel 0 goes to fp16 and is zeroed in the quantized stream, so its
         // outliers no longer stretch that channel's groups.
         const int64_t kv = config_.kv_dim();
-        uint16_t* kept =
-            outliers(seq, layer_index) + static_cast<size_t>(pos0) * outliers_per_token_;
-        for (int32_t i = 0; i < n; ++i)
+        for (int32_t i = 0; i < n; ++i) {
+          uint16_t* kept = outliers(seq, layer_index, pos0 + i);
           for (int32_t k = 0; k < outliers_per_token_; ++k) {
             float& value = encoded_[static_cast<size_t>(i) * kv + outlier_channel(k)];
-            kept[static_cast<size_t>(i) * outliers_per_token_ + k] = cpu::fp32_to_fp16(value);
+            kept[k] = cpu::fp32_to_fp16(value);
             value = 0.0f;
           }
+        }
       }
-      layer.stores[0].append(seq, pos0, n, encoded_.data());
+      layer.stores[0].append(pool_, tables_[seq], seq, pos0, n, encoded_.data());
       if (!layer.latent_from_v.empty())
         multiply_blocks(v, n, layer.latent_from_v, kv_width, encoded_.data());
       else
         cpu::matmul(layer.encode_v.view(), x, n, encoded_.data());
-      layer.stores[1].append(seq, pos0, n, encoded_.data());
+      layer.stores[1].append(pool_, tables_[seq], seq, pos0, n, encoded_.data());
       break;
     }
   }
@@ -386,18 +502,21 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
     const int64_t d = config_.dim;
     if (layer.decode_x.rows) {
       encoded_.resize(static_cast<size_t>(total) * layer.decode_x.cols);
-      k_store.read(seq, 0, total, encoded_.data());
+      k_store.read(pool_, tables_[seq], seq, 0, total, encoded_.data());
       decode_cross_layer_latent(layer, encoded_.data(), total, k_source_.data());
     } else {
-      k_store.read(seq, 0, total, k_source_.data());
+      k_store.read(pool_, tables_[seq], seq, 0, total, k_source_.data());
     }
-    float* acc = accumulator(seq);
-    if (cross_layer_delta_[layer_index]) {
-      for (size_t i = 0; i < static_cast<size_t>(total) * d; ++i) k_source_[i] += acc[i];
+    for (int32_t t0 = 0; t0 < total; t0 += kBlockTokens) {  // the accumulator, block by block
+      float* acc = accumulator_row(seq, t0);
+      float* rows = k_source_.data() + static_cast<size_t>(t0) * d;
+      const size_t count = static_cast<size_t>(std::min(kBlockTokens, total - t0)) * d;
+      if (cross_layer_delta_[layer_index])
+        for (size_t i = 0; i < count; ++i) rows[i] += acc[i];
+      if (cross_layer_keeps_[layer_index]) std::copy_n(rows, count, acc);
     }
-    if (cross_layer_keeps_[layer_index]) std::copy(k_source_.begin(), k_source_.end(), acc);
   } else {
-    k_store.read(seq, 0, total, k_source_.data());
+    k_store.read(pool_, tables_[seq], seq, 0, total, k_source_.data());
     if (keep_outlier_) {
       restore_outliers(seq, layer_index, 0, total, k_source_.data());
     }
@@ -421,7 +540,7 @@ void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int3
   const float* v_rows = k_source_.data();
   if (&v_store != &k_store) {
     v_source_.resize(static_cast<size_t>(total) * v_width);
-    v_store.read(seq, 0, total, v_source_.data());
+    v_store.read(pool_, tables_[seq], seq, 0, total, v_source_.data());
     v_rows = v_source_.data();
   }
 
@@ -463,7 +582,6 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
   // Per head, the weighted sum runs over whole stored rows when they are
   // projected afterwards, or over the head's own hd values of V (kivi).
   const int64_t mix_width = project_v ? k_width : hd;
-  float* acc = cross_layer_accumulator_ ? accumulator(seq) : nullptr;
   const int64_t d = config_.dim;
 
   std::vector<int32_t> visible_end;
@@ -487,13 +605,15 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
         const int32_t rows = std::min<int32_t>(kDecodeBlock, total - t0);
         // Stored rows -> K source (X, Xhat or latent).
         if (layer.decode_x.rows) {
-          k_store.read(seq, t0, t0 + rows, latent.data());
+          k_store.read(pool_, tables_[seq], seq, t0, t0 + rows, latent.data());
           decode_cross_layer_latent(layer, latent.data(), rows, source.data());
         } else {
-          k_store.read(seq, t0, t0 + rows, source.data());
+          k_store.read(pool_, tables_[seq], seq, t0, t0 + rows, source.data());
         }
-        if (acc) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer i+1
-          float* acc_rows = acc + static_cast<size_t>(t0) * d;
+        if (cross_layer_accumulator_) {  // XQuant-CL: Xhat_i = Xhat_{i-1} + delta_i, kept for layer
+                                         // i+1
+          // A decode block lies inside one pool block (64 divides 128).
+          float* acc_rows = accumulator_row(seq, t0);
           if (cross_layer_delta_[layer_index])
             for (size_t i = 0; i < static_cast<size_t>(rows) * d; ++i) source[i] += acc_rows[i];
           if (cross_layer_keeps_[layer_index])
@@ -517,7 +637,8 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
         block.keys = keys;
         block.key_stride = kv;
         block.values = separate_v ? v_rows_buffer.data() : source.data();
-        if (separate_v) layer.stores[1].read(seq, t0, t0 + rows, v_rows_buffer.data());
+        if (separate_v)
+          layer.stores[1].read(pool_, tables_[seq], seq, t0, t0 + rows, v_rows_buffer.data());
         // Every head mixes the same stored rows (X or X·Uv), projected to V at the
         // end; kivi's heads each mix their own slice of V.
         block.values_shared = project_v;
@@ -545,10 +666,30 @@ void QuantizedCache::attend_blocks(int32_t seq, int32_t layer_index, int32_t pos
 }
 
 void QuantizedCache::truncate(int32_t seq, int32_t from) {
-  const int32_t own_from = shard_.owned_before(std::max(from, 0));
+  if (seq < 0 || seq >= sequences())
+    throw Error("cache: sequence " + std::to_string(seq) + " out of range");
+  from = std::max(from, 0);
+  const int32_t own_from = shard_.owned_before(from);
+  // The blocks afterwards: groups up to the longest layer kept; the window
+  // of `own_from` tokens where a layer's kept head of a quantized group goes
+  // back to it (per channel), and the pages a layer still behind reads.
+  int32_t longest = 0, shortest = own_from;
+  for (const Layer& layer : layers_)
+    for (const RowStore& store : layer.stores) {
+      longest = std::max(longest, std::min(store.length(seq), own_from));
+      shortest = std::min(shortest, store.length(seq));
+    }
+  BlockTable& table = tables_[seq];
+  const int32_t window = window_pages(own_from % kBlockTokens);
+  resize_table(pool_, table, (longest + kBlockTokens - 1) / kBlockTokens,
+               shortest == longest ? window : std::max<int32_t>(window, table.window.size()));
   for (Layer& layer : layers_)
-    for (RowStore& store : layer.stores) store.truncate(seq, own_from);
-  lengths_[seq] = std::clamp(from, 0, lengths_[seq]);
+    for (RowStore& store : layer.stores) store.truncate(pool_, table, seq, own_from);
+  int32_t* ends = layer_ends_.data() + static_cast<size_t>(seq) * config_.n_layers;
+  for (int32_t layer = 0; layer < config_.n_layers; ++layer)
+    ends[layer] = std::min(ends[layer], from);
+  lengths_[seq] = std::min(from, lengths_[seq]);
+  settle(seq);
 }
 
 int32_t QuantizedCache::length(int32_t seq) const {
@@ -576,18 +717,18 @@ size_t QuantizedCache::bytes_for_tokens(int32_t all_tokens) const {
   return total;
 }
 
-size_t QuantizedCache::bytes_in_use() const {
+size_t QuantizedCache::payload_bytes() const {
   size_t total = 0;
   if (cross_layer_accumulator_)  // accumulator rows of the stored tokens
     for (int32_t s = 0; s < layers_[0].stores[0].sequences(); ++s)
       total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.dim * sizeof(float);
   if (keep_outlier_)  // one fp16 value per stored token per layer
-    for (int32_t s = 0; s < sequences_; ++s)
+    for (int32_t s = 0; s < sequences(); ++s)
       total += static_cast<size_t>(layers_[0].stores[0].length(s)) * config_.n_layers *
                outliers_per_token_ * sizeof(uint16_t);
   for (const Layer& layer : layers_)
     for (const RowStore& store : layer.stores)
-      for (int32_t s = 0; s < store.sequences(); ++s) total += store.bytes_in_use(s);
+      for (int32_t s = 0; s < store.sequences(); ++s) total += store.payload_bytes(s);
   return total;
 }
 

@@ -10,6 +10,9 @@
 //             models in the latent of [Wk | Wv]. One accumulator per token.
 // Every quantized mode keeps layers 0-2 at 4 bits at least, as the paper's
 // Table 4 does.
+// Everything a mode keeps per token (codes, scales, zero points, the fp16
+// window, accumulator rows, outlier channels) lives in the blocks of the
+// cache's pool (runtime/block_pool.h, docs/design.md "The cache pool").
 // A mode is a list of stored streams (what is quantized and how) plus, for K
 // and V, which stream they come from and the matrix that rebuilds them.
 // Decode never rebuilds V: the attention-weighted sum is taken over the stored
@@ -58,19 +61,18 @@ class QuantizedCache : public AttentionCache {
     return 2.0 * sizeof(uint16_t) * config_.kv_dim() * static_cast<double>(layers_.size());
   }
   size_t bytes_for_tokens(int32_t tokens) const override;
-  size_t bytes_in_use() const override;
-  // Interim: the storage is still reserved per sequence.
-  size_t block_bytes() const override { return bytes_for_tokens(kBlockTokens); }
-  int32_t total_blocks() const override { return sequences() * blocks_for_tokens(max_tokens_); }
-  int32_t free_blocks() const override {
-    int32_t used = 0;
-    for (int32_t s : lengths_) used += blocks_for_tokens(s);
-    return total_blocks() - used;
-  }
+  size_t payload_bytes() const override;
+  size_t block_bytes() const override { return pool_.block_bytes(); }
+  int32_t total_blocks() const override { return pool_.total_blocks(); }
+  int32_t free_blocks() const override { return pool_.free_blocks(); }
   int32_t sequences() const override { return static_cast<int32_t>(lengths_.size()); }
   int32_t blocks_for_tokens(int32_t tokens) const override {
-    return (tokens + kBlockTokens - 1) / kBlockTokens;
+    return local_blocks(shard_.owned_before(tokens));
   }
+  int32_t blocks_for_step(int32_t from, int32_t to) const override;
+  // Tokens of the fp16 window one window page holds (0: the mode has no
+  // per-channel stream, so no window).
+  int32_t window_tokens() const { return window_tokens_; }
 
  private:
   struct Layer {
@@ -109,16 +111,36 @@ class QuantizedCache : public AttentionCache {
                                  float* x_rows) const;
   void encode_cross_layer_latent(const Layer& layer, const float* deltas, int32_t rows,
                                  float* latent) const;
-  // Rows of the CL accumulator (Xhat of the last layer read), (max_tokens, dim) per sequence.
-  float* accumulator(int32_t seq) {
-    return accumulator_.data() + static_cast<size_t>(seq) * capacity_ * config_.dim;
+  // Blocks of `tokens` local tokens at rest: one per group begun, plus the
+  // window pages of the partial group.
+  int32_t local_blocks(int32_t tokens) const {
+    return (tokens + kBlockTokens - 1) / kBlockTokens + window_pages(tokens % kBlockTokens);
+  }
+  int32_t window_pages(int32_t window_rows) const {
+    return window_tokens_ ? (window_rows + window_tokens_ - 1) / window_tokens_ : 0;
+  }
+  // Lays the streams, outliers and accumulator out in a block and sizes the pool.
+  void lay_out_blocks(const CacheOptions& options);
+  // Takes the blocks one layer's append up to `local_end` own tokens needs;
+  // throws PoolExhausted before anything changes.
+  void reserve(int32_t seq, int32_t local_end);
+  // Once every layer holds the same tokens, gives back the window pages the
+  // layers still behind kept until now.
+  void settle(int32_t seq);
+  // Zeroes the accumulator rows of the sequence's group blocks from `first_group` on.
+  void clear_accumulator(int32_t seq, int32_t first_group);
+  // The CL accumulator row (Xhat of the last layer read, dim floats) of local
+  // token t; the rows of one block follow each other.
+  float* accumulator_row(int32_t seq, int32_t t) {
+    return reinterpret_cast<float*>(pool_.block(tables_[seq].groups[t / kBlockTokens]) +
+                                    accumulator_offset_) +
+           static_cast<size_t>(t % kBlockTokens) * config_.dim;
   }
 
   const ModelConfig config_;
   std::string mode_, description_;
   CacheLayout layout_;  // the mode's streams and rebuild on this model
   int32_t max_tokens_;  // per sequence, all shards together
-  int32_t capacity_;    // this shard's share of max_tokens_
   const float* rope_cos_sin_;
   std::vector<Layer> layers_;
   std::vector<int32_t> positions_;  // global position of each stored token: 0, 1, 2, ... unsharded
@@ -133,15 +155,22 @@ class QuantizedCache : public AttentionCache {
   // Scratch for one attend call.
   cpu::AlignedVector<float> k_source_, v_source_, keys_, values_, encoded_, delta_;
   bool cross_layer_accumulator_ = false;  // XQuant-CL: one fp32 Xhat row per token
-  cpu::AlignedVector<float> accumulator_;
-  // --keep-outlier-channel: channel 0 of X·Uk per (layer, sequence, token), fp16.
+  // --keep-outlier-channel: channel 0 of X·Uk per (layer, token), fp16.
   bool keep_outlier_ = false;
-  std::vector<uint16_t> outlier_channel_;
-  // Per (layer, sequence): outliers_per_token_ fp16 values per token.
-  uint16_t* outliers(int32_t seq, int32_t layer) {
-    return outlier_channel_.data() +
-           (static_cast<size_t>(layer) * sequences_ + seq) * capacity_ * outliers_per_token_;
+  // The outliers_per_token_ fp16 values of local token t at layer `layer`.
+  uint16_t* outliers(int32_t seq, int32_t layer, int32_t t) {
+    return reinterpret_cast<uint16_t*>(pool_.block(tables_[seq].groups[t / kBlockTokens]) +
+                                       outlier_offsets_[layer]) +
+           static_cast<size_t>(t % kBlockTokens) * outliers_per_token_;
   }
+  // The pool and where things sit in its blocks (docs/design.md, "The cache pool").
+  BlockPool pool_;
+  std::vector<BlockTable> tables_;  // per sequence
+  int32_t window_tokens_ = 0;
+  size_t accumulator_offset_ = 0;
+  std::vector<size_t> outlier_offsets_;  // per layer
+  // Global positions appended, per sequence and layer (layers fill one by one).
+  std::vector<int32_t> layer_ends_;
   // The latent channel of the k-th outlier: channel 0 of each head's latent.
   int64_t outlier_channel(int32_t k) const { return static_cast<int64_t>(k) * config_.head_dim; }
   void multiply_blocks(const float* in, int32_t rows, const cpu::AlignedVector<float>& blocks_t,

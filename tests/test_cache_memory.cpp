@@ -1,10 +1,13 @@
 // Memory accounting of every cache mode: the bytes a cache counts as it writes
-// (codes, scales, zero points, fp16 window) against the mode's formula, after
-// 1, 127, 128, 129 and 1024 tokens; and the formula against numbers worked out
-// by hand from the spec for stories260K.
+// (payload_bytes: codes, scales, zero points, fp16 window) against the mode's
+// formula, and the pool's blocks held against blocks_for_tokens(), after 1,
+// 127, 128, 129 and 1024 tokens; the formula against numbers worked out by
+// hand from the spec for stories260K; and what a 64 MiB pool holds on
+// SmolLM2, block bytes against the formula.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 
 #include "kernels/cpu/ops.h"
@@ -45,8 +48,13 @@ void check_accounting(const Model& model, const std::string& mode) {
       cache->append(0, layer, length, n, x.data(), k.data(), v.data());
     length = target;
     const double formula = static_cast<double>(cache->bytes_for_tokens(length));
-    const double held = static_cast<double>(cache->bytes_in_use());
+    const double held = static_cast<double>(cache->payload_bytes());
     EXPECT_NEAR(held, formula, 0.01 * formula) << mode << " after " << length << " tokens";
+    // The pool's side: the blocks held, exactly, and the payload inside them.
+    const int32_t blocks = cache->total_blocks() - cache->free_blocks();
+    EXPECT_EQ(blocks, cache->blocks_for_tokens(length)) << mode << " after " << length;
+    EXPECT_EQ(cache->bytes_in_use(), static_cast<size_t>(blocks) * cache->block_bytes());
+    EXPECT_LE(cache->payload_bytes(), cache->bytes_in_use()) << mode << " after " << length;
   }
   // With whole groups only (1024 = 8 x 128) the formula is bytes_per_token x n.
   EXPECT_NEAR(cache->bytes_for_tokens(kCapacity), cache->bytes_per_token() * kCapacity,
@@ -82,6 +90,44 @@ TEST(CacheMemory, CountedBytesMatchTheFormulaOnSmolLM2) {
   EXPECT_DOUBLE_EQ(make_cache(*model, options)->bytes_per_token(), plain + 2.0 * c.n_layers);
   options.mode = "kivi-2";
   EXPECT_THROW(make_cache(*model, options), Error);
+}
+
+// A 64 MiB pool on SmolLM2, every mode: a block is 128 tokens by the formula
+// plus the cache-line padding of its regions (at most 64 bytes per stream and
+// layer: within 2% of the formula here), the budget holds
+// floor(64 MiB / block) blocks and 1024-token sequences take 8 each (1024 is
+// whole groups: no window pages). Printed as the table in docs/design.md.
+TEST(CacheMemory, SixtyFourMebibytePoolOnSmolLM2) {
+  const std::string path = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!testing::file_exists(path)) GTEST_SKIP() << path << " not fetched (run launch/setup.sh)";
+  auto model = Model::load(path);
+  const ModelConfig& c = model->config();
+  std::vector<float> rope(static_cast<size_t>(kCapacity) * c.rope_dim);
+  cpu::rope_table(rope.data(), kCapacity, c.rope_dim, c.rope_theta);
+  constexpr size_t kBudget = size_t{64} << 20;
+  std::printf("%-12s %12s %10s %8s %14s %14s\n", "mode", "block bytes", "formula", "blocks",
+              "1024-token seq", "window (1023)");
+  for (const CacheModeSpec& mode : cache_modes()) {
+    CacheOptions options;
+    options.mode = std::string(mode.name);
+    options.max_tokens = kCapacity;
+    options.rope_cos_sin = rope.data();
+    options.pool_bytes = kBudget;
+    auto cache = make_cache(*model, options);
+    const double formula = cache->bytes_per_token() * AttentionCache::kBlockTokens;
+    EXPECT_GE(static_cast<double>(cache->block_bytes()), formula) << mode.name;
+    EXPECT_LE(static_cast<double>(cache->block_bytes()), 1.02 * formula) << mode.name;
+    EXPECT_EQ(static_cast<size_t>(cache->total_blocks()), kBudget / cache->block_bytes());
+    EXPECT_EQ(cache->blocks_for_tokens(1024), 8) << mode.name;
+    // Window pages: a mode with per-channel streams holds its newest tokens in
+    // fp16 pages; 127 of them never take more than the 128-token block itself
+    // takes at 16 / bits times the bytes.
+    const int32_t window = cache->blocks_for_tokens(1023) - 8;
+    EXPECT_LE(window, mode.quantized() ? 16 / mode.bits + 1 : 0) << mode.name;
+    std::printf("%-12s %12zu %10.0f %8d %14d %14d\n", std::string(mode.name).c_str(),
+                cache->block_bytes(), formula, cache->total_blocks(), cache->total_blocks() / 8,
+                window);
+  }
 }
 
 TEST(CacheMemory, FormulaMatchesHandCountOnStories260K) {

@@ -141,8 +141,8 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
 
   // Bytes: the shards hold the whole cache's tokens between them, evenly.
   size_t sum = 0;
-  for (auto& part : parts) sum += part->bytes_in_use();
-  EXPECT_EQ(sum, whole->bytes_in_use()) << mode;
+  for (auto& part : parts) sum += part->payload_bytes();
+  EXPECT_EQ(sum, whole->payload_bytes()) << mode;
   size_t formula = 0;
   for (auto& part : parts) formula += part->bytes_for_tokens(kTokens);
   EXPECT_EQ(formula, whole->bytes_for_tokens(kTokens)) << mode;
@@ -150,8 +150,8 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
   const int32_t unit_tokens = ownership_unit(find_cache_mode(mode), c);
   const double unit = unit_tokens * whole->bytes_per_token() * 1.1;
   for (auto& part : parts)
-    EXPECT_LE(std::abs(static_cast<double>(part->bytes_in_use()) -
-                       static_cast<double>(whole->bytes_in_use()) / shards),
+    EXPECT_LE(std::abs(static_cast<double>(part->payload_bytes()) -
+                       static_cast<double>(whole->payload_bytes()) / shards),
               unit)
         << mode << ": a shard's bytes are not total / " << shards;
 
@@ -161,9 +161,9 @@ void expect_shards_merge_to_whole(const Model& model, const std::string& mode, i
   sum = 0;
   for (auto& part : parts) {
     EXPECT_EQ(part->length(0), 200);
-    sum += part->bytes_in_use();
+    sum += part->payload_bytes();
   }
-  EXPECT_EQ(sum, whole->bytes_in_use()) << mode << " after truncate";
+  EXPECT_EQ(sum, whole->payload_bytes()) << mode << " after truncate";
 }
 
 class ShardedCache : public ::testing::TestWithParam<std::string> {};

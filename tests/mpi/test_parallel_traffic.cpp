@@ -202,8 +202,10 @@ void check_model(const TinyShape& shape, const std::string& name) {
       // Independent of the formula: the same bytes at both lengths.
       EXPECT_EQ(short_run.tp, long_run.tp);
       EXPECT_EQ(short_run.pipe, long_run.pipe);
-      // ... while the cache this rank holds grew with the context.
-      EXPECT_GT(long_run.cache_bytes, 8 * short_run.cache_bytes);
+      // ... while the cache this rank holds grew with the context: in whole
+      // 128-token blocks, so a rank holding half of each sequence by 128-token
+      // units goes from 3 blocks (131 of 259 tokens, one a window page) to 18.
+      EXPECT_GT(long_run.cache_bytes, 5 * short_run.cache_bytes);
       // Something was sent where there is someone to send to.
       if (tp > 1) {
         EXPECT_GT(short_run.tp[0], 0u);
