@@ -76,6 +76,9 @@ class PipelineEngine final : public Engine {
   int32_t blocks_for_tokens(int32_t tokens) const override {
     return stage_->blocks_for_tokens(tokens);
   }
+  int32_t blocks_for_step(int32_t from, int32_t to) const override {
+    return stage_->blocks_for_step(from, to);
+  }
   // Segments go down the pipeline as micro-batches of whole segments (at
   // least pp of them where there are as many segments, so every stage has
   // work while the others do), each stage sending a micro-batch on as soon

@@ -20,7 +20,6 @@ namespace {
 
 // From this many queries on, attention runs as two sgemm calls per head
 // (prefill); below it, as dot products over the cached rows (decode).
-constexpr int32_t kMinQueriesForGemm = 16;
 // Tokens per decode job (as in the quantized cache).
 constexpr int32_t kDecodeBlock = 64;
 
@@ -177,33 +176,11 @@ void Fp16KvCache::attend(int32_t seq, int32_t layer, int32_t pos0, int32_t n, co
   if (shard_.sharded())
     throw Error("cache: a sequence-sharded cache attends through attend_partial()");
   check_appended(seq, layer, pos0 + n);
-  const int32_t hd = config_.head_dim, heads = config_.n_heads;
-  const int32_t total = pos0 + n;
-  const BlockTable& table = tables_[seq];
-  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
-
-  if (n < kMinQueriesForGemm) {  // decode
-    thread_local cpu::PartialAttention result;
-    attend_blocks(seq, layer, pos0, n, q, result);
-    cpu::normalize_attention(result, 0, result.rows, out);  // rows (query, head): out's layout
-    return;
-  }
-
-  // Prefill: widen every KV head's keys and values once, then per query head
-  // (in parallel) scores = Q K^T (sgemm), causal mask + softmax, out = P V (sgemm).
-  const size_t head_elems = static_cast<size_t>(total) * hd;
-  std::vector<float> k_float(head_elems * config_.n_kv_heads),
-      v_float(head_elems * config_.n_kv_heads);
-  for (int32_t g = 0; g < config_.n_kv_heads; ++g)
-    for (int32_t t0 = 0; t0 < total; t0 += kBlockTokens) {
-      const int32_t block = table.groups[t0 / kBlockTokens];
-      const int64_t count = static_cast<int64_t>(std::min(kBlockTokens, total - t0)) * hd;
-      const size_t out_at = g * head_elems + static_cast<size_t>(t0) * hd;
-      cpu::fp16_to_fp32_row(keys(block, layer) + g * head_elems_, k_float.data() + out_at, count);
-      cpu::fp16_to_fp32_row(values(block, layer) + g * head_elems_, v_float.data() + out_at, count);
-    }
-  cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, k_float.data(),
-                        v_float.data(), static_cast<int64_t>(head_elems), hd, out);
+  // Every query count takes the block walk, so a query gets the same bits in
+  // a prefill chunk of any size as in a decode step.
+  thread_local cpu::PartialAttention result;
+  attend_blocks(seq, layer, pos0, n, q, result);
+  cpu::normalize_attention(result, 0, result.rows, out);  // rows (query, head): out's layout
 }
 
 void Fp16KvCache::truncate(int32_t seq, int32_t from) {

@@ -21,7 +21,6 @@ namespace {
 
 // Below this many queries, attention walks the context block by block without
 // rebuilding V (decode); above it, K and V are rebuilt once for all queries.
-constexpr int32_t kMinQueriesForRebuild = 16;
 // Tokens per decode block: a block's dequantized rows and rebuilt keys
 // (64 x 576 + 64 x 192 floats for SmolLM2's X) stay in L2.
 constexpr int32_t kDecodeBlock = 64;
@@ -475,84 +474,16 @@ void QuantizedCache::append_own(int32_t seq, int32_t layer_index, int32_t pos0, 
 
 void QuantizedCache::attend(int32_t seq, int32_t layer_index, int32_t pos0, int32_t n,
                             const float* q, float* out) {
-  Layer& layer = layers_[layer_index];
-  const int32_t total = pos0 + n, hd = config_.head_dim, heads = config_.n_heads;
-  const int32_t kv = config_.kv_dim();
-  const int64_t q_stride = static_cast<int64_t>(heads) * hd;
+  const Layer& layer = layers_[layer_index];
   if (shard_.sharded())
     throw Error("cache: a sequence-sharded cache attends through attend_partial()");
-  if (total > layer.stores[0].length(seq))
+  if (pos0 + n > layer.stores[0].length(seq))
     throw Error("cache: attend over tokens that were not appended");
-  if (n < kMinQueriesForRebuild) {
-    thread_local cpu::PartialAttention state;
-    attend_blocks(seq, layer_index, pos0, n, q, state);
-    cpu::normalize_attention(state, 0, state.rows, out);  // rows (query, head): out's layout
-    return;
-  }
-
-  // K: read the stored rows, rebuild, rotate.
-  const RowStore& k_store = layer.stores[0];
-  const RowStore& v_store = layer.stores.size() > 1 ? layer.stores[1] : layer.stores[0];
-  const int64_t k_width = key_source_width();
-  const int64_t v_width = k_width;
-  k_source_.resize(static_cast<size_t>(total) * k_width);
-  if (layout_.kv_source == KvSource::kCrossLayerDeltas) {
-    // Xhat_i = (layer > base ? Xhat_{i-1} : 0) + decoded delta_i; from the
-    // base on, Xhat_i becomes the accumulator the next layer adds to.
-    const int64_t d = config_.dim;
-    if (layer.decode_x.rows) {
-      encoded_.resize(static_cast<size_t>(total) * layer.decode_x.cols);
-      k_store.read(pool_, tables_[seq], seq, 0, total, encoded_.data());
-      decode_cross_layer_latent(layer, encoded_.data(), total, k_source_.data());
-    } else {
-      k_store.read(pool_, tables_[seq], seq, 0, total, k_source_.data());
-    }
-    for (int32_t t0 = 0; t0 < total; t0 += kBlockTokens) {  // the accumulator, block by block
-      float* acc = accumulator_row(seq, t0);
-      float* rows = k_source_.data() + static_cast<size_t>(t0) * d;
-      const size_t count = static_cast<size_t>(std::min(kBlockTokens, total - t0)) * d;
-      if (cross_layer_delta_[layer_index])
-        for (size_t i = 0; i < count; ++i) rows[i] += acc[i];
-      if (cross_layer_keeps_[layer_index]) std::copy_n(rows, count, acc);
-    }
-  } else {
-    k_store.read(pool_, tables_[seq], seq, 0, total, k_source_.data());
-    if (keep_outlier_) {
-      restore_outliers(seq, layer_index, 0, total, k_source_.data());
-    }
-  }
-  keys_.resize(static_cast<size_t>(total) * kv);
-  if (layer.rebuild_k_per_head) {
-    cpu::parallel_for(
-        total,
-        [&](int64_t begin, int64_t end) {
-          rebuild_keys(layer, k_source_.data() + begin * k_width, static_cast<int32_t>(end - begin),
-                       k_width, keys_.data() + begin * kv);
-        },
-        16);
-  } else if (layer.rebuild_k.rows) {
-    cpu::matmul(layer.rebuild_k.view(), k_source_.data(), total, keys_.data());
-  } else {
-    std::copy(k_source_.begin(), k_source_.end(), keys_.begin());
-  }
-  cpu::rope(keys_.data(), positions_.data(), total, config_.n_kv_heads, hd, config_.rope_dim,
-            config_.rope_layout, rope_cos_sin_);
-  const float* v_rows = k_source_.data();
-  if (&v_store != &k_store) {
-    v_source_.resize(static_cast<size_t>(total) * v_width);
-    v_store.read(pool_, tables_[seq], seq, 0, total, v_source_.data());
-    v_rows = v_source_.data();
-  }
-
-  // Prefill: V for every token once, then standard attention.
-  const float* values = v_rows;
-  if (layer.rebuild_v.rows) {
-    values_.resize(static_cast<size_t>(total) * kv);
-    cpu::matmul(layer.rebuild_v.view(), v_rows, total, values_.data());
-    values = values_.data();
-  }
-  cpu::causal_attention(q, q_stride, n, pos0, total, heads, config_.n_kv_heads, hd, keys_.data(),
-                        values, hd, kv, out);
+  // Every query count takes the block walk, so a query gets the same bits in
+  // a prefill chunk of any size as in a decode step.
+  thread_local cpu::PartialAttention state;
+  attend_blocks(seq, layer_index, pos0, n, q, state);
+  cpu::normalize_attention(state, 0, state.rows, out);  // rows (query, head): out's layout
 }
 
 // Decode: the context is walked in blocks of kDecodeBlock tokens, split across

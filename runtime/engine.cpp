@@ -166,7 +166,8 @@ void TransformerEngine::check_batch(const std::vector<Segment>& segments) const 
   // pool cannot hold leaves every cache as it was.
   int64_t needed = 0;
   for (const Segment& s : segments)
-    needed += blocks_for_tokens(s.pos0 + s.n) - blocks_for_tokens(std::min(s.pos0, length(s.seq)));
+    needed += std::max(0, blocks_for_step(std::min(s.pos0, length(s.seq)), s.pos0 + s.n) -
+                              blocks_for_tokens(std::min(s.pos0, length(s.seq))));
   const int32_t free = attention_->cache().free_blocks();
   if (needed > free)
     throw PoolExhausted("cache pool: the step needs " + std::to_string(needed) + " more blocks; " +

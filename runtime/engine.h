@@ -14,6 +14,7 @@
 // head over this rank's tokens merged across the group.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -111,6 +112,12 @@ class Engine {
   virtual PoolInfo pool() const = 0;
   // Blocks a sequence of `tokens` tokens holds on the tightest rank.
   virtual int32_t blocks_for_tokens(int32_t tokens) const = 0;
+  // The most blocks it holds while one step takes it from `from` to `to`
+  // tokens (runtime/cache.h: a shrinking fp16 window keeps its pages until
+  // the step's last layer).
+  virtual int32_t blocks_for_step(int32_t from, int32_t to) const {
+    return std::max(blocks_for_tokens(from), blocks_for_tokens(to));
+  }
   // Gives the blocks of `seq` back (truncate to 0).
   void release(int32_t seq) { truncate(seq, 0); }
 
@@ -143,6 +150,9 @@ class TransformerEngine final : public Engine {
   PoolInfo pool() const override;
   int32_t blocks_for_tokens(int32_t tokens) const override {
     return attention_->cache().blocks_for_tokens(tokens);
+  }
+  int32_t blocks_for_step(int32_t from, int32_t to) const override {
+    return attention_->cache().blocks_for_step(from, to);
   }
 
   // The pieces of forward(), for a pipeline stage.

@@ -331,12 +331,12 @@ int32_t Scheduler::chunk_end(const Sequence& s, int32_t limit) const {
 
 bool Scheduler::plan_chunk(StepPlan& plan, Sequence& s, int32_t& budget) {
   Engine& engine = executor_.engine();
-  // The most tokens its blocks and the free ones hold.
+  // The most tokens its blocks and the free ones hold, at the step's peak.
   const int32_t room = s.held_blocks + free_blocks();
   int32_t fit = s.cached, hi = s.target();
   while (fit < hi) {
     const int32_t mid = fit + (hi - fit + 1) / 2;
-    if (engine.blocks_for_tokens(mid) <= room)
+    if (engine.blocks_for_step(s.cached, mid) <= room)
       fit = mid;
     else
       hi = mid - 1;
@@ -348,6 +348,7 @@ bool Scheduler::plan_chunk(StepPlan& plan, Sequence& s, int32_t& budget) {
   s.planned_step = step_count_;
   budget -= end - s.cached;
   const int32_t held = engine.blocks_for_tokens(end);
+  step_transient_blocks_ += engine.blocks_for_step(s.cached, end) - held;
   ledger_blocks_ += held - s.held_blocks;
   s.held_blocks = held;
   return true;
@@ -361,7 +362,7 @@ void Scheduler::plan_decodes(StepPlan& plan, int32_t& budget) {
   for (Sequence* s : decoders) {
     if (s->slot < 0) continue;  // preempted for an older one in this loop
     if (budget == 0) break;
-    const int32_t need = engine.blocks_for_tokens(s->cached + 1) - s->held_blocks;
+    const int32_t need = engine.blocks_for_step(s->cached, s->cached + 1) - s->held_blocks;
     bool runs = true;
     while (need > free_blocks()) {
       if (ledger_blocks_ == s->held_blocks) {
@@ -422,6 +423,7 @@ bool Scheduler::plan_prefills(StepPlan& plan, int32_t& budget, int32_t max_chunk
 StepPlan Scheduler::plan_step() {
   StepPlan plan;
   planned_.clear();
+  step_transient_blocks_ = 0;
   plan.released.swap(pending_release_);
   int32_t budget = options_.max_batch_tokens;
   bool prefill_waiting = !waiting_.empty();

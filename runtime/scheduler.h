@@ -136,7 +136,9 @@ class Scheduler {
   bool append_text(Sequence& s, const std::string& piece, std::string& out);
   void finish(Sequence& s, FinishReason reason, const std::string& message);
   void fail_step(const std::string& message);
-  int32_t free_blocks() const { return total_blocks_ - ledger_blocks_; }
+  // Free by the ledger, less what the steps planned so far hold only while
+  // they run (runtime/cache.h, blocks_for_step).
+  int32_t free_blocks() const { return total_blocks_ - ledger_blocks_ - step_transient_blocks_; }
   int32_t outstanding_prefill_blocks() const;
 
   StepExecutor& executor_;
@@ -153,6 +155,9 @@ class Scheduler {
   int64_t preemptions_ = 0;
   int32_t starved_steps_ = 0;  // steps in a row where waiting prefills got nothing
   int32_t ledger_blocks_ = 0;
+  // Blocks the planned step holds beyond its sequences' end counts until its
+  // last layer has run (window pages not yet given back); reset per plan.
+  int32_t step_transient_blocks_ = 0;
   int32_t reserved_blocks_ = 0;
 
   std::unordered_map<RequestId, std::unique_ptr<Sequence>> live_;

@@ -170,27 +170,69 @@ TEST_P(BatchEquivalence, SixtyFourStaggeredPromptsEqualTheirSoloRuns) {
   EXPECT_EQ(engine.cache_bytes_in_use(), 0u);
 }
 
-// Optimistic admission into a pool of about six sequences' worth of blocks,
-// with a cancellation every 7 steps: preemption happens often.
-TEST_P(BatchEquivalence, PreemptedAndCancelledUnderATightPool) {
+// The stress run: 400 requests (prompts of 3 to ~250 tokens, 1 to 48 new
+// tokens each) arriving at random (0 to 3 a step), a random running or
+// waiting one cancelled now and then, optimistic admission into a pool of
+// two long sequences' blocks: preemption happens all the time. Thousands of
+// steps; every request ends exactly once, the ledger never passes the pool,
+// every finished request equals its solo run, and the pool is empty at the
+// end.
+TEST_P(BatchEquivalence, StressRandomArrivalsCancellationsAndPreemption) {
   auto model = Model::load(testing::shared_path("models/stories260K.bin"));
-  const std::vector<Request> requests = story_prompts(*model, 64, 24);
+  std::vector<Request> requests = story_prompts(*model, 400, 1);
+  std::mt19937 random(11);
+  for (Request& r : requests) r.max_tokens = 1 + static_cast<int32_t>(random() % 48);
   EngineOptions options;
   options.cache_mode = GetParam();
   options.max_tokens = 512;
   EngineOptions batched = options;
   batched.sequences = 16;
   {
-    // Blocks for six sequences of 280 tokens, in bytes of this mode's pool.
     TransformerEngine probe(*model, options);
-    batched.cache_bytes = probe.pool().block_bytes * 6 * probe.blocks_for_tokens(280);
+    batched.cache_bytes = probe.pool().block_bytes * 2 * probe.blocks_for_tokens(300);
   }
   TransformerEngine engine(*model, batched);
-  const BatchRun run = run_batched(engine, requests, AdmissionPolicy::kOptimistic, 7);
+  LocalExecutor executor(engine);
+  SchedulerOptions sopts;
+  sopts.max_batch_tokens = 256;
+  sopts.policy = AdmissionPolicy::kOptimistic;
+  Scheduler scheduler(executor, sopts);
+  BatchRun run;
+  run.cancelled.assign(requests.size(), false);
+  size_t next = 0;
+  int steps = 0;
+  for (; next < requests.size() || !scheduler.idle(); ++steps) {
+    const int arrivals = static_cast<int>(random() % 4) - (steps % 3 == 0 ? 0 : 1);
+    for (int k = 0; k < arrivals && next < requests.size(); ++k)
+      run.ids.push_back(scheduler.submit(requests[next++]));
+    if (random() % 9 == 0 && !run.ids.empty()) {
+      const size_t victim = random() % run.ids.size();
+      if (scheduler.cancel(run.ids[victim])) run.cancelled[victim] = true;
+    }
+    scheduler.step();
+    for (RequestEvent& e : scheduler.take_events()) {
+      Outcome& o = run.outcomes[e.id];
+      if (e.kind == RequestEvent::Kind::kToken) {
+        EXPECT_EQ(o.finished, 0) << "a token after the end of request " << e.id;
+        o.tokens.push_back(e.token);
+      } else {
+        ++o.finished;
+        o.reason = e.reason;
+        o.message = e.message;
+      }
+    }
+    ASSERT_LE(scheduler.stats().ledger_blocks, engine.pool().total_blocks);
+    ASSERT_LE(engine.cache_bytes_in_use(), batched.cache_bytes);
+    ASSERT_LT(steps, 200000) << "the scheduler does not finish";
+  }
+  run.stats = scheduler.stats();
+  EXPECT_GT(steps, 1000);
+  EXPECT_GT(run.stats.preemptions, 20);
   expect_equal_to_solo(*model, options, requests, run, 0.0f);
-  EXPECT_GT(run.stats.preemptions, 0);
   EXPECT_EQ(engine.cache_bytes_in_use(), 0u);
   EXPECT_EQ(run.stats.ledger_blocks, 0);
+  std::printf("%s: %d steps, %lld preemptions\n", GetParam().c_str(), steps,
+              static_cast<long long>(run.stats.preemptions));
 }
 
 INSTANTIATE_TEST_SUITE_P(EveryMode, BatchEquivalence,

@@ -1,11 +1,9 @@
-// CPU attention over cached keys and values, in two forms:
-//   causal_attention  many queries at once (prefill): per head, scores = Q Kᵀ
-//                     (sgemm), causal mask + softmax, out = P V (sgemm);
-//   attend_in_blocks  a few queries (decode): the cached tokens walked in
-//                     blocks across threads, each block absorbed into an
-//                     online-softmax state (kernels/attention_state.h) that
-//                     is merged at the end, so nothing the size of the whole
-//                     context is materialized.
+// CPU attention over cached keys and values: the cached tokens walked in
+// blocks across threads (attend_in_blocks), each block absorbed into an
+// online-softmax state (kernels/attention_state.h), the states merged in a
+// fixed order, so nothing the size of the whole context is materialized and
+// a query gets the same bits whatever else is in the call (prefill chunks and
+// decode steps alike).
 // Shared by every cache mode once its K and V (or the rows V is mixed from)
 // are in fp32.
 #pragma once
@@ -17,14 +15,6 @@
 #include "kernels/cpu/aligned_vector.h"
 
 namespace xq::cpu {
-
-// q: (n, heads, head_dim), row stride q_stride; query i is at position pos0 + i
-// and sees keys [0, pos0 + i]. Keys and values of KV head g (heads share them
-// in groups of heads / kv_heads): row t at keys + g * head_offset + t * row_stride
-// (values alike). out: like q. Scale 1/sqrt(head_dim).
-void causal_attention(const float* q, int64_t q_stride, int32_t n, int32_t pos0, int32_t total,
-                      int32_t heads, int32_t kv_heads, int32_t head_dim, const float* keys,
-                      const float* values, int64_t head_offset, int64_t row_stride, float* out);
 
 // Attention over a subset of the tokens as host buffers of online-softmax
 // rows (kernels/attention_state.h: max, sum = Σ exp(s_t - max) in natural
