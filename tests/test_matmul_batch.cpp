@@ -231,33 +231,101 @@ TEST(MatmulBatch, MatchesDoubleReference) {
 // AVX2 is just as batch-invariant, and the order written in the kernels' file
 // comments is the one they follow). Where the build has VNNI, the int8 kernel
 // with it and without it give the same bits too.
+// Every row count takes it: the fp32 kernel streams the weights through
+// registers up to 8 rows of x and packs panels beyond; the int8 kernel's tile
+// shapes change with the rows left.
 TEST(MatmulBatch, VectorKernelsEqualScalarForms) {
-  const int64_t rows = 37, n = 19;
+  const int64_t rows = 37;
   std::mt19937 rng(3);
   for (int64_t cols : {int64_t{224}, int64_t{288}}) {
     for (TensorType type : kTypes) {
-      const Matrix m = random_matrix(type, rows, cols, rng);
-      const std::vector<float> x = random_x(n, cols, rng);
-      std::vector<float> vector(static_cast<size_t>(n * rows)), scalar(vector.size());
-      if (cpu::has_q8_gemm(type)) {
-        cpu::Q8Rows prepared;
-        prepared.reset(type, n, cols);
-        prepared.quantize(x.data(), 0, n);
-        cpu::q8_gemm(m.w, prepared, 0, rows, vector.data());
-        cpu::portable::q8_gemm(m.w, prepared, 0, rows, scalar.data());
-        std::vector<float> plain(vector.size());
-        cpu::without_vnni::q8_gemm(m.w, prepared, 0, rows, plain.data());
-        ASSERT_TRUE(same_bits(vector.data(), plain.data(), n * rows))
-            << tensor_type_name(type) << ": VNNI (" << cpu::q8_gemm_uses_vnni()
-            << ") and plain AVX2 differ";
-      } else {
-        cpu::float_gemm(m.w, x.data(), n, 0, rows, vector.data());
-        cpu::portable::float_gemm(m.w, x.data(), n, 0, rows, scalar.data());
+      for (int64_t n : {1, 2, 3, 4, 5, 8, 9, 17, 19}) {
+        const Matrix m = random_matrix(type, rows, cols, rng);
+        const std::vector<float> x = random_x(n, cols, rng);
+        std::vector<float> vector(static_cast<size_t>(n * rows)), scalar(vector.size());
+        if (cpu::has_q8_gemm(type)) {
+          cpu::Q8Rows prepared;
+          prepared.reset(type, n, cols);
+          prepared.quantize(x.data(), 0, n);
+          cpu::q8_gemm(m.w, prepared, 0, rows, vector.data());
+          cpu::portable::q8_gemm(m.w, prepared, 0, rows, scalar.data());
+          std::vector<float> plain(vector.size());
+          cpu::without_vnni::q8_gemm(m.w, prepared, 0, rows, plain.data());
+          ASSERT_TRUE(same_bits(vector.data(), plain.data(), n * rows))
+              << tensor_type_name(type) << ": VNNI (" << cpu::q8_gemm_uses_vnni()
+              << ") and plain AVX2 differ";
+        } else {
+          cpu::float_gemm(m.w, x.data(), n, 0, rows, vector.data());
+          cpu::portable::float_gemm(m.w, x.data(), n, 0, rows, scalar.data());
+        }
+        for (size_t k = 0; k < vector.size(); ++k) {
+          ASSERT_TRUE(same_bits(&vector[k], &scalar[k], 1))
+              << tensor_type_name(type) << " cols " << cols << " n " << n << " at " << k << ": "
+              << vector[k] << " vs " << scalar[k];
+        }
       }
-      for (size_t k = 0; k < vector.size(); ++k) {
-        ASSERT_TRUE(same_bits(&vector[k], &scalar[k], 1))
-            << tensor_type_name(type) << " cols " << cols << " at " << k << ": " << vector[k]
-            << " vs " << scalar[k];
+    }
+  }
+}
+
+// K-quant weights (blocks of 256, dequantized a panel or group at a time):
+// random blocks whose values are finite, batch invariance as in (a) and the
+// vector kernel against the scalar one for every row count, and each element
+// the fp32 fma chain over the dequantized row.
+Matrix random_k_matrix(TensorType type, int64_t rows, int64_t cols, std::mt19937& rng) {
+  const TensorTypeTraits& t = tensor_type_traits(type);
+  const size_t row_bytes = static_cast<size_t>(cols / t.block_elems * t.block_bytes);
+  Matrix m;
+  m.data.resize(row_bytes * rows + 64);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<float> values(static_cast<size_t>(t.block_elems));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < cols / t.block_elems; ++b) {
+      uint8_t* block = m.data.data() + r * row_bytes + b * t.block_bytes;
+      // Redraw a block until its values are finite and moderate (its fp16
+      // scales are random bits).
+      for (bool good = false; !good;) {
+        for (int64_t i = 0; i < t.block_bytes; ++i) block[i] = static_cast<uint8_t>(byte(rng));
+        cpu::dequantize_row(type, block, values.data(), t.block_elems);
+        good = std::all_of(values.begin(), values.end(),
+                           [](float v) { return std::isfinite(v) && std::fabs(v) < 1e3f; });
+      }
+    }
+  }
+  m.w = WeightMatrix{type, m.data.data(), rows, cols, row_bytes};
+  return m;
+}
+
+TEST(MatmulBatch, KQuantWeights) {
+  const int64_t rows = 37, cols = 512, max_n = 100;
+  std::mt19937 rng(17);
+  for (TensorType type : {TensorType::kQ4_K, TensorType::kQ6_K}) {
+    const Matrix m = random_k_matrix(type, rows, cols, rng);
+    const std::vector<float> x = random_x(max_n, cols, rng);
+    std::vector<float> alone(static_cast<size_t>(max_n * rows));
+    std::vector<float> w(static_cast<size_t>(cols));
+    for (int64_t i = 0; i < max_n; ++i) {
+      const std::vector<float> y = multiply(m.w, x.data() + i * cols, 1);
+      std::copy(y.begin(), y.end(), alone.begin() + i * rows);
+      if (i >= 3) continue;
+      for (int64_t r = 0; r < rows; ++r) {
+        cpu::dequantize_row(type, m.w.row(r), w.data(), cols);
+        float chain = 0;
+        for (int64_t k = 0; k < cols; ++k) chain = std::fma(x[i * cols + k], w[k], chain);
+        ASSERT_TRUE(same_bits(&chain, &alone[i * rows + r], 1))
+            << tensor_type_name(type) << " row " << r << ": not the fp32 fma chain";
+      }
+    }
+    for (int threads : {1, 2}) {
+      ThreadScope scope(threads);
+      for (int64_t n : {1, 2, 3, 5, 8, 9, 17, 64, 100}) {
+        const std::vector<float> y = multiply(m.w, x.data(), n);
+        ASSERT_TRUE(same_bits(y.data(), alone.data(), n * rows))
+            << tensor_type_name(type) << " threads " << threads << " n " << n;
+        std::vector<float> scalar(y.size());
+        cpu::portable::float_gemm(m.w, x.data(), n, 0, rows, scalar.data());
+        ASSERT_TRUE(same_bits(y.data(), scalar.data(), n * rows))
+            << tensor_type_name(type) << " n " << n << ": vector and scalar differ";
       }
     }
   }

@@ -39,7 +39,7 @@ inline uint16_t load_u16(const uint8_t* p) {
 
 inline void prefetch_line(const uint8_t* p) {
 #if XQ_FLOAT_GEMM_AVX2
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T1);
 #else
   (void)p;
 #endif
@@ -215,6 +215,132 @@ void tile_rows_vector(int rows, int64_t depth, const float* x, int64_t ldx, cons
 }
 #endif
 
+#if XQ_FLOAT_GEMM_AVX2
+// Few rows of x (decode): packing a panel costs more than the few products
+// that use it, and each weight is wanted once. The weights instead stream
+// through registers: 32 weight rows at a time, 8 values of k at a time, each
+// 8 x 8 block of (row, k) loaded and transposed in registers so that vector
+// t holds value k + t of 8 rows. Each x row keeps 4 accumulators (lanes:
+// the 32 weight rows), so 4 chains per x row are in flight while each lane is
+// still one fma chain over k in order. While a group is summed, the next
+// group's bytes are prefetched into L2, a share per step of k: its 32 rows
+// are otherwise 32 short streams that the hardware prefetchers follow poorly
+// (into L2, not L1: a group is larger than L1, and prefetching it there
+// evicted the lines still in use, at half the bandwidth). Up to 8 rows of x
+// this beats packing panels.
+constexpr int kStreamRows = 32;
+constexpr int64_t kStreamTileX = 4;  // rows of x per pass over a group
+constexpr int64_t kMaxStreamX = 8;   // rows of x up to which W streams
+
+template <int kFormat, int R>
+void stream_group(const uint8_t* const* rows, int count, int64_t cols, const float* x, int64_t ldx,
+                  float* y, int64_t ldy, const uint8_t* ahead, size_t ahead_bytes) {
+  constexpr int kBlocks = kStreamRows / 8;
+  __m256 acc[R][kBlocks];
+  for (int i = 0; i < R; ++i) {
+    for (int b = 0; b < kBlocks; ++b) acc[i][b] = _mm256_setzero_ps();
+  }
+  const int64_t steps = cols / 8;
+  const size_t share = steps > 0 ? (ahead_bytes / static_cast<size_t>(steps) + 64) / 64 * 64 : 0;
+  size_t prefetched = 0;
+  for (int64_t k = 0; k + 8 <= cols; k += 8) {
+    for (size_t end = std::min(ahead_bytes, prefetched + share); prefetched < end; prefetched += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + prefetched), _MM_HINT_T1);
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlocks; ++b) {
+      __m256 v[8];
+      for (int c = 0; c < 8; ++c) {
+        const uint8_t* row = rows[8 * b + c];
+        if constexpr (kFormat == 1) {
+          v[c] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k)));
+        } else {
+          v[c] = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + k);
+        }
+      }
+      transpose8(v);
+      for (int t = 0; t < 8; ++t) {
+        for (int i = 0; i < R; ++i)
+          acc[i][b] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * ldx + k + t), v[t], acc[i][b]);
+      }
+    }
+  }
+  // Values of k past the last multiple of 8 continue each lane's chain.
+  const int64_t done = steps * 8;
+  for (int i = 0; i < R; ++i) {
+    alignas(32) float sums[kStreamRows];
+    for (int b = 0; b < kBlocks; ++b) _mm256_store_ps(sums + 8 * b, acc[i][b]);
+    for (int c = 0; c < count; ++c) {
+      float sum = sums[c];
+      for (int64_t k = done; k < cols; ++k) {
+        const float w = kFormat == 1 ? fp16_to_fp32(load_u16(rows[c] + 2 * k))
+                                     : reinterpret_cast<const float*>(rows[c])[k];
+        sum = std::fma(x[i * ldx + k], w, sum);
+      }
+      y[i * ldy + c] = sum;
+    }
+  }
+}
+
+template <int kFormat>
+void stream_group_rows(int64_t n, const uint8_t* const* rows, int count, int64_t cols,
+                       const float* x, float* y, int64_t ldy, const uint8_t* ahead,
+                       size_t ahead_bytes) {
+  switch (n) {
+    case 4:
+      return stream_group<kFormat, 4>(rows, count, cols, x, cols, y, ldy, ahead, ahead_bytes);
+    case 3:
+      return stream_group<kFormat, 3>(rows, count, cols, x, cols, y, ldy, ahead, ahead_bytes);
+    case 2:
+      return stream_group<kFormat, 2>(rows, count, cols, x, cols, y, ldy, ahead, ahead_bytes);
+    default:
+      return stream_group<kFormat, 1>(rows, count, cols, x, cols, y, ldy, ahead, ahead_bytes);
+  }
+}
+
+// Weight rows [row_begin, row_end) against n <= kMaxStreamX rows of x.
+void float_gemm_stream(const WeightMatrix& w, const float* x, int64_t n, int64_t row_begin,
+                       int64_t row_end, float* y) {
+  static thread_local std::vector<float> dequantized_buffer;
+  const bool direct = read_directly(w.type);
+  if (!direct && dequantized_buffer.size() < static_cast<size_t>(kStreamRows * w.cols))
+    dequantized_buffer.resize(static_cast<size_t>(kStreamRows * w.cols));
+  for (int64_t first = row_begin; first < row_end; first += kStreamRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kStreamRows, row_end - first));
+    // Rows past count repeat the last one; their sums are not stored.
+    const uint8_t* rows[kStreamRows];
+    for (int c = 0; c < kStreamRows; ++c) {
+      const int64_t r = first + std::min(c, count - 1);
+      rows[c] =
+          direct
+              ? w.row(r)
+              : reinterpret_cast<const uint8_t*>(dequantized_buffer.data() + (r - first) * w.cols);
+    }
+    if (!direct) {
+      for (int c = 0; c < count; ++c)
+        dequantize_row(w.type, w.row(first + c), dequantized_buffer.data() + c * w.cols, w.cols);
+    }
+    const int64_t next = first + kStreamRows;
+    const uint8_t* ahead = direct && next < row_end ? w.row(next) : nullptr;
+    const size_t ahead_bytes =
+        ahead ? static_cast<size_t>(std::min<int64_t>(kStreamRows, row_end - next)) * w.row_bytes
+              : 0;
+    // More than 4 rows of x go 4 at a time over the group, which stays in L2;
+    // the first pass prefetches the next group.
+    for (int64_t i0 = 0; i0 < n; i0 += kStreamTileX) {
+      const int64_t tile = std::min(kStreamTileX, n - i0);
+      const float* xs = x + i0 * w.cols;
+      float* ys = y + i0 * w.rows + first;
+      const size_t bytes = i0 == 0 ? ahead_bytes : 0;
+      if (w.type == TensorType::kF16) {
+        stream_group_rows<1>(tile, rows, count, w.cols, xs, ys, w.rows, ahead, bytes);
+      } else {
+        stream_group_rows<0>(tile, rows, count, w.cols, xs, ys, w.rows, ahead, bytes);
+      }
+    }
+  }
+}
+#endif
+
 // The same chain per element as the vector tile, one element at a time.
 void tile_rows_scalar(int rows, int64_t depth, const float* x, int64_t ldx, const float* panel,
                       float* c, int64_t ldc, bool resume) {
@@ -240,6 +366,11 @@ void tile_rows(int rows, int64_t depth, const float* x, int64_t ldx, const float
 template <bool kVector>
 void float_gemm_with(const WeightMatrix& w, const float* x, int64_t n, int64_t row_begin,
                      int64_t row_end, float* y) {
+#if XQ_FLOAT_GEMM_AVX2
+  if constexpr (kVector) {
+    if (n <= kMaxStreamX) return float_gemm_stream(w, x, n, row_begin, row_end, y);
+  }
+#endif
   // Per thread and grow-only: no allocation once the largest shape was seen.
   static thread_local std::vector<float> panel_buffer, dequantized_buffer;
   std::vector<float>& panel = panel_buffer;
@@ -255,8 +386,8 @@ void float_gemm_with(const WeightMatrix& w, const float* x, int64_t n, int64_t r
         dequantize_row(w.type, w.row(first + c), dequantized_buffer.data() + c * w.cols, w.cols);
     }
     // The pack reads 16 rows side by side, a short run of each, which the
-    // hardware prefetchers follow poorly; decode would wait on memory. Each
-    // range of k therefore prefetches its share of the next panel's bytes.
+    // hardware prefetchers follow poorly. Each range of k therefore prefetches
+    // its share of the next panel's bytes into L2.
     const int64_t ranges = (w.cols + kDepth - 1) / kDepth;
     const size_t next_bytes =
         direct && first + kPanelRows < row_end

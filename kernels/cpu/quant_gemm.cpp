@@ -10,14 +10,21 @@
 // shorter tile of x (all of decode) takes more weight rows side by side.
 //
 // The integer part: maddubs multiplies unsigned weight bytes by signed x
-// bytes and adds pairs into int16, madd adds pairs of those into int32, so
-// each of the 8 lanes holds an exact sum of 8 products (nibbles: elements
-// 4p..4p+3 and 16+4p..16+4p+3 of a block, lanes 0-3 for the first block of a
-// pair and 4-7 for the second; Q8: elements 4p..4p+3). Per unit every lane
-// then does acc = fma(isum, d_w * d_x, acc) and, for types with an offset,
-// acc = fma(m_w, t_x, acc). The lanes are reduced as ((0+1)+(2+3)) +
-// ((4+5)+(6+7)). This sequence is the same for every tile shape and in the
-// scalar code, which is why a row of y does not depend on n.
+// bytes and adds pairs into int16, madd adds pairs of those into int32 (or
+// VNNI's dpbusd does both), so each of the 8 lanes holds an exact sum of 8
+// products (nibbles: elements 4p..4p+3 and 16+4p..16+4p+3 of a block, lanes
+// 0-3 for the first block of a pair and 4-7 for the second; Q8: elements
+// 4p..4p+3). Per unit every lane then does acc = fma(isum, d_w * d_x, acc),
+// and the lanes are reduced as ((0+1)+(2+3)) + ((4+5)+(6+7)).
+//
+// The weight offset term of the nibble types (m_w per block, or d_w for the
+// types without m, times x's t per block) is summed apart, o = fma(m_w, t_x,
+// o) over the blocks in order, in a vector whose lanes are the tile's x rows
+// (t is stored with 8 rows side by side): one fma per weight block for the
+// whole tile instead of one per x row. The element is reduce(acc) + o.
+//
+// This sequence is the same for every tile shape and in the scalar code,
+// which is why a row of y does not depend on n.
 #include "kernels/cpu/quant_gemm.h"
 
 #include <algorithm>
@@ -76,7 +83,7 @@ struct NibbleFormat {
   static constexpr bool kFiveBit = kWithFifthBit;
   static constexpr int kHighBits = kHasMin ? 4 : 2;
   static constexpr int kQuants = kHighBits + (kFiveBit ? 4 : 0);
-  static constexpr int64_t kUnitBytes = 128;  // of x, per pair of blocks
+  static constexpr int64_t kUnitBytes = 96;  // of x, per pair of blocks
 };
 using Q4_0Format = NibbleFormat<18, false, false>;
 using Q4_1Format = NibbleFormat<20, true, false>;
@@ -114,23 +121,29 @@ inline float reduce_lanes(const float* a) {
 // build without AVX2 runs, and it performs the same float operations in the
 // same order as the vector code.
 
+// terms: the offset terms of x's row, 8 floats apart (offset_terms).
 template <class F>
-float element_scalar(const uint8_t* w_row, const uint8_t* x_row, int64_t blocks) {
+float element_scalar(const uint8_t* w_row, const uint8_t* x_row, const float* terms,
+                     int64_t blocks) {
   float acc[8] = {};
   if constexpr (F::kNibbles) {
+    float offset = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* block = w_row + b * F::kBytes;
+      const float m = fp16_to_fp32(load_u16(block + (F::kHasMin ? 2 : 0)));
+      offset = std::fma(m, terms[8 * b], offset);
+    }
     for (int64_t u = 0; u < (blocks + 1) / 2; ++u) {
       const uint8_t* xu = x_row + u * F::kUnitBytes;
-      float x_scale[8], x_term[8];
+      float x_scale[8];
       std::memcpy(x_scale, xu + 64, sizeof(x_scale));
-      std::memcpy(x_term, xu + 96, sizeof(x_term));
       for (int half = 0; half < 2; ++half) {
         const int64_t b = 2 * u + half;
         int q[32] = {};
-        float d = 0, m = 0;
+        float d = 0;
         if (b < blocks) {
           const uint8_t* block = w_row + b * F::kBytes;
           d = fp16_to_fp32(load_u16(block));
-          m = F::kHasMin ? fp16_to_fp32(load_u16(block + 2)) : d;
           const uint32_t high = F::kFiveBit ? load_u32(block + F::kHighBits) : 0;
           for (int i = 0; i < 16; ++i) {
             q[i] = (block[F::kQuants + i] & 0x0f) | static_cast<int>(((high >> i) & 1) << 4);
@@ -150,10 +163,10 @@ float element_scalar(const uint8_t* w_row, const uint8_t* x_row, int64_t blocks)
           }
           const float scale = d * x_scale[lane];
           acc[lane] = std::fma(static_cast<float>(isum), scale, acc[lane]);
-          acc[lane] = std::fma(m, x_term[lane], acc[lane]);
         }
       }
     }
+    return reduce_lanes(acc) + offset;
   } else {
     for (int64_t b = 0; b < blocks; ++b) {
       const uint8_t* block = w_row + b * F::kBytes;
@@ -179,8 +192,10 @@ void gemm_scalar(const WeightMatrix& w, const Q8Rows& x, int64_t row_begin, int6
                  float* y) {
   const int64_t blocks = w.cols / kBlockElems;
   for (int64_t i = 0; i < x.rows(); ++i) {
+    const float* terms =
+        F::kNibbles ? x.offset_terms(i / kMaxTileRows) + i % kMaxTileRows : nullptr;
     for (int64_t r = row_begin; r < row_end; ++r)
-      y[i * w.rows + r] = element_scalar<F>(w.row(r), x.row(i), blocks);
+      y[i * w.rows + r] = element_scalar<F>(w.row(r), x.row(i), terms, blocks);
   }
 }
 
@@ -201,12 +216,12 @@ inline __m256i spread_fifth_bits(uint32_t bits) {
 }
 
 // One weight unit in registers: for nibble types the quants of a pair of
-// blocks (`low`: elements 0-15 of both, `high`: 16-31) with {d_a x4, d_b x4}
-// and {m_a x4, m_b x4}; for Q8 types the block's quants, their absolute
+// blocks (`low`: elements 0-15 of both, `high`: 16-31) with {d_a x4, d_b x4},
+// {m_a x8} and {m_b x8}; for Q8 types the block's quants, their absolute
 // values, and {d x8}.
 struct WeightUnit {
   __m256i low, high;
-  __m256 scale, offset;
+  __m256 scale, offset_a, offset_b;
 };
 
 // kHalf: an odd last block, paired with zeros (its second half reads nothing).
@@ -237,20 +252,21 @@ inline WeightUnit load_unit(const uint8_t* block) {
       const __m256 halves =
           _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<long long>(bits))));
       unit.scale = _mm256_permutevar8x32_ps(halves, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
-      unit.offset = _mm256_permutevar8x32_ps(halves, _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3));
+      unit.offset_a = _mm256_permutevar8x32_ps(halves, _mm256_set1_epi32(1));
+      unit.offset_b = _mm256_permutevar8x32_ps(halves, _mm256_set1_epi32(3));
     } else {
       // {d_a, d_b, 0, 0}; m_w = d_w.
       const uint32_t bits = load_u16(block) | (kHalf ? 0u : uint32_t{load_u16(next)} << 16);
       const __m256 halves =
           _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(bits))));
       unit.scale = _mm256_permutevar8x32_ps(halves, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-      unit.offset = unit.scale;
+      unit.offset_a = _mm256_permutevar8x32_ps(halves, _mm256_set1_epi32(0));
+      unit.offset_b = _mm256_permutevar8x32_ps(halves, _mm256_set1_epi32(1));
     }
   } else {
     unit.low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + F::kQuants));
     unit.high = _mm256_abs_epi8(unit.low);
     unit.scale = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(load_u16(block)))));
-    unit.offset = unit.scale;
   }
   return unit;
 }
@@ -281,9 +297,7 @@ inline __m256 unit_step(const WeightUnit& unit, const uint8_t* xu, __m256i ones,
     const __m256i sums = lane_sums<kVnni, true>(unit.low, x_low, unit.high, x_high, ones);
     const __m256 scale =
         _mm256_mul_ps(unit.scale, _mm256_load_ps(reinterpret_cast<const float*>(xu + 64)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-    return _mm256_fmadd_ps(unit.offset, _mm256_load_ps(reinterpret_cast<const float*>(xu + 96)),
-                           acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
   } else {
     // The products want an unsigned operand: |q| there, q's sign moved onto x.
     const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xu));
@@ -309,12 +323,14 @@ constexpr int64_t kPrefetchDistance = 4096;
 
 // J weight rows (from w, row_bytes apart) times R x rows (from x, x_stride
 // apart) into y (row i at y + i * ldy, column j at + j).
+// terms: the offset terms of the x rows' group (offset_terms), nibble types.
 template <class F, bool kVnni, int J, int R>
-void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride, int64_t blocks,
-          float* y, int64_t ldy) {
-  __m256 acc[J][R];
+void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride, const float* terms,
+          int64_t blocks, float* y, int64_t ldy) {
+  __m256 acc[J][R], offset[J];
   for (int j = 0; j < J; ++j) {
     for (int i = 0; i < R; ++i) acc[j][i] = _mm256_setzero_ps();
+    offset[j] = _mm256_setzero_ps();
   }
   const __m256i ones = _mm256_set1_epi16(1);
   constexpr int64_t kBlocksPerUnit = F::kNibbles ? 2 : 1;
@@ -331,6 +347,12 @@ void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride,
       for (int i = 0; i < R; ++i)
         acc[j][i] =
             unit_step<F, kVnni>(unit, x + i * x_stride + u * F::kUnitBytes, ones, acc[j][i]);
+      if constexpr (F::kNibbles) {
+        offset[j] = _mm256_fmadd_ps(unit.offset_a, _mm256_loadu_ps(terms + 16 * u), offset[j]);
+        if constexpr (!decltype(half)::value)
+          offset[j] =
+              _mm256_fmadd_ps(unit.offset_b, _mm256_loadu_ps(terms + 16 * u + 8), offset[j]);
+      }
     }
   };
   const int64_t full_units = blocks / kBlocksPerUnit;
@@ -340,9 +362,11 @@ void tile(const uint8_t* w, size_t row_bytes, const uint8_t* x, size_t x_stride,
   const __m256 zero = _mm256_setzero_ps();
   for (int j = 0; j < J; ++j) {
     for (int i = 0; i < R; i += 4) {
-      const __m128 sums =
-          reduce4(acc[j][i], i + 1 < R ? acc[j][i + 1] : zero, i + 2 < R ? acc[j][i + 2] : zero,
-                  i + 3 < R ? acc[j][i + 3] : zero);
+      __m128 sums = reduce4(acc[j][i], i + 1 < R ? acc[j][i + 1] : zero,
+                            i + 2 < R ? acc[j][i + 2] : zero, i + 3 < R ? acc[j][i + 3] : zero);
+      if constexpr (F::kNibbles)
+        sums = _mm_add_ps(
+            sums, i == 0 ? _mm256_castps256_ps128(offset[j]) : _mm256_extractf128_ps(offset[j], 1));
       alignas(16) float out[4];
       _mm_store_ps(out, sums);
       for (int t = 0; t < 4 && i + t < R; ++t) y[(i + t) * ldy + j] = out[t];
@@ -356,12 +380,13 @@ void tile_row_range(const WeightMatrix& w, const Q8Rows& x, int64_t i0, int64_t 
                     float* y) {
   const int64_t blocks = w.cols / kBlockElems;
   const uint8_t* xs = x.row(i0);
+  const float* terms = F::kNibbles ? x.offset_terms(i0 / kMaxTileRows) : nullptr;
   float* yi = y + i0 * w.rows;
   int64_t r = begin;
   for (; r + J <= end; r += J)
-    tile<F, kVnni, J, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
+    tile<F, kVnni, J, R>(w.row(r), w.row_bytes, xs, x.stride(), terms, blocks, yi + r, w.rows);
   for (; r < end; ++r)
-    tile<F, kVnni, 1, R>(w.row(r), w.row_bytes, xs, x.stride(), blocks, yi + r, w.rows);
+    tile<F, kVnni, 1, R>(w.row(r), w.row_bytes, xs, x.stride(), terms, blocks, yi + r, w.rows);
 }
 
 template <class F, bool kVnni>
@@ -432,8 +457,16 @@ void Q8Rows::reset(TensorType weight_type, int64_t n, int64_t cols) {
                                 " have no int8 product");
   }
   const int64_t blocks = cols / kBlockElems;
-  const size_t row = nibble_type(weight_type) ? static_cast<size_t>((blocks + 1) / 2) * 128
+  const size_t row = nibble_type(weight_type) ? static_cast<size_t>((blocks + 1) / 2) * 96
                                               : static_cast<size_t>(blocks) * 64;
+  // Offset terms: groups of 8 rows; rows past n stay zero.
+  terms_stride_ = nibble_type(weight_type) ? static_cast<size_t>(blocks) * kMaxTileRows : 0;
+  const size_t terms = terms_stride_ * static_cast<size_t>((n + kMaxTileRows - 1) / kMaxTileRows);
+  if (terms > terms_capacity_) {
+    terms_.reset(new float[terms]);
+    terms_capacity_ = terms;
+  }
+  if (terms > 0) std::fill(terms_.get(), terms_.get() + terms, 0.0f);
   const size_t bytes = row * static_cast<size_t>(n);
   if (bytes > capacity_) {
     const size_t capacity = (bytes + kAlignment - 1) / kAlignment * kAlignment;
@@ -460,19 +493,20 @@ void Q8Rows::quantize(const float* x, int64_t begin, int64_t end) {
     const float* terms = prepared.block_terms();
     uint8_t* out = buffer_.get() + static_cast<size_t>(i) * stride_;
     if (nibbles) {
+      float* offsets =
+          terms_.get() + static_cast<size_t>(i / kMaxTileRows) * terms_stride_ + i % kMaxTileRows;
+      for (int64_t b = 0; b < blocks; ++b) offsets[kMaxTileRows * b] = terms[2 * b + 1];
       for (int64_t u = 0; u < (blocks + 1) / 2; ++u) {
-        uint8_t* unit = out + u * 128;
-        std::memset(unit, 0, 128);
-        float scale[8] = {}, term[8] = {};
+        uint8_t* unit = out + u * 96;
+        std::memset(unit, 0, 96);
+        float scale[8] = {};
         for (int64_t half = 0; half < 2 && 2 * u + half < blocks; ++half) {
           const int64_t b = 2 * u + half;
           std::memcpy(unit + 16 * half, quants + 32 * b, 16);
           std::memcpy(unit + 32 + 16 * half, quants + 32 * b + 16, 16);
           for (int lane = 0; lane < 4; ++lane) scale[4 * half + lane] = terms[2 * b];
-          term[4 * half] = terms[2 * b + 1];
         }
         std::memcpy(unit + 64, scale, sizeof(scale));
-        std::memcpy(unit + 96, term, sizeof(term));
       }
     } else {
       for (int64_t b = 0; b < blocks; ++b) {

@@ -6,9 +6,11 @@
 // quantize_activations does (scale max|x| / 127), and laid out in the order
 // the kernel reads it (Q8Rows). Every output element then follows one fixed
 // sequence of operations: eight fp32 lanes, each summing, block after block,
-// d_w * d_x * (an exact integer sum of 8 products) plus the weight offset
-// term, then one fixed reduction of the eight lanes. Tiles of weight rows and
-// x rows only decide which elements are computed together, never the order.
+// d_w * d_x * (an exact integer sum of 8 products), then one fixed reduction
+// of the eight lanes; for the nibble types, plus the weight offset term, a
+// chain of m_w * t_x over the blocks in order, summed on its own (it needs
+// only x's per-block term t_x, not the quants). Tiles of weight rows and x
+// rows only decide which elements are computed together, never the order.
 #pragma once
 
 #include <cstddef>
@@ -27,11 +29,13 @@ bool has_q8_gemm(TensorType weight_type);
 // no allocation once it has seen the largest shape.
 //
 // Layout of one row (stride() bytes, 64-byte aligned), by unit:
-//   nibble types, one unit per pair of blocks a, b (128 bytes): quants 0-15
-//     of a then of b; quants 16-31 of a then of b; 8 floats {d_a x4, d_b x4};
-//     8 floats {t_a, 0, 0, 0, t_b, 0, 0, 0}, t = c * d * sum(quants) with c
-//     as in quant.h. An odd last block pairs with zeros.
+//   nibble types, one unit per pair of blocks a, b (96 bytes): quants 0-15
+//     of a then of b; quants 16-31 of a then of b; 8 floats {d_a x4, d_b x4}.
+//     An odd last block pairs with zeros.
 //   Q8_0 / Q8_1, one unit per block (64 bytes): 32 quants; 8 floats {d x8}.
+// Nibble types also keep the offset terms t = c * d * sum(quants) (c as in
+// quant.h) of rows 8g .. 8g + 7 side by side: offset_terms(g)[8 b + i] is
+// block b's term of row 8g + i (zero past the last row).
 class Q8Rows {
  public:
   // Sizes the buffer for n rows of `cols` values (a multiple of 32).
@@ -45,6 +49,9 @@ class Q8Rows {
   int64_t cols() const { return cols_; }
   size_t stride() const { return stride_; }
   const uint8_t* row(int64_t i) const { return buffer_.get() + static_cast<size_t>(i) * stride_; }
+  const float* offset_terms(int64_t group) const {
+    return terms_.get() + static_cast<size_t>(group) * terms_stride_;
+  }
 
  private:
   struct FreeAligned {
@@ -57,6 +64,9 @@ class Q8Rows {
   size_t stride_ = 0;
   size_t capacity_ = 0;
   std::unique_ptr<uint8_t[], FreeAligned> buffer_;
+  size_t terms_stride_ = 0;  // floats per group of 8 rows
+  size_t terms_capacity_ = 0;
+  std::unique_ptr<float[]> terms_;
 };
 
 // y[i * w.rows + r] = (row i of x) . (row r of w) for the weight rows
