@@ -16,7 +16,8 @@ cache mode asked for:
     most B), and argmaxes equal wherever the single-process margin exceeds 2 B.
     The single process forced with its own greedy tokens must reproduce them.
   * with --file, the perplexity must be within a relative bound of the
-    single-process one: 1e-4 for fp16 and 8 bits. Lower bit widths get a
+    single-process one: 1e-4 for fp16 and 8 bits (1e-2 at tp > 1 where
+    the products round activations to int8, --int8-decode). Lower bit widths get a
     wider bound (--low-bit-bound): the ranks' X differs from one process's by
     float rounding (another summation order in the all-reduce, attention
     merged from shards), and a rounding-level change moves a value across a
@@ -65,7 +66,8 @@ def main():
     parser.add_argument("--noise", type=float, default=None,
                         help="the model's int8 noise floor E (needed at tp > 1)")
     parser.add_argument("--int8-decode", action="store_true",
-                        help="decode rounds activations to int8 (quantized weights)")
+                        help="the model's products round activations to int8 (quantized "
+                             "weights), prefill and decode alike")
     parser.add_argument("--cache-noise", default="",
                         help="MODE=C,...: each quantized cache mode's noise floor C")
     parser.add_argument("--file", help="text for the perplexity comparison")
@@ -190,7 +192,13 @@ def main():
             print(worker.stdout + worker.stderr + single.stdout + single.stderr)
             print(f"FAIL: {mode}: no perplexity")
             return 1
-        bound = 1e-4 if bits_of(mode) >= 8 else args.low_bit_bound
+        # With int8 activations (SmolLM2 Q4_1) TP's other summation order is a
+        # new draw of the rounding, as a low bit width is: the same numpy
+        # reference in float32 and float64 differs by 4.9e-3 on 3 chunks
+        # (tests/CMakeLists.txt, reference.smollm2_perplexity).
+        exact_enough = bits_of(mode) >= 8 and not (args.int8_decode and args.tp > 1)
+        bound = 1e-4 if exact_enough else max(args.low_bit_bound,
+                                                1e-2 if args.int8_decode else 0.0)
         difference = abs(got / want - 1)
         verdict = "ok" if difference <= bound else "FAIL"
         print(f"{verdict}: {mode} perplexity {got:.4f} at tp {args.tp} x pp {args.pp} vs "

@@ -10,6 +10,12 @@ kernels) or a llama2.c checkpoint. Two jobs:
   half scored) over token ids read from a file (one comma-separated line, as
   `xq tokenize` prints them);
       llama_numpy.py MODEL --perplexity IDS_FILE --ctx 256 [--chunks N]
+
+With --int8-activations (what the engine does, and llama.cpp too), the input
+of every product with a 32-block quantized weight (Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, Q8_1) is first rounded per block of 32 as the engine's int8 path rounds
+it: q = nearbyint(x * 127 / max|x|), value q * max|x| / 127. Everything else
+stays in float64.
 """
 import argparse
 import sys
@@ -70,6 +76,8 @@ def load(path):
         "eps": field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
     }
     weights = {}
+    block_quantized = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1"}
+    cfg["int8_inputs"] = {t.name for t in reader.tensors if t.tensor_type.name in block_quantized}
     for t in reader.tensors:
         w = quants.dequantize(t.data, t.tensor_type).astype(np.float64)
         weights[t.name] = w.reshape([int(d) for d in reversed(t.shape)])  # numpy order: (rows, cols)
@@ -93,6 +101,24 @@ def rope(x, heads, head_dim, theta):
     return out.reshape(n, heads * head_dim)
 
 
+def round_as_q8(x):
+    n, cols = x.shape
+    blocks = x.reshape(n, cols // 32, 32)
+    top = np.abs(blocks).max(axis=2, keepdims=True)
+    safe = np.where(top > 0, top, 1.0)
+    return (np.rint(blocks * (127.0 / safe)) * (top / 127.0)).reshape(n, cols)
+
+
+# x @ W.T, with x rounded first where the engine rounds it (see the top).
+INT8_ACTIVATIONS = False
+
+
+def mm(cfg, w, x, name):
+    if INT8_ACTIVATIONS and name in cfg.get("int8_inputs", ()):
+        x = round_as_q8(x)
+    return x @ w[name].T
+
+
 def forward(cfg, w, ids, all_rows=False):
     d, H, G = cfg["dim"], cfg["heads"], cfg["kv_heads"]
     hd = d // H
@@ -102,9 +128,9 @@ def forward(cfg, w, ids, all_rows=False):
     for layer in range(cfg["layers"]):
         p = f"blk.{layer}."
         xn = rmsnorm(x, w[p + "attn_norm.weight"], cfg["eps"])
-        q = rope(xn @ w[p + "attn_q.weight"].T, H, hd, cfg["theta"]).reshape(n, H, hd)
-        k = rope(xn @ w[p + "attn_k.weight"].T, G, hd, cfg["theta"]).reshape(n, G, hd)
-        v = (xn @ w[p + "attn_v.weight"].T).reshape(n, G, hd)
+        q = rope(mm(cfg, w, xn, p + "attn_q.weight"), H, hd, cfg["theta"]).reshape(n, H, hd)
+        k = rope(mm(cfg, w, xn, p + "attn_k.weight"), G, hd, cfg["theta"]).reshape(n, G, hd)
+        v = mm(cfg, w, xn, p + "attn_v.weight").reshape(n, G, hd)
         out = np.zeros((n, H, hd))
         for h in range(H):
             g = h // (H // G)
@@ -112,14 +138,13 @@ def forward(cfg, w, ids, all_rows=False):
             s = np.exp(s - s.max(axis=1, keepdims=True))
             s /= s.sum(axis=1, keepdims=True)
             out[:, h, :] = s @ v[:, g, :]
-        x = x + out.reshape(n, d) @ w[p + "attn_output.weight"].T
+        x = x + mm(cfg, w, out.reshape(n, d), p + "attn_output.weight")
         xn = rmsnorm(x, w[p + "ffn_norm.weight"], cfg["eps"])
-        gate = xn @ w[p + "ffn_gate.weight"].T
-        up = xn @ w[p + "ffn_up.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[p + "ffn_down.weight"].T
+        gate = mm(cfg, w, xn, p + "ffn_gate.weight")
+        up = mm(cfg, w, xn, p + "ffn_up.weight")
+        x = x + mm(cfg, w, gate / (1 + np.exp(-gate)) * up, p + "ffn_down.weight")
     x = rmsnorm(x if all_rows else x[-1:], w["output_norm.weight"], cfg["eps"])
-    head = w.get("output.weight", w["token_embd.weight"])
-    logits = x @ head.T
+    logits = mm(cfg, w, x, "output.weight" if "output.weight" in w else "token_embd.weight")
     return logits if all_rows else logits[0]
 
 
@@ -152,7 +177,11 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=0)
     ap.add_argument("--bos", type=int, default=1)
+    ap.add_argument("--int8-activations", action="store_true",
+                    help="round the inputs of block-quantized products as the engine does")
     args = ap.parse_args()
+    global INT8_ACTIVATIONS
+    INT8_ACTIVATIONS = args.int8_activations
     cfg, w = load(args.model)
     if args.perplexity:
         ids = [int(t) for t in open(args.perplexity).read().strip().split(",")]
