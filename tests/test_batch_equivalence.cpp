@@ -70,6 +70,21 @@ struct BatchRun {
   SchedulerStats stats;
 };
 
+// Drains the scheduler's events into `run`: tokens in order, one end each.
+void collect_events(Scheduler& scheduler, BatchRun& run) {
+  for (RequestEvent& e : scheduler.take_events()) {
+    Outcome& o = run.outcomes[e.id];
+    if (e.kind == RequestEvent::Kind::kToken) {
+      EXPECT_EQ(o.finished, 0) << "a token after the end of request " << e.id;
+      o.tokens.push_back(e.token);
+    } else {
+      ++o.finished;
+      o.reason = e.reason;
+      o.message = e.message;
+    }
+  }
+}
+
 // Submits two requests per step (cancelling a random running one now and
 // then when `cancel_every` > 0) until every request has ended.
 BatchRun run_batched(Engine& engine, const std::vector<Request>& requests, AdmissionPolicy policy,
@@ -91,17 +106,7 @@ BatchRun run_batched(Engine& engine, const std::vector<Request>& requests, Admis
       if (scheduler.cancel(run.ids[victim])) run.cancelled[victim] = true;
     }
     scheduler.step();
-    for (RequestEvent& e : scheduler.take_events()) {
-      Outcome& o = run.outcomes[e.id];
-      if (e.kind == RequestEvent::Kind::kToken) {
-        EXPECT_EQ(o.finished, 0) << "a token after the end of request " << e.id;
-        o.tokens.push_back(e.token);
-      } else {
-        ++o.finished;
-        o.reason = e.reason;
-        o.message = e.message;
-      }
-    }
+    collect_events(scheduler, run);
     EXPECT_LE(scheduler.stats().ledger_blocks, engine.pool().total_blocks);
     if (step >= 100000) {
       ADD_FAILURE() << "the scheduler does not finish";
@@ -210,17 +215,7 @@ TEST_P(BatchEquivalence, StressRandomArrivalsCancellationsAndPreemption) {
       if (scheduler.cancel(run.ids[victim])) run.cancelled[victim] = true;
     }
     scheduler.step();
-    for (RequestEvent& e : scheduler.take_events()) {
-      Outcome& o = run.outcomes[e.id];
-      if (e.kind == RequestEvent::Kind::kToken) {
-        EXPECT_EQ(o.finished, 0) << "a token after the end of request " << e.id;
-        o.tokens.push_back(e.token);
-      } else {
-        ++o.finished;
-        o.reason = e.reason;
-        o.message = e.message;
-      }
-    }
+    collect_events(scheduler, run);
     ASSERT_LE(scheduler.stats().ledger_blocks, engine.pool().total_blocks);
     ASSERT_LE(engine.cache_bytes_in_use(), batched.cache_bytes);
     ASSERT_LT(steps, 200000) << "the scheduler does not finish";

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/unaligned_load.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XQ_FLOAT_GEMM_AVX2 1
@@ -30,12 +31,6 @@ namespace {
 constexpr int kPanelRows = 16;
 constexpr int64_t kDepth = 256;  // values of k per packed panel
 constexpr int kTileRows = 6;     // rows of x per tile
-
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 inline void prefetch_line(const uint8_t* p) {
 #if XQ_FLOAT_GEMM_AVX2

@@ -9,6 +9,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "kernels/cpu/unaligned_load.h"
+
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -125,12 +127,6 @@ inline void unpack_nibbles(const uint8_t* qs, int* q) {
     q[i] = qs[i] & 0x0f;
     q[i + 16] = qs[i] >> 4;
   }
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
 }
 
 void dequantize_q4_0(const BlockQ4_0& b, float* y) {

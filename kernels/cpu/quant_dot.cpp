@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/unaligned_load.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XQ_QUANT_AVX2 1
@@ -26,18 +27,6 @@ constexpr size_t kBufferAlignment = 64;
 
 size_t round_up(size_t value, size_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
-}
-
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
 }
 
 // Multiplier of the activation block sum in block_terms()[2b + 1]: the weight

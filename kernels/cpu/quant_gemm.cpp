@@ -37,6 +37,7 @@
 #include <type_traits>
 
 #include "kernels/cpu/quant.h"
+#include "kernels/cpu/unaligned_load.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define XQ_GEMM_AVX2 1
@@ -58,18 +59,6 @@ namespace {
 constexpr int64_t kBlockElems = 32;
 constexpr size_t kAlignment = 64;
 constexpr int kMaxTileRows = 8;  // rows of x per tile
-
-inline uint16_t load_u16(const uint8_t* p) {
-  uint16_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // Q4_0, Q4_1, Q5_0, Q5_1: fp16 d, fp16 m where the type has one, the 32 fifth
 // bits where it has them, 16 bytes of nibbles (element i low, i + 16 high).
