@@ -1,11 +1,13 @@
 #include "runtime/attention_step.h"
 
 #include <algorithm>
+#include <functional>
 #include <string>
 
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
 #include "kernels/error.h"
 #include "runtime/cache_fp16.h"
 #include "runtime/cache_mode.h"
@@ -30,6 +32,31 @@ CacheOptions cache_options(const EngineOptions& options, int32_t max_tokens,
   c.layers = static_cast<int32_t>(layer_range.count);
   c.cross_layer_restarts = options.cross_layer_restarts;
   return c;
+}
+
+// Runs attend(i) for every segment: the short ones (decode rows) together in
+// one loop across threads, each on one thread with the cache's own block
+// walk inline (a parallel_for inside another runs inline), so a step of many
+// sequences costs one fork and join per layer instead of one per sequence;
+// the long ones (prefill chunks) one after another, each parallel inside.
+// Results do not depend on the split: the block walk folds in a fixed order.
+void for_each_segment(const std::vector<Segment>& segments,
+                      const std::function<void(size_t)>& attend) {
+  constexpr int32_t kShortSegment = 8;
+  std::vector<size_t> short_ones;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    if (segments[i].n <= kShortSegment)
+      short_ones.push_back(i);
+    else
+      attend(i);
+  }
+  if (short_ones.size() == 1) {
+    attend(short_ones.front());
+  } else if (!short_ones.empty()) {
+    cpu::parallel_for(static_cast<int64_t>(short_ones.size()), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) attend(short_ones[static_cast<size_t>(k)]);
+    });
+  }
 }
 
 // By head: this rank's query heads and the KV heads they read.
@@ -70,14 +97,19 @@ class HeadShardedAttention final : public AttentionStep {
     cpu::matmul(w.wv, normed, n, v_.data());
     cpu::rope(q_.data(), positions, n, static_cast<int32_t>(shard_.heads.count), config_.head_dim,
               config_.rope_dim, config_.rope_layout, rope_cos_sin_);
+    first_rows_.clear();
     size_t row = 0;
     for (const Segment& s : segments) {
       cache_->append(s.seq, layer, s.pos0, s.n, normed + row * config_.dim,
                      k_.data() + row * w.wk.rows, v_.data() + row * w.wv.rows);
-      cache_->attend(s.seq, layer, s.pos0, s.n, q_.data() + row * w.wq.rows,
-                     attn + row * w.wq.rows);
+      first_rows_.push_back(row);
       row += static_cast<size_t>(s.n);
     }
+    for_each_segment(segments, [&](size_t i) {
+      const Segment& s = segments[i];
+      cache_->attend(s.seq, layer, s.pos0, s.n, q_.data() + first_rows_[i] * w.wq.rows,
+                     attn + first_rows_[i] * w.wq.rows);
+    });
   }
 
   AttentionCache& cache() override { return *cache_; }
@@ -102,6 +134,7 @@ class HeadShardedAttention final : public AttentionStep {
   const float* rope_cos_sin_;
   std::unique_ptr<AttentionCache> cache_;
   std::vector<float> q_, k_, v_;
+  std::vector<size_t> first_rows_;  // each segment's first row in the step
 };
 
 // By sequence: every head over this rank's tokens, merged across the group;
@@ -138,18 +171,27 @@ class SequenceShardedAttention final : public AttentionStep {
       cache_->attend_partial(s.seq, layer, s.pos0, s.n, q_.data(), partial_);
     } else {
       partial_.reset(static_cast<int64_t>(n) * c.n_heads, c.head_dim);
+      first_rows_.clear();
       size_t row = 0;
       for (const Segment& s : segments) {
         cache_->append(s.seq, layer, s.pos0, s.n, normed + row * c.dim,
                        k_.data() + row * c.kv_dim(), v_.data() + row * c.kv_dim());
-        cache_->attend_partial(s.seq, layer, s.pos0, s.n, q_.data() + row * c.q_dim(), segment_);
-        const size_t first = row * c.n_heads, count = static_cast<size_t>(s.n) * c.n_heads;
-        std::copy_n(segment_.max.begin(), count, partial_.max.begin() + first);
-        std::copy_n(segment_.sum.begin(), count, partial_.sum.begin() + first);
-        std::copy_n(segment_.acc.begin(), count * c.head_dim,
-                    partial_.acc.begin() + first * c.head_dim);
+        first_rows_.push_back(row);
         row += static_cast<size_t>(s.n);
       }
+      if (segment_states_.size() < segments.size()) segment_states_.resize(segments.size());
+      for_each_segment(segments, [&](size_t i) {
+        const Segment& s = segments[i];
+        cpu::PartialAttention& state = segment_states_[i];
+        cache_->attend_partial(s.seq, layer, s.pos0, s.n, q_.data() + first_rows_[i] * c.q_dim(),
+                               state);
+        const size_t first = first_rows_[i] * c.n_heads,
+                     count = static_cast<size_t>(s.n) * c.n_heads;
+        std::copy_n(state.max.begin(), count, partial_.max.begin() + first);
+        std::copy_n(state.sum.begin(), count, partial_.sum.begin() + first);
+        std::copy_n(state.acc.begin(), count * c.head_dim,
+                    partial_.acc.begin() + first * c.head_dim);
+      });
     }
     merge_across(comm_, partial_);
     // This rank's heads of each query: rows i * n_heads + [heads.begin, heads.end()).
@@ -179,7 +221,9 @@ class SequenceShardedAttention final : public AttentionStep {
   const float* rope_cos_sin_;
   int32_t first_layer_ = 0;
   std::unique_ptr<AttentionCache> cache_;
-  cpu::PartialAttention partial_, segment_;
+  cpu::PartialAttention partial_;
+  std::vector<cpu::PartialAttention> segment_states_;
+  std::vector<size_t> first_rows_;
   std::vector<float> q_, k_, v_;
 };
 

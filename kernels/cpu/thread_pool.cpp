@@ -16,6 +16,12 @@ namespace {
 // the loops of one decode step, short enough not to starve a shared core.
 constexpr int kSpinIterations = 2000;
 
+// True on a pool worker, and on the caller while it runs its part: a
+// parallel_for called from inside another one runs inline on that thread
+// (the pool runs one loop at a time), so a loop over sequences may call code
+// that is itself parallel.
+thread_local bool inside_parallel_for = false;
+
 inline void cpu_relax() {
 #if defined(__x86_64__)
   __builtin_ia32_pause();
@@ -63,7 +69,13 @@ class ThreadPool {
       ++generation_;
     }
     wake_.notify_all();
-    body(0, n / parts);  // the caller takes part 0
+    {
+      struct Inside {
+        Inside() { inside_parallel_for = true; }
+        ~Inside() { inside_parallel_for = false; }
+      } inside;
+      body(0, n / parts);  // the caller takes part 0
+    }
     // Workers usually finish within microseconds in decode: spin briefly, then
     // sleep on the counter so an oversubscribed core is handed back.
     for (int spin = 0; spin < kSpinIterations; ++spin) {
@@ -77,6 +89,7 @@ class ThreadPool {
 
  private:
   void worker_loop(int index, uint64_t seen) {
+    inside_parallel_for = true;
     while (true) {
       const std::function<void(int64_t, int64_t)>* body;
       int64_t n;
@@ -142,6 +155,10 @@ int thread_count() {
 
 void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body, int64_t grain) {
   if (n <= 0) return;
+  if (inside_parallel_for) {
+    body(0, n);
+    return;
+  }
   pool().run(n, body, grain);
 }
 

@@ -14,6 +14,7 @@ int thread_count();
 
 // Calls body(begin, end) on disjoint ranges covering [0, n), in parallel.
 // Ranges are contiguous and balanced; `grain` is the smallest range worth a thread.
+// Called from inside another parallel_for's body it runs body(0, n) inline.
 void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& body,
                   int64_t grain = 1);
 
