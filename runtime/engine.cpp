@@ -160,7 +160,8 @@ void TransformerEngine::check_batch(const std::vector<Segment>& segments) const 
       throw Error("forward_batch: sequence " + std::to_string(s.seq) + " holds " +
                   std::to_string(length(s.seq)) + " tokens; a segment cannot start at " +
                   std::to_string(s.pos0));
-    if (s.tokens != nullptr) check_input(s.tokens, s.n, s.pos0);
+    if (s.tokens == nullptr) throw Error("forward_batch: a segment has no token ids");
+    check_input(s.tokens, s.n, s.pos0);
   }
   // Blocks the step takes, checked before anything is written, so a step the
   // pool cannot hold leaves every cache as it was.
