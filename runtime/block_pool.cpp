@@ -6,14 +6,15 @@
 
 namespace xq {
 
-BlockPool::BlockPool(size_t block_bytes, int32_t blocks)
+BlockPool::BlockPool(size_t block_bytes, int32_t blocks, bool allocate)
     : block_bytes_(block_bytes), total_(blocks) {
   if (block_bytes == 0 || block_bytes % kAlignment != 0 || blocks < 0)
     throw Error("cache pool: blocks must be a positive multiple of " + std::to_string(kAlignment) +
                 " bytes");
   const size_t bytes = block_bytes * static_cast<size_t>(blocks);
-  arena_.reset(bytes ? static_cast<uint8_t*>(::operator new[](bytes, std::align_val_t{kAlignment}))
-                     : nullptr);
+  arena_.reset(bytes && allocate
+                   ? static_cast<uint8_t*>(::operator new[](bytes, std::align_val_t{kAlignment}))
+                   : nullptr);
   free_.resize(static_cast<size_t>(blocks));
   // Block 0 on top of the stack: a fresh pool hands out blocks in order.
   for (int32_t i = 0; i < blocks; ++i) free_[static_cast<size_t>(i)] = blocks - 1 - i;

@@ -32,7 +32,9 @@ class BlockPool {
 
   BlockPool() = default;
   // Allocates blocks x block_bytes once (block_bytes a multiple of kAlignment).
-  BlockPool(size_t block_bytes, int32_t blocks);
+  // Without `allocate` the pool keeps only the free list: the blocks live
+  // elsewhere (a device arena of the same layout) and block() must not be used.
+  BlockPool(size_t block_bytes, int32_t blocks, bool allocate = true);
 
   size_t block_bytes() const { return block_bytes_; }
   int32_t total_blocks() const { return total_; }
@@ -41,6 +43,7 @@ class BlockPool {
   // block here is a logic error, not exhaustion).
   int32_t take();
   void give(int32_t block);
+  const uint8_t* arena() const { return arena_.get(); }
   uint8_t* block(int32_t id) { return arena_.get() + static_cast<size_t>(id) * block_bytes_; }
   const uint8_t* block(int32_t id) const {
     return arena_.get() + static_cast<size_t>(id) * block_bytes_;

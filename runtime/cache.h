@@ -16,6 +16,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/error.h"
 #include "runtime/block_pool.h"
+#include "runtime/cache_layout.h"
 #include "runtime/model.h"
 
 namespace xq {
@@ -58,6 +59,10 @@ struct CacheOptions {
   // keeps only its own tokens and answers attend_partial() over them.
   int32_t sequence_shards = 1;
   int32_t sequence_shard = 0;
+  // No arena: the cache keeps its layout, its formulas and its free list
+  // but no bytes, for a device cache that mirrors it (runtime/device_cache.h).
+  // Such a cache must not be appended to or read.
+  bool layout_only = false;
 };
 
 class AttentionCache {
@@ -140,6 +145,12 @@ class AttentionCache {
   }
   // Gives every block of `seq` back to the pool (truncate(seq, 0)).
   void release(int32_t seq) { truncate(seq, 0); }
+
+  // Where this cache keeps its bytes (runtime/cache_layout.h), for a device
+  // twin and for tests; the matrices point into this cache.
+  virtual CacheBlockLayout block_layout() const = 0;
+  // The blocks of `seq` (arena null for a layout_only cache).
+  virtual CacheBlocksView blocks(int32_t seq) const = 0;
 };
 
 // PoolExhausted (runtime/block_pool.h) is thrown by append() when the pool

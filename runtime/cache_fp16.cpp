@@ -38,8 +38,10 @@ Fp16KvCache::Fp16KvCache(const ModelConfig& config, const CacheOptions& options)
   const size_t bytes =
       round_up(head_elems_ * config.n_kv_heads * 2 * config.n_layers * sizeof(uint16_t),
                BlockPool::kAlignment);
-  pool_ = BlockPool(bytes, blocks_in_budget(options.pool_bytes, bytes,
-                                            sequences_ * blocks_for_tokens(max_tokens_)));
+  pool_ = BlockPool(
+      bytes,
+      blocks_in_budget(options.pool_bytes, bytes, sequences_ * blocks_for_tokens(max_tokens_)),
+      !options.layout_only);
   tables_.resize(sequences_);
   layer_lengths_.assign(static_cast<size_t>(sequences_) * config.n_layers, 0);
   lengths_.assign(sequences_, 0);
@@ -206,6 +208,22 @@ size_t Fp16KvCache::payload_bytes() const {
   size_t tokens = 0;
   for (int32_t len : lengths_) tokens += static_cast<size_t>(shard_.owned_before(len));
   return tokens * 2 * sizeof(uint16_t) * config_.kv_dim() * config_.n_layers;
+}
+
+CacheBlockLayout Fp16KvCache::block_layout() const {
+  CacheBlockLayout layout;
+  layout.mode = "fp16";
+  layout.kv_source = KvSource::kReadBack;
+  layout.fp16 = true;
+  layout.block_bytes = pool_.block_bytes();
+  layout.total_blocks = pool_.total_blocks();
+  layout.fp16_layer_bytes = 2 * head_elems_ * config_.n_kv_heads * sizeof(uint16_t);
+  layout.layers.resize(static_cast<size_t>(config_.n_layers));
+  return layout;
+}
+
+CacheBlocksView Fp16KvCache::blocks(int32_t seq) const {
+  return {pool_.arena(), &tables_.at(static_cast<size_t>(seq))};
 }
 
 }  // namespace xq

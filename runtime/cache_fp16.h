@@ -39,6 +39,8 @@ class Fp16KvCache : public AttentionCache {
   int32_t blocks_for_tokens(int32_t tokens) const override {
     return (shard_.owned_before(tokens) + kBlockTokens - 1) / kBlockTokens;
   }
+  CacheBlockLayout block_layout() const override;
+  CacheBlocksView blocks(int32_t seq) const override;
 
  private:
   // Keys, then values, of layer `layer` in a block: (kv_heads, 128, head_dim)

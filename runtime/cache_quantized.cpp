@@ -304,7 +304,8 @@ void QuantizedCache::lay_out_blocks(const CacheOptions& options) {
   const int32_t per_sequence = (capacity + kBlockTokens - 1) / kBlockTokens +
                                window_pages(std::min(capacity, kBlockTokens - 1));
   pool_ = BlockPool(block_bytes,
-                    blocks_in_budget(options.pool_bytes, block_bytes, sequences * per_sequence));
+                    blocks_in_budget(options.pool_bytes, block_bytes, sequences * per_sequence),
+                    !options.layout_only);
   tables_.resize(sequences);
   layer_ends_.assign(static_cast<size_t>(sequences) * config_.n_layers, 0);
 }
@@ -661,6 +662,69 @@ size_t QuantizedCache::payload_bytes() const {
     for (const RowStore& store : layer.stores)
       for (int32_t s = 0; s < store.sequences(); ++s) total += store.payload_bytes(s);
   return total;
+}
+
+namespace {
+
+HostMatrix host_matrix(const Projection& p) {
+  return {p.values.empty() ? nullptr : p.values.data(), p.rows, p.cols};
+}
+
+}  // namespace
+
+CacheBlockLayout QuantizedCache::block_layout() const {
+  CacheBlockLayout layout;
+  layout.mode = mode_;
+  layout.kv_source = layout_.kv_source;
+  layout.block_bytes = pool_.block_bytes();
+  layout.total_blocks = pool_.total_blocks();
+  layout.window_tokens = window_tokens_;
+  layout.keep_outlier = keep_outlier_;
+  layout.outliers_per_token = keep_outlier_ ? outliers_per_token_ : 0;
+  layout.cross_layer_accumulator = cross_layer_accumulator_;
+  layout.accumulator_offset = accumulator_offset_;
+  layout.first_layer = first_layer_;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& layer = layers_[i];
+    LayerLayout out;
+    for (size_t s = 0; s < layer.stores.size(); ++s) {
+      const RowStore& store = layer.stores[s];
+      StreamLayout stream;
+      stream.content = layout_.streams[s].content;
+      stream.width = store.width();
+      stream.bits = store.bits();
+      stream.axis = store.axis();
+      stream.group_offset = store.group_offset();
+      stream.window_offset = store.window_offset();
+      stream.row_code_bytes = store.row_code_bytes();
+      stream.row_groups = store.row_groups();
+      stream.group_code_bytes = store.group_code_bytes();
+      out.streams.push_back(stream);
+    }
+    out.outlier_offset = keep_outlier_ ? outlier_offsets_[i] : 0;
+    out.encode_k = host_matrix(layer.encode_k);
+    out.encode_v = host_matrix(layer.encode_v);
+    out.decode_x = host_matrix(layer.decode_x);
+    out.rebuild_k = host_matrix(layer.rebuild_k);
+    out.rebuild_v = host_matrix(layer.rebuild_v);
+    const int64_t kv = config_.kv_dim();
+    // Input-major: kv rows of head_dim (one block per KV head) or of kv.
+    auto input_major = [kv](const cpu::AlignedVector<float>& m) {
+      return m.empty() ? HostMatrix{}
+                       : HostMatrix{m.data(), kv, static_cast<int64_t>(m.size()) / kv};
+    };
+    out.latent_from_k = input_major(layer.latent_from_k);
+    out.latent_from_v = input_major(layer.latent_from_v);
+    out.rebuild_k_per_head = layer.rebuild_k_per_head;
+    out.cross_layer_delta = cross_layer_delta_[i];
+    out.cross_layer_keeps = cross_layer_keeps_[i];
+    layout.layers.push_back(std::move(out));
+  }
+  return layout;
+}
+
+CacheBlocksView QuantizedCache::blocks(int32_t seq) const {
+  return {pool_.arena(), &tables_.at(static_cast<size_t>(seq))};
 }
 
 }  // namespace xq

@@ -73,6 +73,8 @@ class QuantizedCache : public AttentionCache {
   // Tokens of the fp16 window one window page holds (0: the mode has no
   // per-channel stream, so no window).
   int32_t window_tokens() const { return window_tokens_; }
+  CacheBlockLayout block_layout() const override;
+  CacheBlocksView blocks(int32_t seq) const override;
 
  private:
   struct Layer {

@@ -59,6 +59,15 @@ class RowStore {
   // window pages of `from` tokens.
   void truncate(BlockPool& pool, const BlockTable& table, int32_t seq, int32_t from);
   int32_t length(int32_t seq) const { return lengths_[seq]; }
+  // The layout (runtime/cache_layout.h reports it).
+  int64_t width() const { return width_; }
+  int bits() const { return bits_; }
+  QuantAxis axis() const { return axis_; }
+  size_t group_offset() const { return group_offset_; }
+  size_t window_offset() const { return window_offset_; }
+  size_t row_code_bytes() const { return row_code_bytes_; }
+  int64_t row_groups() const { return static_cast<int64_t>(row_groups_.size()); }
+  size_t group_code_bytes() const { return group_code_bytes_; }
   int32_t sequences() const { return static_cast<int32_t>(lengths_.size()); }
 
   // Bytes per token from the formula: codes + scales/zeros (amortized), not

@@ -1,0 +1,85 @@
+// The forward pass resident on a CUDA device (--backend cuda): the same
+// layer loop as TransformerEngine (runtime/engine.h), with the weights
+// uploaded once, activations, caches (runtime/device_cache.h) and logits kept
+// on the device, and all work on one stream per rank. Only token ids go in,
+// and only logits a caller asks for (or sampled ids) come out.
+//
+// Decode steps whose shape repeats (the same rows per segment) are captured
+// once as a CUDA graph and replayed: a small model's step is hundreds of
+// short kernels whose launch cost would otherwise dominate.
+//
+// Tensor parallelism runs over a Communicator whose buffers are device
+// memory (parallel/nccl_communicator.h); a group of one needs none. Built
+// with the CUDA backend only. Plain C++ header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/communicator.h"
+#include "runtime/engine.h"
+#include "runtime/model.h"
+#include "runtime/shard.h"
+
+namespace xq {
+
+class CudaEngine final : public Engine {
+ public:
+  // One process on device `device` (-1: the current device): every layer,
+  // every head.
+  CudaEngine(const Model& model, const EngineOptions& options, int device = -1);
+  // One rank of `tp_group` (device buffers: an NCCL communicator, or a group
+  // of one), holding layers [layers.begin, layers.end()) (all when count is 0).
+  CudaEngine(const Model& model, const EngineOptions& options, Communicator& tp_group, Range layers,
+             int device);
+  ~CudaEngine() override;
+
+  // Engine (runtime/engine.h).
+  void forward(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0, float* logits,
+               int32_t first_logit_row) override;
+  // Samples on the device (argmax, or top-k / top-p from the sampler's draw):
+  // one token id and its margin cross to the host, not the logits.
+  SampledToken forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                              Sampler& sampler) override;
+  void forward_batch(const std::vector<Segment>& segments, float* logits) override;
+  void truncate(int32_t seq, int32_t from) override;
+  int32_t length(int32_t seq) const override;
+  int32_t max_tokens() const override { return max_tokens_; }
+  const Model& model() const override { return model_; }
+  std::string cache_description() const override;
+  size_t cache_bytes_in_use() const override;
+  double cache_fraction_of_fp16() const override;
+  int32_t sequence_slots() const override;
+  PoolInfo pool() const override;
+  int32_t blocks_for_tokens(int32_t tokens) const override;
+  int32_t blocks_for_step(int32_t from, int32_t to) const override;
+
+  // The pieces of forward_batch for a pipeline stage; hidden is device
+  // memory (rows, dim).
+  void embed(const std::vector<Segment>& segments, float* hidden);
+  void run_layers(const std::vector<Segment>& segments, float* hidden);
+  // logits (rows, vocab) on the device of the final norm and head of hidden rows.
+  void head(const float* hidden, int32_t rows, float* logits);
+  Range layers() const { return layer_range_; }
+  // The device's name and index, the bytes of weights uploaded and the
+  // graphs captured so far (for the tools' summaries).
+  std::string device_summary() const;
+  // Steps run from a captured graph, and captures made.
+  int64_t graph_replays() const;
+  int64_t graph_captures() const;
+  // Turns graph capture off (every step launched kernel by kernel), for tests
+  // that compare the two.
+  void set_graphs_enabled(bool enabled);
+
+ private:
+  struct Impl;
+  const Model& model_;
+  Range layer_range_;
+  int32_t max_tokens_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace xq

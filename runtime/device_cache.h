@@ -1,0 +1,101 @@
+// The attention caches on a CUDA device. Each mode keeps exactly the bytes
+// its CPU twin keeps, at the same offsets of blocks of the same size (the
+// CPU cache's block layout, runtime/cache_layout.h), in one device arena cut
+// into those blocks; the block tables and the sequences' lengths stay on the
+// host, as the CPU pool's do, and are uploaded at the start of each step.
+// So the device cache admits exactly the sequences the CPU cache would under
+// the same --cache-memory, and a test can upload a CPU cache's blocks and
+// ask the device for the same attention.
+//
+// A step is begin_step (host bookkeeping: truncation, blocks taken, tables
+// and row descriptors uploaded), run_layer for every layer (device work
+// only: encode the new rows into the blocks, then attention of the step's
+// queries), end_step (blocks a shrinking fp16 window no longer needs go
+// back). run_layer reads everything that changes from step to step (row
+// positions, sequence lengths, block tables) from device memory that
+// begin_step writes at fixed addresses, so a CUDA graph captured for one
+// shape of step (rows per segment) replays for any positions and tables.
+//
+// Built with the CUDA backend only. Plain C++ header.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/cache.h"
+#include "runtime/model.h"
+
+namespace xq::cuda {
+class Stream;
+class Blas;
+}  // namespace xq::cuda
+
+namespace xq {
+
+// One sequence's part of a step (as Segment, without the token ids).
+struct StepRows {
+  int32_t seq = 0;
+  int32_t pos0 = 0;
+  int32_t n = 0;
+};
+
+class DeviceCache {
+ public:
+  virtual ~DeviceCache() = default;
+
+  // As AttentionCache (runtime/cache.h), with the same values as the CPU
+  // cache of the same mode and options.
+  virtual std::string mode() const = 0;
+  virtual std::string describe() const = 0;
+  virtual double bytes_per_token() const = 0;
+  virtual double fp16_bytes_per_token() const = 0;
+  double fraction_of_fp16() const { return bytes_per_token() / fp16_bytes_per_token(); }
+  virtual size_t block_bytes() const = 0;
+  virtual int32_t total_blocks() const = 0;
+  virtual int32_t free_blocks() const = 0;
+  virtual int32_t sequences() const = 0;
+  virtual int32_t blocks_for_tokens(int32_t tokens) const = 0;
+  virtual int32_t blocks_for_step(int32_t from, int32_t to) const = 0;
+  virtual int32_t length(int32_t seq) const = 0;
+  size_t bytes_in_use() const {
+    return static_cast<size_t>(total_blocks() - free_blocks()) * block_bytes();
+  }
+  // Drops the tokens of `seq` from `from` on (device work where a
+  // per-channel group is cut: its head returns to the fp16 window).
+  virtual void truncate(int32_t seq, int32_t from) = 0;
+
+  // Takes the blocks the step needs (PoolExhausted, nothing changed, when
+  // the pool lacks them), truncates a segment's sequence where the segment
+  // starts inside it, and uploads the step's tables and row descriptors.
+  // Segments name distinct sequences; rows are in segment order.
+  virtual void begin_step(const std::vector<StepRows>& segments) = 0;
+  // Layer `layer` (of this cache's layers) of the step begun: stores the new
+  // rows and computes attention for every row. Device pointers, rows in
+  // segment order: x (rows, dim) the normed layer input; k, v (rows, kv_dim of
+  // the model) K before RoPE and V; q (rows, n_heads, head_dim) after RoPE;
+  // out (rows, n_heads * head_dim) the attention before Wo. A row sees the
+  // tokens of its sequence up to its own position.
+  virtual void run_layer(int32_t layer, const float* x, const float* k, const float* v,
+                         const float* q, float* out) = 0;
+  // Under sequence sharding (CacheOptions::sequence_shards > 1): run_layer's
+  // attention as unnormalized online-softmax states over this cache's own
+  // tokens, rows * n_heads rows (query-major) of max, sum and head_dim acc,
+  // for the group to merge (cpu::PartialAttention's layout, device memory).
+  // Throws xq::Error where the cache is not sequence-sharded.
+  virtual void run_layer_partial(int32_t layer, const float* x, const float* k, const float* v,
+                                 const float* q, float* state_max, float* state_sum,
+                                 float* state_acc) = 0;
+  // Lengths advance to the step's ends; blocks beyond them go back.
+  virtual void end_step() = 0;
+};
+
+// The device cache of options.mode for `model`, on the current device, its
+// work on `stream` (and `blas` for its products). Throws xq::Error for a mode
+// or option the device does not support, naming it.
+std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,
+                                               cuda::Stream& stream, cuda::Blas& blas);
+
+}  // namespace xq
