@@ -16,7 +16,8 @@
 //   * fp16 GEMM (n > 16 or forced): x and the dequantized weights each lose
 //     up to 2^-11 relative when rounded to fp16, so a product is within
 //     (2^-10 + 2^-22) |x w|; values below fp16's normal range lose up to
-//     2^-25 absolute; the fp32 accumulation adds cols * 2^-23 * sum|x w|
+//     2^-25 absolute (times the other factor: cols * 2^-25 * (max|w| +
+//     max|x|) in all); the fp32 accumulation adds cols * 2^-23 * sum|x w|
 //     (twice the textbook bound, for tensor-core accumulation). The reference
 //     is an fp64 product of fp32 x and the CPU's dequantized weights.
 #if defined(XQ_HAVE_CUDA)
@@ -168,13 +169,14 @@ enum class Path { kAuto, kMatvec, kGemm };
 // Runs y = x W^T on the device along `path` and checks it against the CPU:
 // cpu::matmul (int8 rounding of x where the path is the int8 matvec) or an
 // fp64 product with the fp16 bound (the GEMM path).
-void expect_matmul_matches(TensorType type, int64_t n, Path path) {
+void expect_matmul_matches(TensorType type, int64_t n, Path path, int64_t cols = 32 * 19) {
   SCOPED_TRACE(std::string(xq::tensor_type_name(type)) + ", n = " + std::to_string(n) +
+               ", cols = " + std::to_string(cols) +
                (path == Path::kAuto     ? " (auto)"
                 : path == Path::kMatvec ? " (matvec)"
                                         : " (gemm)"));
-  const int64_t rows = 67;       // not a multiple of the 16 rows per thread block
-  const int64_t cols = 32 * 19;  // an odd block count: the last nibble pair is half empty
+  const int64_t rows = 67;  // not a multiple of the 16 rows per thread block
+  // cols: by default an odd block count, so the last nibble pair is half empty.
   const HostWeight weight = make_weight(type, rows, cols, 11 + static_cast<uint32_t>(type));
   const std::vector<float> x = random_values(n * cols, 1.0f, 100 + static_cast<uint32_t>(n));
 
@@ -207,8 +209,9 @@ void expect_matmul_matches(TensorType type, int64_t n, Path path) {
   Worst worst;
   if (gemm) {
     const std::vector<float> w_float = dequantized(weight.matrix);
-    float w_max = 0;
+    float w_max = 0, x_max = 0;
     for (float v : w_float) w_max = std::max(w_max, std::fabs(v));
+    for (float v : x) x_max = std::max(x_max, std::fabs(v));
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t r = 0; r < rows; ++r) {
         double exact = 0, magnitude = 0;
@@ -218,7 +221,7 @@ void expect_matmul_matches(TensorType type, int64_t n, Path path) {
           magnitude += std::fabs(product);
         }
         const double bound =
-            (0x1p-10 + 0x1p-22 + cols * 0x1p-23) * magnitude + cols * 0x1p-25 * (w_max + 1.0);
+            (0x1p-10 + 0x1p-22 + cols * 0x1p-23) * magnitude + cols * 0x1p-25 * (w_max + x_max);
         note(worst, i, r, y[i * rows + r], static_cast<float>(exact), bound);
       }
     }
@@ -255,6 +258,8 @@ TEST(CudaDenseOps, MatmulMatchesCpuOnEveryTypeAndRowCount) {
   for (TensorType type : kWeightTypes) {
     for (int64_t n : {1, 3, 8, 9, 16, 17, 64}) expect_matmul_matches(type, n, Path::kAuto);
   }
+  // Float weights of a width that is no multiple of 32 (stories260K-like).
+  for (int64_t n : {1, 9, 17}) expect_matmul_matches(TensorType::kF32, n, Path::kAuto, 172);
 }
 
 TEST(CudaDenseOps, ForcedPathsMatchCpu) {

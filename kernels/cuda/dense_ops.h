@@ -70,6 +70,8 @@ size_t matvec_workspace_bytes(const DeviceWeight& w, int64_t n);
 size_t gemm_workspace_bytes(const DeviceWeight& w, int64_t n);
 
 // out (n, table.cols) = rows tokens[i] of the table, dequantized to fp32.
+// The values are cpu::dequantize_row's bits. A token id outside the table
+// (device memory, so not checked on the host) yields a row of NaN.
 void embed(const DeviceWeight& table, const int32_t* tokens, int64_t n, float* out, Stream& stream);
 // out[r] = x[r] / rms(x[r]) * gamma (as cpu::rmsnorm), rows x dim.
 void rmsnorm(const float* x, const float* gamma, float* out, int64_t rows, int64_t dim, float eps,
