@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <random>
 #include <string>
 
 #include "kernels/error.h"
@@ -57,8 +59,26 @@ Sampler::Sampler(const SamplerOptions& options) : options_(options), rng_(option
   if (!(options.top_p > 0 && options.top_p <= 1)) throw Error("sampler: top-p must be in (0, 1]");
 }
 
+double Sampler::draw_uniform() {
+  return std::generate_canonical<double, std::numeric_limits<double>::digits>(rng_);
+}
+
+SamplingDraw Sampler::next_draw() {
+  SamplingDraw draw;
+  draw.temperature = options_.temperature;
+  draw.top_k = options_.top_k;
+  draw.top_p = options_.top_p;
+  if (options_.temperature != 0.0f) draw.uniform = draw_uniform();
+  return draw;
+}
+
 int32_t Sampler::sample(const float* logits, int32_t vocab_size) {
   if (options_.temperature == 0.0f) return argmax(logits, vocab_size);
+  return sample_with_uniform(logits, vocab_size, draw_uniform());
+}
+
+int32_t Sampler::sample_with_uniform(const float* logits, int32_t vocab_size, double uniform) {
+  if (options_.temperature == 0.0f) throw Error("sampler: a draw needs temperature > 0");
   candidates_.resize(vocab_size);
   for (int32_t i = 0; i < vocab_size; ++i) candidates_[i] = {logits[i], i};
   int32_t keep = vocab_size;
@@ -87,8 +107,8 @@ int32_t Sampler::sample(const float* logits, int32_t vocab_size) {
   }
   double nucleus_total = 0;
   for (size_t i = 0; i < nucleus; ++i) nucleus_total += candidates_[i].first;
-  std::uniform_real_distribution<double> uniform(0.0, nucleus_total);
-  double r = uniform(rng_);
+  // As std::uniform_real_distribution<double>(0, nucleus_total) would draw it.
+  double r = uniform * nucleus_total;
   for (size_t i = 0; i < nucleus; ++i) {
     r -= candidates_[i].first;
     if (r <= 0) return candidates_[i].second;

@@ -22,10 +22,35 @@ struct SamplerOptions {
   uint64_t seed = 0;
 };
 
+// One row's sampling parameters with the generator's draw for it: what a
+// sampler elsewhere (the CUDA backend's cuda::SamplingRow, field for field)
+// needs to pick the token Sampler::sample would pick.
+struct SamplingDraw {
+  float temperature = 0.0f;
+  int32_t top_k = 0;
+  float top_p = 1.0f;
+  double uniform = 0.0;  // in [0, 1); unused (0) for greedy rows
+};
+
 class Sampler {
  public:
   explicit Sampler(const SamplerOptions& options);
+  // Greedy: the argmax. Sampled: sample_with_uniform(draw_uniform()).
   int32_t sample(const float* logits, int32_t vocab_size);
+
+  const SamplerOptions& options() const { return options_; }
+  // The next value in [0, 1) of the generator: std::generate_canonical<double,
+  // 53>, which is what std::uniform_real_distribution<double>(0, total) scales
+  // by total; sample() draws exactly one per sampled (non-greedy) call.
+  double draw_uniform();
+  // The token for a given draw: softmax(logits / T) over the top_k largest
+  // (ties to the lowest id), the smallest prefix whose mass reaches top_p,
+  // r = uniform * (the prefix's mass), the first candidate at which the
+  // running mass reaches r. Needs temperature > 0.
+  int32_t sample_with_uniform(const float* logits, int32_t vocab_size, double uniform);
+  // This step's parameters for sampling on another device, consuming the
+  // generator as sample() would: one draw for a sampled row, none for greedy.
+  SamplingDraw next_draw();
 
  private:
   SamplerOptions options_;

@@ -61,8 +61,17 @@ void matvec_quantized(const DeviceWeight& w, const float* x, int64_t n, float* y
                       size_t workspace_bytes, Stream& stream);
 void gemm_fp16(const DeviceWeight& w, const float* x, int64_t n, float* y, void* workspace,
                size_t workspace_bytes, Blas& blas, Stream& stream);
+// Workspace each forced path needs for n rows of x (matmul_workspace_bytes
+// covers whichever path matmul takes up to max_rows). matvec_quantized also
+// takes F32 / F16 weights (fp32 dot products, no workspace) and any n, in
+// chunks of 8 rows of x. Workspaces must be 256-byte aligned (as cudaMalloc
+// returns) and weights 4-byte aligned.
+size_t matvec_workspace_bytes(const DeviceWeight& w, int64_t n);
+size_t gemm_workspace_bytes(const DeviceWeight& w, int64_t n);
 
 // out (n, table.cols) = rows tokens[i] of the table, dequantized to fp32.
+// The values are cpu::dequantize_row's bits. A token id outside the table
+// (device memory, so not checked on the host) yields a row of NaN.
 void embed(const DeviceWeight& table, const int32_t* tokens, int64_t n, float* out, Stream& stream);
 // out[r] = x[r] / rms(x[r]) * gamma (as cpu::rmsnorm), rows x dim.
 void rmsnorm(const float* x, const float* gamma, float* out, int64_t rows, int64_t dim, float eps,
