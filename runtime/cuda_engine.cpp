@@ -22,6 +22,16 @@
 // kernel, which also makes every lazy initialization (module loading, cuBLAS
 // state) happen outside a capture. The output head and sampling are outside
 // the graph: their row count follows the segments that want logits.
+//
+// Tensor parallelism (a group of more than one, never captured in a graph):
+// Wo and down outputs are summed across the group in place, as on the CPU.
+// Attention splits by sequence (every rank computes every head's Q, K, V;
+// its device cache keeps its shard of the tokens; one all_gather of the
+// online-softmax states per layer, merged on the device, each rank keeping
+// its own heads). Splitting by KV head needs a device cache over a rank's
+// heads, which the device caches do not offer: that case is refused. A
+// communicator works on its own stream and returns when done, so the engine
+// waits for its stream before each collective.
 #include "runtime/cuda_engine.h"
 
 #include <algorithm>
@@ -41,6 +51,14 @@
 #include "runtime/block_pool.h"
 #include "runtime/cache_mode.h"
 #include "runtime/device_cache.h"
+
+// The merge of sequence shards' attention states on the device comes with
+// the device caches' kernels; where they are built in, tensor parallelism by
+// sequence runs on the device.
+#if __has_include("kernels/cuda/paged_attention.h")
+#include "kernels/cuda/paged_attention.h"
+#define XQ_DEVICE_SHARD_MERGE 1
+#endif
 
 namespace xq {
 namespace {
@@ -96,6 +114,25 @@ CacheOptions device_cache_options(const EngineOptions& options, int32_t max_toke
   return c;
 }
 
+// The device's sampling parameters for the sampler's next pick, consuming its
+// generator as Sampler::sample would, where Sampler hands out its draw
+// (runtime/sampler.h, next_draw); where it does not, the caller samples on
+// the host from the copied row. (Templates, so that the engine builds
+// against a Sampler with or without that API.)
+template <typename HostSampler>
+constexpr bool kSamplerHandsOutDraws = requires(HostSampler& s) {
+  s.next_draw();
+};
+
+template <typename HostSampler>
+void device_sampling_row(HostSampler& sampler, cuda::SamplingRow* row) {
+  const auto draw = sampler.next_draw();
+  row->temperature = draw.temperature;
+  row->top_k = draw.top_k;
+  row->top_p = draw.top_p;
+  row->uniform = draw.uniform;
+}
+
 void check_device_type(const WeightMatrix& w, const char* what) {
   if (!cuda::device_supports(w.type))
     throw Error(std::string("CUDA engine: the ") + what + " is stored as " +
@@ -129,7 +166,12 @@ struct CudaEngine::Impl {
   // The output head of `rows` rows of `hidden` (device) into `logits` (device).
   void head_rows(const float* hidden, int32_t rows, float* logits);
   void all_reduce(float* data, size_t count);
+  // attn = this rank's heads of the attention merged over the group's
+  // sequence shards (normed, k, v, q of the layer in place).
+  void sharded_attention(int32_t layer, int32_t rows);
   void copy_logits_out(int32_t rows, float* host_logits);
+  // The sampled token of the head's first row (the last step's last row).
+  SampledToken sample_last_row(const cuda::SamplingRow& row);
 
   const Model& model;
   const ModelConfig& config;
@@ -155,6 +197,10 @@ struct CudaEngine::Impl {
   const float* rope = nullptr;
   std::unique_ptr<DeviceCache> cache;
   int64_t q_width = 0, kv_width = 0, ffn_width = 0;
+  // Tensor parallelism by sequence: every head's Q over this rank's tokens,
+  // the group's states merged, this rank's heads kept.
+  bool sequence_sharded = false;
+  int64_t local_width = 0;  // this rank's heads * head_dim: the input of its Wo slice
 
   // Scratch: activations (rows, width) and the step's int32 inputs.
   int32_t rows_capacity = 0, head_capacity = 0;
@@ -163,6 +209,10 @@ struct CudaEngine::Impl {
   float *hidden = nullptr, *normed = nullptr, *q = nullptr, *k = nullptr, *v = nullptr,
         *attn = nullptr, *proj = nullptr, *gate = nullptr, *up = nullptr;
   int32_t *tokens = nullptr, *positions = nullptr, *wanted_rows = nullptr;
+  // Sequence sharding: the group's states (tp records of max, sum, acc), the
+  // merged attention of every head, and which of its rows are this rank's.
+  float *gathered = nullptr, *merged = nullptr;
+  int32_t* own_head_rows = nullptr;
   float *head_in = nullptr, *head_normed = nullptr, *logits = nullptr;
   cuda::PinnedMemory staging;      // int32: tokens, positions, wanted
   cuda::PinnedMemory logits_host;  // (head rows, vocab)
@@ -209,14 +259,27 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
       throw Error("tensor parallelism by KV head (cache mode " + options.cache_mode +
                   ") on the CUDA backend needs a device cache over a rank's KV heads, not "
                   "available yet");
+#if defined(XQ_DEVICE_SHARD_MERGE)
+    sequence_sharded = true;
+#else
     throw Error("tensor parallelism with cache mode " + options.cache_mode +
                 " on the CUDA backend needs sequence sharding, not available yet");
+#endif
   }
 
   // This rank's views of its layers; with a group of one, every head.
   std::vector<LayerShard> views;
-  for (int64_t l = layer_range.begin; l < layer_range.end(); ++l)
-    views.push_back(shard_layer(model.layers()[static_cast<size_t>(l)], c, shard));
+  for (int64_t l = layer_range.begin; l < layer_range.end(); ++l) {
+    const LayerWeights& full = model.layers()[static_cast<size_t>(l)];
+    LayerShard view = shard_layer(full, c, shard);
+    if (sequence_sharded) {
+      // Every head's Q, K and V on every rank (replicated, no communication).
+      view.wq = full.wq;
+      view.wk = full.wk;
+      view.wv = full.wv;
+    }
+    views.push_back(view);
+  }
   for (const LayerShard& w : views) {
     for (const WeightMatrix* matrix : {&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down})
       check_device_type(*matrix, "layer weight");
@@ -252,10 +315,11 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
     next += align_up(count * sizeof(float));
     return static_cast<const float*>(dst);
   };
-  auto place_weight = [&](const WeightMatrix& w) {
+  // `multiplied`: a matmul reads it, so the workspace must fit its product.
+  auto place_weight = [&](const WeightMatrix& w, bool multiplied = true) {
     const cuda::DeviceWeight d = cuda::upload_weight(w, next, stream);
     next += align_up(cuda::device_weight_bytes(w));
-    all_weights.push_back(d);
+    if (multiplied) all_weights.push_back(d);
     return d;
   };
   rope = place_floats(rope_host.data(), rope_host.size());
@@ -272,19 +336,24 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
     d.w_down = place_weight(w.w_down);
     layers.push_back(d);
   }
-  if (holds_first) embedding = place_weight(model.token_embedding());
+  if (holds_first) embedding = place_weight(model.token_embedding(), /*multiplied=*/tied);
   if (holds_last) {
     output_norm = place_floats(model.output_norm(), static_cast<size_t>(c.dim));
     output = tied ? embedding : place_weight(model.output());
   }
   stream.synchronize();  // the host copies above may be pageable: finish them here
 
-  q_width = shard.heads.count * c.head_dim;
+  local_width = shard.heads.count * c.head_dim;
+  q_width = sequence_sharded ? c.q_dim() : local_width;
   kv_width = c.kv_dim();
   ffn_width = shard.ffn.count;
-  cache = make_device_cache(
-      model, device_cache_options(options, max_tokens, rope_host.data(), layer_range), stream,
-      blas);
+  CacheOptions cache_options =
+      device_cache_options(options, max_tokens, rope_host.data(), layer_range);
+  if (sequence_sharded) {
+    cache_options.sequence_shards = comm.size();
+    cache_options.sequence_shard = comm.rank();
+  }
+  cache = make_device_cache(model, cache_options, stream, blas);
 }
 
 void CudaEngine::Impl::check_segments(const std::vector<Segment>& segments, const char* what,
@@ -338,15 +407,24 @@ void CudaEngine::Impl::reserve(int32_t rows, int32_t head_rows) {
     // time does not reallocate (and drop its graphs) at every step.
     rows_capacity = std::max(rows_capacity, (rows + 15) / 16 * 16);
     const size_t r = static_cast<size_t>(rows_capacity);
-    const size_t floats[] = {r * c.dim,   r * c.dim, r * q_width,   r * kv_width, r * kv_width,
-                             r * q_width, r * c.dim, r * ffn_width, r * ffn_width};
+    // Under sequence sharding: tp records of rows * heads states (max, sum,
+    // head_dim acc each), and the merged attention of every head.
+    const size_t states = sequence_sharded ? r * c.n_heads : 0;
+    const size_t floats[] = {
+        r * c.dim,          r * c.dim,
+        r * q_width,        r * kv_width,
+        r * kv_width,       r * local_width,
+        r * c.dim,          r * ffn_width,
+        r * ffn_width,      static_cast<size_t>(comm.size()) * states * (c.head_dim + 2),
+        states * c.head_dim};
     size_t bytes = 0;
     for (size_t f : floats) bytes += align_up(f * sizeof(float));
-    bytes += 3 * align_up(r * sizeof(int32_t));
+    bytes += 3 * align_up(r * sizeof(int32_t)) + align_up(r * shard.heads.count * sizeof(int32_t));
     activations = cuda::DeviceMemory();
     activations = cuda::DeviceMemory(bytes);
     uint8_t* next = activations.as<uint8_t>();
-    float** targets[] = {&hidden, &normed, &q, &k, &v, &attn, &proj, &gate, &up};
+    float** targets[] = {&hidden, &normed, &q,  &k,        &v,     &attn,
+                         &proj,   &gate,   &up, &gathered, &merged};
     for (size_t i = 0; i < std::size(floats); ++i) {
       *targets[i] = reinterpret_cast<float*>(next);
       next += align_up(floats[i] * sizeof(float));
@@ -355,8 +433,9 @@ void CudaEngine::Impl::reserve(int32_t rows, int32_t head_rows) {
       *target = reinterpret_cast<int32_t*>(next);
       next += align_up(r * sizeof(int32_t));
     }
+    own_head_rows = reinterpret_cast<int32_t*>(next);
     staging = cuda::PinnedMemory();
-    staging = cuda::PinnedMemory(3 * r * sizeof(int32_t));
+    staging = cuda::PinnedMemory((3 + shard.heads.count) * r * sizeof(int32_t));
   }
   if (grow_head) {
     head_capacity = std::max(head_capacity, head_rows);
@@ -407,6 +486,16 @@ void CudaEngine::Impl::stage_inputs(const std::vector<Segment>& segments,
   if (have_tokens) cuda::copy_to_device(tokens, host_tokens, row_bytes, stream);
   cuda::copy_to_device(positions, host_positions, row_bytes, stream);
   cuda::copy_to_device(wanted_rows, host_wanted, wanted.size() * sizeof(int32_t), stream);
+  if (sequence_sharded) {
+    // Row i's own heads in the merged (rows * n_heads, head_dim) attention:
+    // i * n_heads + [heads.begin, heads.end()), as SequenceShardedAttention keeps.
+    int32_t* host_own = host + 3 * r;
+    const auto own = static_cast<int32_t>(shard.heads.count);
+    for (int32_t i = 0; i < rows; ++i)
+      for (int32_t h = 0; h < own; ++h)
+        host_own[i * own + h] = i * config.n_heads + static_cast<int32_t>(shard.heads.begin) + h;
+    cuda::copy_to_device(own_head_rows, host_own, row_bytes * own, stream);
+  }
 }
 
 std::vector<StepRows> CudaEngine::Impl::step_rows(const std::vector<Segment>& segments) const {
@@ -428,6 +517,25 @@ void CudaEngine::Impl::all_reduce(float* data, size_t count) {
   comm.all_reduce_sum(data, count);
 }
 
+void CudaEngine::Impl::sharded_attention(int32_t layer, int32_t rows) {
+#if defined(XQ_DEVICE_SHARD_MERGE)
+  const int64_t states = static_cast<int64_t>(rows) * config.n_heads;
+  const size_t record = static_cast<size_t>(states) * (config.head_dim + 2);
+  // This rank's record in place in the gathered buffer: max, sum, acc.
+  float* mine = gathered + static_cast<size_t>(comm.rank()) * record;
+  cache->run_layer_partial(layer, normed, k, v, q, mine, mine + states, mine + 2 * states);
+  stream.synchronize();  // the communicator reads it from its own stream
+  comm.all_gather(mine, record, gathered);
+  cuda::paged::merge_partial_states(gathered, comm.size(), states, config.head_dim, merged, stream);
+  cuda::gather_rows(merged, own_head_rows, static_cast<int64_t>(rows) * shard.heads.count,
+                    config.head_dim, attn, stream);
+#else
+  static_cast<void>(layer);
+  static_cast<void>(rows);
+  throw Error("tensor parallelism by sequence on the CUDA backend is not available yet");
+#endif
+}
+
 // The one layer loop, as TransformerEngine::run_layers: every row through
 // each product together, attention per segment inside the device cache.
 void CudaEngine::Impl::layer_loop(float* h, int32_t rows) {
@@ -446,7 +554,10 @@ void CudaEngine::Impl::layer_loop(float* h, int32_t rows) {
     matmul(w.wv, normed, v);
     cuda::rope(q, positions, n, shard.heads.count, c.head_dim, c.rope_dim, c.rope_layout, rope,
                stream);
-    cache->run_layer(layer, normed, k, v, q, attn);
+    if (sequence_sharded)
+      sharded_attention(layer, rows);
+    else
+      cache->run_layer(layer, normed, k, v, q, attn);
     matmul(w.wo, attn, proj);
     all_reduce(proj, residual);
     cuda::add(h, proj, static_cast<int64_t>(residual), stream);
@@ -587,24 +698,27 @@ void CudaEngine::forward_batch(const std::vector<Segment>& segments, float* logi
 SampledToken CudaEngine::forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
                                         Sampler& sampler) {
   if (n <= 0) throw Error("forward_sample: no tokens");
-  // INTEGRATION POINT (device sampling): Sampler does not yet say its
-  // temperature / top-k / top-p or hand out its next uniform draw, so the
-  // device cannot pick for it. Until runtime/sampler.h has that draw API,
-  // the last row's logits come to the host and the Sampler picks there
-  // (exactly TransformerEngine's choice from the same logits). With it:
-  // build a cuda::SamplingRow from the sampler's options and its draw and
-  // return forward_sample_on_device(seq, tokens, n, pos0, row).
-  const int32_t vocab = model_.config().vocab_size;
-  std::vector<float> last_row(static_cast<size_t>(vocab));
-  forward(seq, tokens, n, pos0, last_row.data(), n - 1);
-  SampledToken chosen;
-  chosen.token = sampler.sample(last_row.data(), vocab);
-  chosen.margin = top2_margin(last_row.data(), vocab);
-  return chosen;
+  // The device picks from the sampler's own draw where Sampler hands it out,
+  // taken once the step has run, as Engine::forward_sample samples only after
+  // forward() succeeded. Otherwise the last row's logits come to the host and
+  // the Sampler picks there: TransformerEngine's choice from the same logits.
+  if constexpr (kSamplerHandsOutDraws<Sampler>) {
+    run_last_row(seq, tokens, n, pos0);
+    cuda::SamplingRow row;
+    device_sampling_row(sampler, &row);
+    return impl_->sample_last_row(row);
+  } else {
+    const int32_t vocab = model_.config().vocab_size;
+    std::vector<float> last_row(static_cast<size_t>(vocab));
+    forward(seq, tokens, n, pos0, last_row.data(), n - 1);
+    SampledToken chosen;
+    chosen.token = sampler.sample(last_row.data(), vocab);
+    chosen.margin = top2_margin(last_row.data(), vocab);
+    return chosen;
+  }
 }
 
-SampledToken CudaEngine::forward_sample_on_device(int32_t seq, const int32_t* tokens, int32_t n,
-                                                  int32_t pos0, const cuda::SamplingRow& row) {
+void CudaEngine::run_last_row(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0) {
   if (n <= 0) throw Error("forward_sample: no tokens");
   if (!impl_->holds_first || !impl_->holds_last)
     throw Error("forward_sample: this engine holds some layers only; a pipeline runs it");
@@ -616,31 +730,40 @@ SampledToken CudaEngine::forward_sample_on_device(int32_t seq, const int32_t* to
   segment.n = n;
   const std::vector<Segment> segments{segment};
   impl_->check_segments(segments, "forward", /*need_tokens=*/true);
-  Impl& e = *impl_;
-  cuda::set_device(e.selection.index);
-  e.run_step(segments, {n - 1});
+  cuda::set_device(impl_->selection.index);
+  impl_->run_step(segments, {n - 1});
+}
+
+SampledToken CudaEngine::forward_sample_on_device(int32_t seq, const int32_t* tokens, int32_t n,
+                                                  int32_t pos0, const cuda::SamplingRow& row) {
+  run_last_row(seq, tokens, n, pos0);
+  return impl_->sample_last_row(row);
+}
+
+SampledToken CudaEngine::Impl::sample_last_row(const cuda::SamplingRow& row) {
   // Parameters in, token and margin out: a few bytes each way.
-  const int64_t vocab = model_.config().vocab_size;
+  const int64_t vocab = config.vocab_size;
   const size_t work = cuda::sample_workspace_bytes(1, vocab);
-  if (e.sample_memory.data() == nullptr || work > e.sample_workspace_bytes) {
-    e.sample_memory = cuda::DeviceMemory();
-    e.sample_memory = cuda::DeviceMemory(2 * kDeviceAlignment + work);
-    e.sample_workspace_bytes = work;
-    e.sample_host = cuda::PinnedMemory();
-    e.sample_host = cuda::PinnedMemory(kDeviceAlignment);
+  if (sample_memory.data() == nullptr || work > sample_workspace_bytes) {
+    sample_memory = cuda::DeviceMemory();
+    sample_memory = cuda::DeviceMemory(2 * kDeviceAlignment + work);
+    sample_workspace_bytes = work;
+    sample_host = cuda::PinnedMemory();
+    sample_host = cuda::PinnedMemory(kDeviceAlignment);
   }
-  auto* params = e.sample_memory.as<cuda::SamplingRow>();
-  uint8_t* results = e.sample_memory.as<uint8_t>() + kDeviceAlignment;
+  // Device: [parameters | token, margin | workspace], each on 256 bytes.
+  auto* params = sample_memory.as<cuda::SamplingRow>();
+  uint8_t* results = sample_memory.as<uint8_t>() + kDeviceAlignment;
   auto* chosen_token = reinterpret_cast<int32_t*>(results);
   auto* chosen_margin = reinterpret_cast<float*>(results + sizeof(int32_t));
-  void* sample_workspace = e.sample_memory.as<uint8_t>() + 2 * kDeviceAlignment;
-  std::memcpy(e.sample_host.data(), &row, sizeof(row));
-  cuda::copy_to_device(params, e.sample_host.data(), sizeof(row), e.stream);
-  cuda::sample(e.logits, 1, vocab, params, chosen_token, chosen_margin, sample_workspace,
-               e.sample_workspace_bytes, e.stream);
-  uint8_t* host = e.sample_host.as<uint8_t>() + sizeof(cuda::SamplingRow);
-  cuda::copy_to_host(host, results, sizeof(int32_t) + sizeof(float), e.stream);
-  e.stream.synchronize();
+  void* sample_workspace = sample_memory.as<uint8_t>() + 2 * kDeviceAlignment;
+  std::memcpy(sample_host.data(), &row, sizeof(row));
+  cuda::copy_to_device(params, sample_host.data(), sizeof(row), stream);
+  cuda::sample(logits, 1, vocab, params, chosen_token, chosen_margin, sample_workspace,
+               sample_workspace_bytes, stream);
+  uint8_t* host = sample_host.as<uint8_t>() + sizeof(cuda::SamplingRow);
+  cuda::copy_to_host(host, results, sizeof(int32_t) + sizeof(float), stream);
+  stream.synchronize();
   SampledToken chosen;
   std::memcpy(&chosen.token, host, sizeof(int32_t));
   std::memcpy(&chosen.margin, host + sizeof(int32_t), sizeof(float));

@@ -90,6 +90,8 @@ class CudaEngine final : public Engine {
 
  private:
   struct Impl;
+  // forward() of n tokens with the last row's logits kept on the device.
+  void run_last_row(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0);
   const Model& model_;
   Range layer_range_;
   int32_t max_tokens_ = 0;

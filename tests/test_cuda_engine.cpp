@@ -239,8 +239,9 @@ TEST_P(CudaEngineVsCpu, ForwardLogitsMatch) {
     for (int32_t r = 0; r < n; ++r) {
       const float* c = &cpu[static_cast<size_t>(r) * vocab_];
       const float* d = &device[static_cast<size_t>(r) * vocab_];
-      if (top2_margin(c, vocab_) > 2 * bound)
+      if (top2_margin(c, vocab_) > 2 * bound) {
         EXPECT_EQ(argmax(d, vocab_), argmax(c, vocab_)) << "row " << r;
+      }
     }
     EXPECT_EQ(gpu->length(0), n);
     // A row's logits do not depend on which rows are asked for.
