@@ -17,6 +17,9 @@ void add_model_options(Arguments& args) {
   args.option("model", default_model_path(), "model file: GGUF or llama2.c checkpoint");
   args.option("tokenizer", "", "llama2.c tokenizer.bin (default: found beside the model)");
   args.option("threads", "2", "CPU threads");
+  args.option("backend", "cpu",
+              "'cpu' or 'cuda' (the whole forward pass resident on a CUDA device)");
+  args.option("device", "0", "with --backend cuda: the CUDA device's index");
   args.option("cache", "fp16",
               "attention cache mode: " + cache_mode_names() + " ('xq modes' says what each keeps)");
   args.flag("keep-outlier-channel",
@@ -59,6 +62,14 @@ EngineOptions engine_options(const Arguments& args, int threads, int32_t max_tok
   options.k_latent_per_head = k_latent_per_head(args);
   options.cross_layer_restarts = cl_restarts(args);
   return options;
+}
+
+BackendChoice backend_choice(const Arguments& args) {
+  BackendChoice choice;
+  choice.backend = parse_backend(args.get("backend"));
+  choice.device = static_cast<int>(args.get_int("device", 0, 4095));
+  check_backend(choice);
+  return choice;
 }
 
 size_t parse_byte_size(const std::string& text, const std::string& what) {

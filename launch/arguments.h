@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "launch/engine_factory.h"
 #include "runtime/engine.h"
 
 namespace xq {
@@ -113,12 +114,16 @@ std::string default_model_path();
 // More threads than this is a typo, and the thread pool would fail to create them.
 inline constexpr int64_t kMaxThreads = 1024;
 
-// --model, --tokenizer, --threads, --cache and the xquant layout options.
+// --model, --tokenizer, --threads, --backend, --device, --cache and the
+// xquant layout options.
 void add_model_options(Arguments& args);
 std::vector<int32_t> cl_restarts(const Arguments& args);
 bool k_latent_per_head(const Arguments& args);
 // The engine as the model options (add_model_options) ask for it.
 EngineOptions engine_options(const Arguments& args, int threads, int32_t max_tokens);
+// --backend and --device, checked against this build and machine
+// (check_backend): a tool calls it before loading the model.
+BackendChoice backend_choice(const Arguments& args);
 
 // Bytes from a size with an optional unit: "1048576", "512KiB", "512MiB",
 // "2GiB", "64MB", "1.5GB" (KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB

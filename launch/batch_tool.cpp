@@ -9,6 +9,7 @@
 #include <istream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <ostream>
 #include <set>
@@ -17,6 +18,7 @@
 
 #include "kernels/error.h"
 #include "launch/arguments.h"
+#include "launch/engine_factory.h"
 #include "runtime/model.h"
 
 namespace xq {
@@ -300,6 +302,7 @@ int run_batch(int argc, char** argv) {
   const SchedulerOptions& options = batch.scheduler;
   const size_t cache_bytes = batch.cache_bytes;
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+  const BackendChoice backend = backend_choice(args);
   std::ifstream in(batch.input, std::ios::binary);
   if (!in) throw Error(batch.input + ": cannot open the input file");
   std::ofstream out(batch.output, std::ios::binary | std::ios::trunc);
@@ -309,17 +312,21 @@ int run_batch(int argc, char** argv) {
   EngineOptions engine_opts = engine_options(args, threads, 0);
   engine_opts.sequences = options.max_sequences;
   engine_opts.cache_bytes = cache_bytes;
-  TransformerEngine engine(*model, engine_opts);
-  std::fprintf(stderr, "cache %s, pool %d blocks of %d tokens, policy %s\n",
-               engine.cache_description().c_str(), engine.pool().total_blocks,
-               engine.pool().block_tokens, admission_policy_name(options.policy));
-  LocalExecutor executor(engine);
+  const std::unique_ptr<Engine> engine = make_engine(*model, engine_opts, backend);
+  std::fprintf(stderr, "%s\ncache %s, pool %d blocks of %d tokens, policy %s\n",
+               backend_summary(*engine, threads).c_str(), engine->cache_description().c_str(),
+               engine->pool().total_blocks, engine->pool().block_tokens,
+               admission_policy_name(options.policy));
+  LocalExecutor executor(*engine);
   const BatchSummary summary = run_batch_jsonl(executor, options, in, out, /*progress=*/true);
   if (!out) throw Error(args.get("output") + ": write error");
   std::fprintf(stderr, "%d requests (%d failed), %lld tokens generated in %.2f s (%.1f tokens/s)\n",
                summary.requests, summary.failed, static_cast<long long>(summary.completion_tokens),
                summary.seconds,
                summary.seconds > 0 ? summary.completion_tokens / summary.seconds : 0.0);
+  // The device's graph counters, once the run has filled them.
+  if (backend.backend == Backend::kCuda)
+    std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
   return 0;
 }
 

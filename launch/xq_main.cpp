@@ -18,6 +18,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -27,6 +28,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "launch/engine_factory.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
@@ -137,21 +139,26 @@ int run_perplexity(int argc, char** argv) {
   if (!args.parse(argc, argv)) return 0;
   PerplexityOptions options = perplexity_options(args, "perplexity");
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+  const BackendChoice backend = backend_choice(args);
   const std::string text = read_text_file(args.get("file"));
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   double tokenize_seconds = 0;
   std::vector<int32_t> tokens =
       perplexity_tokens(args, text, *model, options, "perplexity", &tokenize_seconds);
-  TransformerEngine engine(*model, engine_options(args, threads, options.ctx));
-  std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %d threads\n",
+  const std::unique_ptr<Engine> engine =
+      make_engine(*model, engine_options(args, threads, options.ctx), backend);
+  std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %s\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
-               engine.cache_description().c_str(), threads);
-  PerplexityResult result = evaluate_perplexity(engine, tokens, options, print_progress);
+               engine->cache_description().c_str(), backend_summary(*engine, threads).c_str());
+  PerplexityResult result = evaluate_perplexity(*engine, tokens, options, print_progress);
   print_perplexity(result, options);
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
   std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n",
-              engine.cache().mode().c_str(), engine.cache().bytes_per_token(),
-              engine.cache().fraction_of_fp16());
+              engine_cache_mode(*engine).c_str(), engine_cache_bytes_per_token(*engine),
+              engine->cache_fraction_of_fp16());
+  // The device's graph counters, once the run has filled them.
+  if (backend.backend == Backend::kCuda)
+    std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
   return 0;
 }
 
@@ -267,13 +274,21 @@ int run_generate(int argc, char** argv) {
   add_generation_options(args);
   if (!args.parse(argc, argv)) return 0;
   const SamplerOptions sampler = generation_sampler(args, "generate");
+  const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+  const BackendChoice backend = backend_choice(args);
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
   std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
-  TransformerEngine engine(
-      *model, engine_options(args, static_cast<int>(args.get_int("threads", 1, kMaxThreads)),
-                             generation_capacity(*model, prompt.size(), generation_steps(args))));
-  std::fprintf(stderr, "cache %s\n", engine.cache_description().c_str());
-  generate_and_print(engine, args, sampler, prompt, /*print=*/true);
+  const std::unique_ptr<Engine> engine = make_engine(
+      *model,
+      engine_options(args, threads,
+                     generation_capacity(*model, prompt.size(), generation_steps(args))),
+      backend);
+  std::fprintf(stderr, "%s\ncache %s\n", backend_summary(*engine, threads).c_str(),
+               engine->cache_description().c_str());
+  generate_and_print(*engine, args, sampler, prompt, /*print=*/true);
+  // The device's graph counters, once the run has filled them.
+  if (backend.backend == Backend::kCuda)
+    std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
   return 0;
 }
 
@@ -338,6 +353,16 @@ void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, 
   }
 }
 
+// --backend of a worker: cuda runs a single rank here; a grid of several
+// ranks on CUDA devices needs NCCL communicators between them.
+BackendChoice worker_backend(const Arguments& args, int tp, int pp) {
+  const BackendChoice backend = backend_choice(args);
+  if (backend.backend == Backend::kCuda && tp * pp > 1)
+    throw Error("worker: --backend cuda runs one rank (--tp 1 --pp 1) so far; a grid of " +
+                std::to_string(tp * pp) + " ranks on CUDA devices is not available yet");
+  return backend;
+}
+
 // `xq worker --input --output`: the batch of `xq batch` on a tp x pp grid.
 // World rank 0 reads the requests, schedules and writes the results; every
 // step's plan goes to all ranks (parallel/plan_broadcast.h).
@@ -345,6 +370,7 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   if (args.has("prompt") || args.has("file"))
     throw Error("worker: --input runs a batch of requests; --prompt and --file do not apply");
   const BatchOptions batch = batch_options(args, "worker");
+  const BackendChoice backend = worker_backend(args, tp, pp);
   parallel::Grid grid(tp, pp);
   watchdog.finished();
   const bool leader = grid.world_rank() == 0;
@@ -363,6 +389,22 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   EngineOptions options = engine_options(args, threads, 0);
   options.sequences = batch.scheduler.max_sequences;
   options.cache_bytes = batch.cache_bytes;
+  if (backend.backend == Backend::kCuda) {
+    // One rank (worker_backend): the engine of `xq batch` on this rank's device.
+    const std::unique_ptr<Engine> engine = make_engine(*model, options, backend);
+    std::fprintf(stderr, "worker: tp 1 x pp 1, %s, cache %s, pool %d blocks of %d tokens\n",
+                 backend_summary(*engine, threads).c_str(), engine->cache_description().c_str(),
+                 engine->pool().total_blocks, engine->pool().block_tokens);
+    LocalExecutor executor(*engine);
+    const BatchSummary summary = run_batch_jsonl(executor, batch.scheduler, in, out, true);
+    if (!out) throw Error(batch.output + ": write error");
+    std::fprintf(
+        stderr, "%d requests (%d failed), %lld tokens generated in %.2f s (%.1f tokens/s)\n%s\n",
+        summary.requests, summary.failed, static_cast<long long>(summary.completion_tokens),
+        summary.seconds, summary.seconds > 0 ? summary.completion_tokens / summary.seconds : 0.0,
+        backend_summary(*engine, threads).c_str());
+    return 0;
+  }
   parallel::PipelineEngine engine(*model, options, grid, pipeline);
   // Each rank's time in steps and in its own work, printed by rank 0: the
   // pipeline's bubble as measured.
@@ -435,6 +477,7 @@ int run_worker(int argc, char** argv) {
   try {
     const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
     const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
+    const BackendChoice backend = worker_backend(args, tp, pp);
     if (args.has("input") || args.has("output")) {
       const int status = run_worker_batch(args, tp, pp, watchdog);
       MPI_Finalize();
@@ -466,6 +509,28 @@ int run_worker(int argc, char** argv) {
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
+    if (backend.backend == Backend::kCuda) {
+      // One rank (worker_backend): generation or scoring on its device.
+      const std::unique_ptr<Engine> engine = make_engine(
+          *model,
+          engine_options(args, threads,
+                         scoring
+                             ? scoring_options.ctx
+                             : generation_capacity(*model, tokens.size(), generation_steps(args))),
+          backend);
+      std::fprintf(stderr, "worker: tp 1 x pp 1, %s, cache %s\n",
+                   backend_summary(*engine, threads).c_str(), engine->cache_description().c_str());
+      if (scoring) {
+        PerplexityResult result =
+            evaluate_perplexity(*engine, tokens, scoring_options, print_progress);
+        print_perplexity(result, scoring_options);
+      } else {
+        generate_and_print(*engine, args, sampler, tokens, /*print=*/true);
+      }
+      std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
+      MPI_Finalize();
+      return 0;
+    }
     parallel::PipelineEngine engine(
         *model,
         engine_options(args, threads,

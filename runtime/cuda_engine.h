@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/dense_ops.h"
 #include "runtime/communicator.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
@@ -45,6 +46,11 @@ class CudaEngine final : public Engine {
   SampledToken forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
                               Sampler& sampler) override;
   void forward_batch(const std::vector<Segment>& segments, float* logits) override;
+  // forward() of n tokens, then the last row sampled on the device as `row`
+  // says (its `uniform` is the caller's draw): only the token id and the
+  // row's top-1 minus top-2 margin cross to the host.
+  SampledToken forward_sample_on_device(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
+                                        const cuda::SamplingRow& row);
   void truncate(int32_t seq, int32_t from) override;
   int32_t length(int32_t seq) const override;
   int32_t max_tokens() const override { return max_tokens_; }
@@ -58,7 +64,9 @@ class CudaEngine final : public Engine {
   int32_t blocks_for_step(int32_t from, int32_t to) const override;
 
   // The pieces of forward_batch for a pipeline stage; hidden is device
-  // memory (rows, dim).
+  // memory (rows, dim). Each returns once its work has finished on the
+  // device, so a communicator on another stream may send the result.
+  // run_layers needs no token ids (a later stage has none).
   void embed(const std::vector<Segment>& segments, float* hidden);
   void run_layers(const std::vector<Segment>& segments, float* hidden);
   // logits (rows, vocab) on the device of the final norm and head of hidden rows.
@@ -70,12 +78,20 @@ class CudaEngine final : public Engine {
   // Steps run from a captured graph, and captures made.
   int64_t graph_replays() const;
   int64_t graph_captures() const;
+  // The cache mode's name and its bytes per token by its formula (as
+  // AttentionCache::mode() and bytes_per_token(), for the tools).
+  std::string cache_mode() const;
+  double cache_bytes_per_token() const;
+  // Bytes of weights, norms and tables uploaded to the device.
+  size_t weight_bytes() const;
   // Turns graph capture off (every step launched kernel by kernel), for tests
   // that compare the two.
   void set_graphs_enabled(bool enabled);
 
  private:
   struct Impl;
+  // forward() of n tokens with the last row's logits kept on the device.
+  void run_last_row(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0);
   const Model& model_;
   Range layer_range_;
   int32_t max_tokens_ = 0;

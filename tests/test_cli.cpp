@@ -22,6 +22,10 @@
 #include "tests/test_util.h"
 #include "tests/tiny_llama_gguf.h"
 
+#if defined(XQ_HAVE_CUDA)
+#include "kernels/cuda/device.h"
+#endif
+
 extern char** environ;
 
 namespace xq {
@@ -426,6 +430,61 @@ TEST_F(Cli, MissingModelOrADirectory) {
                                 {missing, "cannot open", "No such file"}));
   EXPECT_TRUE(FailsWithOneError(run({"generate", "--model", dir_, "--prompt", "a"}),
                                 {dir_, "not a regular file"}));
+}
+
+// ---------------------------------------------------------------------------
+// --backend
+
+// --backend cuda where it cannot run: a CPU-only build, or a machine without
+// a CUDA device. One clear line and status 1 from every tool, never a crash;
+// with a device, the run goes through and says where it ran.
+TEST_F(Cli, BackendCudaWithoutDeviceIsAClearError) {
+  const std::string model = write_gguf("tiny.gguf", TinyLlamaGguf());
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += i % 3 ? "a " : "b ";
+  const std::string text_file = write("ab.txt", text);
+  const std::string requests =
+      write("requests.jsonl", "{\"prompt\": \"a b\", \"max_tokens\": 2}\n");
+  const std::vector<std::vector<std::string>> commands = {
+      {"generate", "--model", model, "--prompt", "a b", "--max-tokens", "3", "--backend", "cuda"},
+      {"perplexity", "--model", model, "--file", text_file, "--ctx", "8", "--backend", "cuda"},
+      {"batch", "--model", model, "--input", requests, "--output", file("results.jsonl"),
+       "--backend", "cuda"}};
+  std::string expected = "--backend cuda: this build has no CUDA backend";
+#if defined(XQ_HAVE_CUDA)
+  std::string why_not;
+  if (cuda::device_available(&why_not)) {
+    for (const auto& args : commands) {
+      const RunResult r = run(args);
+      EXPECT_EQ(r.signal, 0) << args[0];
+      EXPECT_EQ(r.exit_code, 0) << args[0] << ": " << r.err;
+      EXPECT_NE(r.err.find("backend cuda, CUDA device 0"), std::string::npos) << r.err;
+    }
+    return;
+  }
+  expected = "--backend cuda: no CUDA device: ";
+#endif
+  for (const auto& args : commands) {
+    const RunResult r = run(args);
+    EXPECT_TRUE(FailsWithOneError(r, {expected})) << args[0];
+    EXPECT_EQ(r.exit_code, 1) << args[0];
+  }
+}
+
+TEST_F(Cli, BackendNamesAreChecked) {
+  EXPECT_TRUE(FailsWithOneError(run({"generate", "--prompt", "a", "--backend", "gpu"}),
+                                {"--backend must be 'cpu' or 'cuda', got 'gpu'"}));
+  EXPECT_TRUE(FailsWithOneError(
+      run({"generate", "--prompt", "a", "--backend", "cuda", "--device", "-1"}), {"--device"}));
+}
+
+// The default backend is the CPU, and the tools say so.
+TEST_F(Cli, GenerateNamesItsBackend) {
+  const std::string model = write_gguf("tiny.gguf", TinyLlamaGguf());
+  const RunResult r =
+      run({"generate", "--model", model, "--prompt", "a b", "--max-tokens", "2", "--threads", "1"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.err.find("backend cpu, 1 thread(s)"), std::string::npos) << r.err;
 }
 
 // ---------------------------------------------------------------------------

@@ -1,0 +1,477 @@
+// The engine factory (launch/engine_factory.h) everywhere, and the resident
+// CUDA engine (runtime/cuda_engine.h) against TransformerEngine where a CUDA
+// device exists: whole forward passes, greedy generation, batches against
+// sequences alone, graphs on against off, and a pool that runs out.
+//
+// How far the device may stray from the CPU, for stories260K (fp32 weights)
+// and SmolLM2 (Q4_1), follows tests/mpi/logit_bounds.h, measured on the CPU
+// reference for the prompt at hand:
+// * E, the int8 activation noise floor: max |logits with every matmul input
+//   rounded as the int8 path rounds it - logits in fp32| (fp16 cache). The
+//   CPU reads Q4_1 weights with int8 activations, so its own logits carry one
+//   draw of that noise; the device's int8 matrix-vector path (decode, rows <=
+//   16) carries another draw, since any summation-order difference upstream
+//   re-rounds the activations. The device's fp16 GEMM (prefill) rounds each
+//   input to fp16, at most 2^-11 of the value against the int8 path's
+//   max|x| / 254 of its block, so it adds at most 254 / 2048 of E; its fp32
+//   accumulation order adds less (an fp16 ulp of a cached value, see
+//   logit_bounds.h). For fp32 weights the CPU runs fp32 throughout, and the
+//   device's own rounding is again bounded by a draw of E.
+// * C, a quantized cache's noise: max |logits(mode) - logits(fp16)| on the
+//   CPU. The device cache quantizes its (slightly different) inputs anew: a
+//   code that flips is another draw of that noise.
+// The bound is kRedraws * (E + C), kRedraws = 2 as in logit_bounds.h (a
+// second draw of the same noise measured at up to 1.12 E there). A wrong
+// index, stride or missing layer moves logits by their own size (several
+// units on both models, against E of 0.3 and 1.4), far past it.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "launch/engine_factory.h"
+#include "runtime/engine.h"
+#include "runtime/model.h"
+#include "test_util.h"
+
+#if defined(XQ_HAVE_CUDA)
+#include "cache_mode_params.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cuda/device.h"
+#include "runtime/cuda_engine.h"
+#include "runtime/sampler.h"
+#endif
+
+namespace xq {
+namespace {
+
+// ---------------------------------------------------------------------------
+// The factory: runs everywhere.
+
+TEST(EngineFactory, ParsesBackendNames) {
+  EXPECT_EQ(parse_backend("cpu"), Backend::kCpu);
+  EXPECT_EQ(parse_backend("cuda"), Backend::kCuda);
+  EXPECT_STREQ(backend_name(Backend::kCuda), "cuda");
+  try {
+    parse_backend("gpu");
+    FAIL() << "parse_backend accepted 'gpu'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--backend must be 'cpu' or 'cuda'"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(EngineFactory, CpuBackendIsTheTransformerEngine) {
+  const std::string path = testing::shared_path("models/stories260K.bin");
+  if (!testing::file_exists(path)) GTEST_SKIP() << path << " absent";
+  auto model = Model::load(path);
+  EngineOptions options;
+  options.max_tokens = 64;
+  const std::unique_ptr<Engine> engine = make_engine(*model, options, BackendChoice{});
+  EXPECT_NE(dynamic_cast<TransformerEngine*>(engine.get()), nullptr);
+  EXPECT_EQ(engine_cache_mode(*engine), "fp16");
+  EXPECT_GT(engine_cache_bytes_per_token(*engine), 0.0);
+  EXPECT_EQ(backend_summary(*engine, 3), "backend cpu, 3 thread(s)");
+}
+
+// Without the CUDA build, or without a device, asking for cuda is one clear
+// xq::Error, before any model is touched.
+TEST(EngineFactory, CudaUnavailableIsAClearError) {
+  BackendChoice cuda;
+  cuda.backend = Backend::kCuda;
+#if defined(XQ_HAVE_CUDA)
+  EXPECT_TRUE(cuda_backend_built());
+  std::string why_not;
+  if (cuda::device_available(&why_not)) {
+    EXPECT_NO_THROW(check_backend(cuda));
+    cuda.device = cuda::device_count();  // one past the last
+    EXPECT_THROW(check_backend(cuda), Error);
+    return;
+  }
+  try {
+    check_backend(cuda);
+    FAIL() << "check_backend accepted cuda without a device";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--backend cuda: no CUDA device: "), std::string::npos)
+        << e.what();
+  }
+#else
+  EXPECT_FALSE(cuda_backend_built());
+  try {
+    check_backend(cuda);
+    FAIL() << "check_backend accepted cuda in a build without it";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "--backend cuda: this build has no CUDA backend");
+  }
+#endif
+}
+
+#if defined(XQ_HAVE_CUDA)
+
+// ---------------------------------------------------------------------------
+// The CUDA engine against the CPU's.
+
+#define SKIP_WITHOUT_CUDA_DEVICE()                   \
+  do {                                               \
+    std::string why_not;                             \
+    if (!xq::cuda::device_available(&why_not)) {     \
+      GTEST_SKIP() << "no CUDA device: " << why_not; \
+    }                                                \
+  } while (0)
+
+constexpr float kRedraws = 2.0f;  // see the head of this file
+constexpr int32_t kMaxTokens = 256;
+
+std::string model_file(const std::string& name) {
+  return name == "stories260K" ? testing::shared_path("models/stories260K.bin")
+                               : testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+}
+
+std::vector<int32_t> prompt_of(int32_t length, int32_t salt, int32_t vocab) {
+  std::vector<int32_t> tokens(static_cast<size_t>(length));
+  for (int32_t i = 0; i < length; ++i) tokens[i] = 1 + (i * 37 + salt * 101) % (vocab - 1);
+  return tokens;
+}
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  float worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::abs(a[i] - b[i]));
+  return worst;
+}
+
+class MatmulPathScope {
+ public:
+  explicit MatmulPathScope(cpu::MatmulPath path) : saved_(cpu::matmul_path()) {
+    cpu::set_matmul_path(path);
+  }
+  ~MatmulPathScope() { cpu::set_matmul_path(saved_); }
+  MatmulPathScope(const MatmulPathScope&) = delete;
+  MatmulPathScope& operator=(const MatmulPathScope&) = delete;
+
+ private:
+  cpu::MatmulPath saved_;
+};
+
+// Logits of every row of the prompt, one forward pass on the CPU.
+std::vector<float> cpu_rows(const Model& model, const EngineOptions& options,
+                            const std::vector<int32_t>& prompt, cpu::MatmulPath path) {
+  MatmulPathScope scope(path);
+  TransformerEngine engine(model, options);
+  const auto n = static_cast<int32_t>(prompt.size());
+  std::vector<float> rows(static_cast<size_t>(n) * model.config().vocab_size);
+  engine.forward(0, prompt.data(), n, 0, rows.data(), 0);
+  return rows;
+}
+
+// kRedraws * (E + C) for this prompt (the head of this file).
+float logit_bound(const Model& model, const EngineOptions& options,
+                  const std::vector<int32_t>& prompt) {
+  EngineOptions fp16 = options;
+  fp16.cache_mode = "fp16";
+  const std::vector<float> exact = cpu_rows(model, fp16, prompt, cpu::MatmulPath::kFloat);
+  const float e =
+      max_abs_diff(cpu_rows(model, fp16, prompt, cpu::MatmulPath::kFloatRoundedAsQ8), exact);
+  float c = 0;
+  if (options.cache_mode != "fp16")
+    c = max_abs_diff(cpu_rows(model, options, prompt, cpu::MatmulPath::kAuto),
+                     cpu_rows(model, fp16, prompt, cpu::MatmulPath::kAuto));
+  return kRedraws * (e + c);
+}
+
+// The CUDA engine, or null with the reason where the device lacks the mode.
+std::unique_ptr<CudaEngine> try_cuda_engine(const Model& model, const EngineOptions& options,
+                                            std::string* why_not) {
+  try {
+    return std::make_unique<CudaEngine>(model, options, 0);
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.find("not available") == std::string::npos &&
+        what.find("support") == std::string::npos)
+      throw;
+    *why_not = what;
+    return nullptr;
+  }
+}
+
+#define CUDA_ENGINE_OR_SKIP(var, model, options)                     \
+  std::unique_ptr<CudaEngine> var;                                   \
+  do {                                                               \
+    std::string why_not;                                             \
+    var = try_cuda_engine(model, options, &why_not);                 \
+    if (!var) GTEST_SKIP() << "mode not on the device: " << why_not; \
+  } while (0)
+
+class CudaEngineVsCpu : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA_DEVICE();
+    const std::string path = model_file(std::get<0>(GetParam()));
+    if (!testing::file_exists(path)) GTEST_SKIP() << path << " absent";
+    model_ = Model::load(path);
+    vocab_ = model_->config().vocab_size;
+    options_.cache_mode = std::get<1>(GetParam());
+    options_.max_tokens = kMaxTokens;
+  }
+
+  std::unique_ptr<Model> model_;
+  int32_t vocab_ = 0;
+  EngineOptions options_;
+};
+
+// Every row's logits of one forward pass: 12 rows (the matrix-vector path,
+// rows <= kMatvecMaxRows) and 40 rows (the fp16 GEMM path).
+TEST_P(CudaEngineVsCpu, ForwardLogitsMatch) {
+  for (const int32_t n : {12, 40}) {
+    const std::vector<int32_t> prompt = prompt_of(n, 1, vocab_);
+    const float bound = logit_bound(*model_, options_, prompt);
+    const std::vector<float> cpu = cpu_rows(*model_, options_, prompt, cpu::MatmulPath::kAuto);
+    CUDA_ENGINE_OR_SKIP(gpu, *model_, options_);
+    std::vector<float> device(cpu.size());
+    gpu->forward(0, prompt.data(), n, 0, device.data(), 0);
+    const float diff = max_abs_diff(device, cpu);
+    EXPECT_LE(diff, bound) << n << " rows: largest |device - cpu| logit difference " << diff;
+    // Argmaxes agree wherever the CPU's top-2 gap exceeds what the bound lets move.
+    for (int32_t r = 0; r < n; ++r) {
+      const float* c = &cpu[static_cast<size_t>(r) * vocab_];
+      const float* d = &device[static_cast<size_t>(r) * vocab_];
+      if (top2_margin(c, vocab_) > 2 * bound) {
+        EXPECT_EQ(argmax(d, vocab_), argmax(c, vocab_)) << "row " << r;
+      }
+    }
+    EXPECT_EQ(gpu->length(0), n);
+    // A row's logits do not depend on which rows are asked for.
+    std::vector<float> last(static_cast<size_t>(vocab_));
+    CUDA_ENGINE_OR_SKIP(again, *model_, options_);
+    again->forward(0, prompt.data(), n, 0, last.data(), n - 1);
+    EXPECT_LE(max_abs_diff(last, std::vector<float>(device.end() - vocab_, device.end())), bound);
+  }
+}
+
+// 32 greedy tokens: the same as the CPU's, or different only from a step
+// where the CPU's top-1 minus top-2 margin is within 2 bounds (a near tie:
+// each logit may move by the bound, their gap by twice that).
+TEST_P(CudaEngineVsCpu, GreedyTokensMatch) {
+  const int32_t steps = 32;
+  const std::vector<int32_t> prompt = prompt_of(12, 2, vocab_);
+  const auto n = static_cast<int32_t>(prompt.size());
+
+  TransformerEngine cpu(*model_, options_);
+  std::vector<float> row(static_cast<size_t>(vocab_));
+  std::vector<int32_t> cpu_tokens;
+  std::vector<float> cpu_margins;
+  cpu.forward(0, prompt.data(), n, 0, row.data(), n - 1);
+  for (int32_t s = 0; s < steps; ++s) {
+    cpu_tokens.push_back(argmax(row.data(), vocab_));
+    cpu_margins.push_back(top2_margin(row.data(), vocab_));
+    if (s + 1 < steps) cpu.forward(0, &cpu_tokens.back(), 1, n + s, row.data(), 0);
+  }
+  // The noise measured over every position the run visits.
+  std::vector<int32_t> visited = prompt;
+  visited.insert(visited.end(), cpu_tokens.begin(), cpu_tokens.end() - 1);
+  const float bound = logit_bound(*model_, options_, visited);
+
+  CUDA_ENGINE_OR_SKIP(gpu, *model_, options_);
+  const cuda::SamplingRow greedy;  // temperature 0: the argmax on the device
+  std::vector<SampledToken> gpu_tokens;
+  gpu_tokens.push_back(gpu->forward_sample_on_device(0, prompt.data(), n, 0, greedy));
+  for (int32_t s = 1; s < steps; ++s)
+    gpu_tokens.push_back(
+        gpu->forward_sample_on_device(0, &gpu_tokens.back().token, 1, n + s - 1, greedy));
+
+  for (int32_t s = 0; s < steps; ++s) {
+    if (gpu_tokens[s].token != cpu_tokens[s]) {
+      EXPECT_LT(cpu_margins[s], 2 * bound)
+          << "step " << s << ": device " << gpu_tokens[s].token << ", cpu " << cpu_tokens[s]
+          << " with a margin of " << cpu_margins[s] << " (bound " << bound << ")";
+      break;  // later steps see different tokens
+    }
+    EXPECT_NEAR(gpu_tokens[s].margin, cpu_margins[s], 2 * bound) << "step " << s;
+  }
+
+  // The host-sampler path picks the device's argmax from the same logits.
+  CUDA_ENGINE_OR_SKIP(sampled, *model_, options_);
+  Sampler sampler(SamplerOptions{});
+  const SampledToken first = sampled->forward_sample(0, prompt.data(), n, 0, sampler);
+  EXPECT_EQ(first.token, gpu_tokens[0].token);
+  EXPECT_EQ(first.margin, gpu_tokens[0].margin);
+}
+
+// Three sequences in one forward_batch (prefill together, then decode
+// together) against each alone on the device: a row's result does not
+// depend on the others beyond the bound (another path or row count is
+// another draw of the rounding noise).
+TEST_P(CudaEngineVsCpu, BatchMatchesEachAlone) {
+  const std::vector<std::vector<int32_t>> prompts = {
+      prompt_of(20, 3, vocab_), prompt_of(7, 4, vocab_), prompt_of(33, 5, vocab_)};
+  const int32_t steps = 6;
+  float bound = 0;
+  for (const auto& p : prompts) bound = std::max(bound, logit_bound(*model_, options_, p));
+
+  // Alone: prompt, then `steps` greedy steps; the logits of each.
+  std::vector<std::vector<std::vector<float>>> alone(prompts.size());
+  std::vector<std::vector<int32_t>> alone_tokens(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    CUDA_ENGINE_OR_SKIP(gpu, *model_, options_);
+    const auto n = static_cast<int32_t>(prompts[i].size());
+    std::vector<float> row(static_cast<size_t>(vocab_));
+    gpu->forward(0, prompts[i].data(), n, 0, row.data(), n - 1);
+    for (int32_t s = 0; s <= steps; ++s) {
+      alone[i].push_back(row);
+      alone_tokens[i].push_back(argmax(row.data(), vocab_));
+      if (s < steps) gpu->forward(0, &alone_tokens[i].back(), 1, n + s, row.data(), 0);
+    }
+  }
+
+  EngineOptions batched = options_;
+  batched.sequences = 3;
+  CUDA_ENGINE_OR_SKIP(gpu, *model_, batched);
+  std::vector<float> logits(prompts.size() * static_cast<size_t>(vocab_));
+  std::vector<Segment> segments;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    Segment s;
+    s.seq = static_cast<int32_t>(i);
+    s.tokens = prompts[i].data();
+    s.n = static_cast<int32_t>(prompts[i].size());
+    s.wants_logits = true;
+    segments.push_back(s);
+  }
+  // Each sequence is fed its own alone-run tokens, so the rows stay comparable.
+  for (int32_t step = 0; step <= steps; ++step) {
+    gpu->forward_batch(segments, logits.data());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const std::vector<float> mine(logits.begin() + static_cast<int64_t>(i) * vocab_,
+                                    logits.begin() + static_cast<int64_t>(i + 1) * vocab_);
+      EXPECT_LE(max_abs_diff(mine, alone[i][static_cast<size_t>(step)]), bound)
+          << "sequence " << i << ", step " << step;
+      Segment& s = segments[i];
+      s.pos0 += s.n;
+      s.n = 1;
+      s.tokens = &alone_tokens[i][static_cast<size_t>(step)];
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(gpu->length(static_cast<int32_t>(i)),
+              static_cast<int32_t>(prompts[i].size()) + steps);
+}
+
+// Graphs replay exactly the kernels they captured, with the same arguments
+// and the per-step values read from the same device buffers: the same bits
+// as launching kernel by kernel.
+TEST_P(CudaEngineVsCpu, GraphsOnAndOffAgree) {
+  EngineOptions options = options_;
+  options.sequences = 2;
+  CUDA_ENGINE_OR_SKIP(with_graphs, *model_, options);
+  CUDA_ENGINE_OR_SKIP(without, *model_, options);
+  without->set_graphs_enabled(false);
+  const std::vector<std::vector<int32_t>> prompts = {prompt_of(12, 6, vocab_),
+                                                     prompt_of(9, 7, vocab_)};
+  std::vector<float> a(2 * static_cast<size_t>(vocab_)), b(a.size());
+  std::vector<int32_t> next(2), pos(2);
+  for (int32_t i = 0; i < 2; ++i) {
+    const auto n = static_cast<int32_t>(prompts[i].size());
+    with_graphs->forward(i, prompts[i].data(), n, 0, a.data(), n - 1);
+    without->forward(i, prompts[i].data(), n, 0, b.data(), n - 1);
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), vocab_ * sizeof(float)), 0) << "prompt " << i;
+    next[i] = argmax(a.data(), vocab_);
+    pos[i] = n;
+  }
+  // Ten decode steps of both sequences (2 rows), then five of one (1 row).
+  const int32_t batched_steps = 10, single_steps = 5;
+  for (int32_t step = 0; step < batched_steps; ++step) {
+    std::vector<Segment> segments(2);
+    for (int32_t i = 0; i < 2; ++i) {
+      segments[i].seq = i;
+      segments[i].pos0 = pos[i]++;
+      segments[i].tokens = &next[i];
+      segments[i].n = 1;
+      segments[i].wants_logits = true;
+    }
+    with_graphs->forward_batch(segments, a.data());
+    without->forward_batch(segments, b.data());
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "step " << step;
+    for (int32_t i = 0; i < 2; ++i) next[i] = argmax(&a[static_cast<size_t>(i) * vocab_], vocab_);
+  }
+  for (int32_t step = 0; step < single_steps; ++step) {
+    with_graphs->forward(0, &next[0], 1, pos[0], a.data(), 0);
+    without->forward(0, &next[0], 1, pos[0], b.data(), 0);
+    ++pos[0];
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), vocab_ * sizeof(float)), 0) << "single " << step;
+    next[0] = argmax(a.data(), vocab_);
+  }
+  // Each row count runs once kernel by kernel, is captured at its second
+  // step and replayed from then on.
+  EXPECT_EQ(with_graphs->graph_captures(), 2);
+  EXPECT_EQ(with_graphs->graph_replays(), (batched_steps - 1) + (single_steps - 1));
+  EXPECT_EQ(without->graph_captures(), 0);
+  EXPECT_EQ(without->graph_replays(), 0);
+}
+
+// A pool of exactly the blocks one 200-token sequence holds: a second
+// sequence's step throws PoolExhausted before anything is written.
+TEST_P(CudaEngineVsCpu, PoolExhaustionLeavesLengths) {
+  EngineOptions options = options_;
+  options.sequences = 2;
+  const int32_t held = 200;
+  size_t block_bytes = 0;
+  int32_t blocks = 0;
+  {
+    CUDA_ENGINE_OR_SKIP(probe, *model_, options);
+    block_bytes = probe->pool().block_bytes;
+    blocks = probe->blocks_for_tokens(held);
+  }
+  options.cache_bytes = static_cast<size_t>(blocks) * block_bytes;
+  CUDA_ENGINE_OR_SKIP(gpu, *model_, options);
+  ASSERT_EQ(gpu->pool().total_blocks, blocks);
+  const std::vector<int32_t> first = prompt_of(held, 8, vocab_);
+  gpu->forward(0, first.data(), held, 0, nullptr, 0);
+  ASSERT_EQ(gpu->length(0), held);
+  const size_t in_use = gpu->cache_bytes_in_use();
+
+  const std::vector<int32_t> second = prompt_of(10, 9, vocab_);
+  std::vector<float> logits(2 * static_cast<size_t>(vocab_));
+  EXPECT_THROW(gpu->forward(1, second.data(), 10, 0, logits.data(), 9), PoolExhausted);
+  EXPECT_EQ(gpu->length(0), held);
+  EXPECT_EQ(gpu->length(1), 0);
+  std::vector<Segment> segments(2);
+  const int32_t token = first.back();
+  segments[0].seq = 0;
+  segments[0].pos0 = held;
+  segments[0].tokens = &token;
+  segments[0].n = 1;
+  segments[0].wants_logits = true;
+  segments[1].seq = 1;
+  segments[1].tokens = second.data();
+  segments[1].n = 10;
+  segments[1].wants_logits = true;
+  EXPECT_THROW(gpu->forward_batch(segments, logits.data()), PoolExhausted);
+  EXPECT_EQ(gpu->length(0), held);
+  EXPECT_EQ(gpu->length(1), 0);
+  EXPECT_EQ(gpu->cache_bytes_in_use(), in_use);
+  // Bad input is refused on the host, with the CPU engine's messages.
+  const int32_t outside = vocab_;
+  EXPECT_THROW(gpu->forward(0, &outside, 1, held, logits.data(), 0), Error);
+  segments[1].seq = 5;
+  EXPECT_THROW(gpu->forward_batch(segments, logits.data()), Error);
+  EXPECT_EQ(gpu->length(0), held);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaEngineVsCpu,
+                         ::testing::Combine(::testing::Values("stories260K", "SmolLM2"),
+                                            ::testing::ValuesIn(testing::table_mode_names())),
+                         [](const ::testing::TestParamInfo<CudaEngineVsCpu::ParamType>& info) {
+                           std::string name =
+                               std::get<0>(info.param) + "_" + std::get<1>(info.param);
+                           for (char& c : name)
+                             if (c == '-') c = '_';
+                           return name;
+                         });
+
+#endif  // XQ_HAVE_CUDA
+
+}  // namespace
+}  // namespace xq
