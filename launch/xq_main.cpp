@@ -27,6 +27,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "parallel/device_grid.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
@@ -363,7 +364,9 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   EngineOptions options = engine_options(args, threads, 0);
   options.sequences = batch.scheduler.max_sequences;
   options.cache_bytes = batch.cache_bytes;
-  parallel::PipelineEngine engine(*model, options, grid, pipeline);
+  const auto engine_on_backend =
+      parallel::make_pipeline_engine(*model, options, grid, pipeline, args.get("backend"));
+  parallel::PipelineEngine& engine = *engine_on_backend;
   // Each rank's time in steps and in its own work, printed by rank 0: the
   // pipeline's bubble as measured.
   auto report_bubble = [&] {
@@ -417,6 +420,8 @@ int run_worker(int argc, char** argv) {
   args.option("tp", "1", "tensor-parallel ranks per pipeline stage");
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
+  // Each rank takes the GPU of its rank on its node (parallel/device_grid.h).
+  args.option("backend", "cpu", "'cpu' or 'cuda' (each rank's stage on its node's GPU)");
   add_batch_options(args);
   if (!args.parse(argc, argv)) return 0;
   // No rank may outlive the process that started it (mpirun, or orted on
@@ -466,13 +471,14 @@ int run_worker(int argc, char** argv) {
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-    parallel::PipelineEngine engine(
+    const auto engine_on_backend = parallel::make_pipeline_engine(
         *model,
         engine_options(args, threads,
                        scoring
                            ? scoring_options.ctx
                            : generation_capacity(*model, tokens.size(), generation_steps(args))),
-        grid, pipeline);
+        grid, pipeline, args.get("backend"));
+    parallel::PipelineEngine& engine = *engine_on_backend;
     if (rank == 0)
       std::fprintf(stderr,
                    "worker: tp %d x pp %d; rank 0 runs layers [%lld, %lld), %.1f MB of weights\n",
