@@ -16,7 +16,8 @@
 // deadline and follows the chain of waits across the grid's fault channel
 // (see MpiCommunicator) to the rank that really died; LostRank is thrown with
 // the MPI communicator's wording (parallel/fault_text.h): "...; lost rank R
-// (world rank W)". A survivor thus takes up to two timeouts to give up.
+// (world rank W)". A survivor thus takes two timeouts to give up (one more
+// for each group the chain of waits crosses).
 #pragma once
 
 #include <cuda_runtime_api.h>
