@@ -29,6 +29,7 @@
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
 #include "launch/engine_factory.h"
+#include "parallel/device_grid.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/pipeline_engine.h"
@@ -353,16 +354,6 @@ void report_ranks(parallel::Grid& grid, const parallel::PipelineEngine& engine, 
   }
 }
 
-// --backend of a worker: cuda runs a single rank here; a grid of several
-// ranks on CUDA devices needs NCCL communicators between them.
-BackendChoice worker_backend(const Arguments& args, int tp, int pp) {
-  const BackendChoice backend = backend_choice(args);
-  if (backend.backend == Backend::kCuda && tp * pp > 1)
-    throw Error("worker: --backend cuda runs one rank (--tp 1 --pp 1) so far; a grid of " +
-                std::to_string(tp * pp) + " ranks on CUDA devices is not available yet");
-  return backend;
-}
-
 // `xq worker --input --output`: the batch of `xq batch` on a tp x pp grid.
 // World rank 0 reads the requests, schedules and writes the results; every
 // step's plan goes to all ranks (parallel/plan_broadcast.h).
@@ -370,7 +361,7 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   if (args.has("prompt") || args.has("file"))
     throw Error("worker: --input runs a batch of requests; --prompt and --file do not apply");
   const BatchOptions batch = batch_options(args, "worker");
-  const BackendChoice backend = worker_backend(args, tp, pp);
+  backend_choice(args);  // an unusable --backend fails here, before the grid forms
   parallel::Grid grid(tp, pp);
   watchdog.finished();
   const bool leader = grid.world_rank() == 0;
@@ -389,23 +380,9 @@ int run_worker_batch(const Arguments& args, int tp, int pp, StartupWatchdog& wat
   EngineOptions options = engine_options(args, threads, 0);
   options.sequences = batch.scheduler.max_sequences;
   options.cache_bytes = batch.cache_bytes;
-  if (backend.backend == Backend::kCuda) {
-    // One rank (worker_backend): the engine of `xq batch` on this rank's device.
-    const std::unique_ptr<Engine> engine = make_engine(*model, options, backend);
-    std::fprintf(stderr, "worker: tp 1 x pp 1, %s, cache %s, pool %d blocks of %d tokens\n",
-                 backend_summary(*engine, threads).c_str(), engine->cache_description().c_str(),
-                 engine->pool().total_blocks, engine->pool().block_tokens);
-    LocalExecutor executor(*engine);
-    const BatchSummary summary = run_batch_jsonl(executor, batch.scheduler, in, out, true);
-    if (!out) throw Error(batch.output + ": write error");
-    std::fprintf(
-        stderr, "%d requests (%d failed), %lld tokens generated in %.2f s (%.1f tokens/s)\n%s\n",
-        summary.requests, summary.failed, static_cast<long long>(summary.completion_tokens),
-        summary.seconds, summary.seconds > 0 ? summary.completion_tokens / summary.seconds : 0.0,
-        backend_summary(*engine, threads).c_str());
-    return 0;
-  }
-  parallel::PipelineEngine engine(*model, options, grid, pipeline);
+  const auto engine_on_backend =
+      parallel::make_pipeline_engine(*model, options, grid, pipeline, args.get("backend"));
+  parallel::PipelineEngine& engine = *engine_on_backend;
   // Each rank's time in steps and in its own work, printed by rank 0: the
   // pipeline's bubble as measured.
   auto report_bubble = [&] {
@@ -477,7 +454,7 @@ int run_worker(int argc, char** argv) {
   try {
     const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
     const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
-    const BackendChoice backend = worker_backend(args, tp, pp);
+    backend_choice(args);  // an unusable --backend fails here, before the grid forms
     if (args.has("input") || args.has("output")) {
       const int status = run_worker_batch(args, tp, pp, watchdog);
       MPI_Finalize();
@@ -509,35 +486,14 @@ int run_worker(int argc, char** argv) {
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
-    if (backend.backend == Backend::kCuda) {
-      // One rank (worker_backend): generation or scoring on its device.
-      const std::unique_ptr<Engine> engine = make_engine(
-          *model,
-          engine_options(args, threads,
-                         scoring
-                             ? scoring_options.ctx
-                             : generation_capacity(*model, tokens.size(), generation_steps(args))),
-          backend);
-      std::fprintf(stderr, "worker: tp 1 x pp 1, %s, cache %s\n",
-                   backend_summary(*engine, threads).c_str(), engine->cache_description().c_str());
-      if (scoring) {
-        PerplexityResult result =
-            evaluate_perplexity(*engine, tokens, scoring_options, print_progress);
-        print_perplexity(result, scoring_options);
-      } else {
-        generate_and_print(*engine, args, sampler, tokens, /*print=*/true);
-      }
-      std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
-      MPI_Finalize();
-      return 0;
-    }
-    parallel::PipelineEngine engine(
+    const auto engine_on_backend = parallel::make_pipeline_engine(
         *model,
         engine_options(args, threads,
                        scoring
                            ? scoring_options.ctx
                            : generation_capacity(*model, tokens.size(), generation_steps(args))),
-        grid, pipeline);
+        grid, pipeline, args.get("backend"));
+    parallel::PipelineEngine& engine = *engine_on_backend;
     if (rank == 0)
       std::fprintf(stderr,
                    "worker: tp %d x pp %d; rank 0 runs layers [%lld, %lld), %.1f MB of weights\n",

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <thread>
 
+#include "parallel/fault_text.h"
+
 namespace xq::parallel {
 
 namespace {
@@ -48,12 +50,6 @@ size_t part_size(size_t n, int parts, int index) {
 
 int wrap(int value, int size) {
   return ((value % size) + size) % size;
-}
-
-std::string seconds_text(double seconds) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%g s", seconds);
-  return text;
 }
 
 }  // namespace
@@ -160,8 +156,7 @@ int MpiCommunicator::member_of_channel_rank(int channel_rank) const {
 std::string MpiCommunicator::who_on_channel(int channel_rank) const {
   const int member = member_of_channel_rank(channel_rank);
   if (member >= 0) return who(member);
-  return "world rank " + std::to_string(channel_world_ranks_[static_cast<size_t>(channel_rank)]) +
-         " (another group)";
+  return fault_text::outside_member(channel_world_ranks_[static_cast<size_t>(channel_rank)]);
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -194,8 +189,7 @@ void MpiCommunicator::set_timeout(std::chrono::milliseconds timeout) {
 }
 
 std::string MpiCommunicator::who(int member) const {
-  return "rank " + std::to_string(member) + " (world rank " +
-         std::to_string(world_ranks_[static_cast<size_t>(member)]) + ")";
+  return fault_text::member(member, world_ranks_[static_cast<size_t>(member)]);
 }
 
 void MpiCommunicator::check_usable(Op op) const {
@@ -241,7 +235,7 @@ void MpiCommunicator::cancel_pending() {
 void MpiCommunicator::wait_all(Op op) {
   const Clock::time_point started = Clock::now();
   const Clock::time_point deadline = started + timeout_;
-  const std::string prefix = who(rank_) + ": " + op_name(op) + " on group \"" + name_ + "\"";
+  const std::string prefix = fault_text::operation(who(rank_), op_name(op), name_);
   // The member this rank is stuck on: a receive that has not arrived, else a
   // send that has not been taken.
   auto waiting_for = [&]() {
@@ -303,16 +297,15 @@ void MpiCommunicator::wait_all(Op op) {
         notice) {
       const int peer = waiting_for();
       fail(op, peer,
-           prefix + " stopped after " + seconds_text(std::round(elapsed() * 10) / 10) +
+           prefix + " stopped after " + fault_text::seconds(std::round(elapsed() * 10) / 10) +
                " waiting for " + who(peer),
            " (" + who_on_channel(status.MPI_SOURCE) + " gave up first)");
     }
     if (Clock::now() >= deadline) {
       const int peer = waiting_for();
       fail(op, peer,
-           prefix + " timed out after " +
-               seconds_text(std::chrono::duration<double>(timeout_).count()) + " waiting for " +
-               who(peer));
+           fault_text::timed_out(prefix, std::chrono::duration<double>(timeout_).count(),
+                                 who(peer)));
     }
     // Spin for 100 us (a step between ranks of one node completes in a few
     // microseconds), then sleep in growing naps so that oversubscribed ranks
@@ -398,11 +391,11 @@ void MpiCommunicator::fail(Op op, int waiting_for, const std::string& event,
     rank = next;
   }
   if (rank >= 0 && waits_for[static_cast<size_t>(rank)] == kNotReported) {
-    message += "; lost " + who_on_channel(rank);
+    message += fault_text::lost(who_on_channel(rank));
     throw LostRank(message + note, member_of_channel_rank(rank), op_name(op),
                    channel_world_ranks_[static_cast<size_t>(rank)]);
   }
-  message += "; no member is lost: they wait on each other (members called different operations?)";
+  message += fault_text::none_lost();
   throw LostRank(message + note, -1, op_name(op));
 }
 

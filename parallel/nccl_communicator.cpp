@@ -1,7 +1,8 @@
 #include "parallel/nccl_communicator.h"
 
-#include <cstdio>
 #include <thread>
+
+#include "parallel/fault_text.h"
 
 namespace xq::parallel {
 
@@ -9,10 +10,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string seconds_text(std::chrono::milliseconds duration) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%g s", std::chrono::duration<double>(duration).count());
-  return text;
+double seconds_of(std::chrono::milliseconds duration) {
+  return std::chrono::duration<double>(duration).count();
 }
 
 }  // namespace
@@ -43,6 +42,8 @@ NcclCommunicator::NcclCommunicator(MpiCommunicator& group, int device)
     group_.broadcast(&id, sizeof id, 0);
     check_cuda(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking),
                "cudaStreamCreateWithFlags" + context);
+    check_cuda(cudaEventCreateWithFlags(&work_done_, cudaEventDisableTiming),
+               "cudaEventCreateWithFlags" + context);
     check_cuda(cudaMalloc(reinterpret_cast<void**>(&barrier_word_), sizeof(float)),
                "cudaMalloc" + context);
     check_cuda(cudaMemset(barrier_word_, 0, sizeof(float)), "cudaMemset" + context);
@@ -56,6 +57,7 @@ NcclCommunicator::NcclCommunicator(MpiCommunicator& group, int device)
   } catch (...) {
     if (comm_ != nullptr) ncclCommAbort(comm_);
     if (barrier_word_ != nullptr) cudaFree(barrier_word_);
+    if (work_done_ != nullptr) cudaEventDestroy(work_done_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     throw;
   }
@@ -77,28 +79,57 @@ NcclCommunicator::~NcclCommunicator() {
       ncclCommAbort(comm_);
   }
   if (barrier_word_ != nullptr) cudaFree(barrier_word_);
+  if (work_done_ != nullptr) cudaEventDestroy(work_done_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
 std::string NcclCommunicator::prefix(const char* op) const {
-  return "rank " + std::to_string(rank()) + " (world rank " + std::to_string(world_rank(rank())) +
-         "): " + op + " on group \"" + name() + "\" (NCCL)";
+  return fault_text::operation(fault_text::member(rank(), world_rank(rank())), op, name());
 }
 
 void NcclCommunicator::check_usable(const char* op) const {
-  if (broken_) throw xq::Error(prefix(op) + ": the group already failed; end the job");
+  if (broken_)
+    throw xq::Error(prefix(op) + ": the group already failed (a rank was lost); end the job");
 }
 
-void NcclCommunicator::fail(const char* op, const std::string& what) {
+void NcclCommunicator::order_after_work(const char* op) {
+  if (work_stream_ != nullptr) {
+    check_cuda(cudaEventRecord(work_done_, work_stream_), prefix(op) + ": cudaEventRecord");
+    check_cuda(cudaStreamWaitEvent(stream_, work_done_, 0), prefix(op) + ": cudaStreamWaitEvent");
+    return;
+  }
+  // Nothing on this device waits for a peer but this rank's own NCCL work,
+  // which has finished or been aborted, so this returns.
+  check_cuda(cudaDeviceSynchronize(), prefix(op) + ": cudaDeviceSynchronize");
+}
+
+void NcclCommunicator::fail(const char* op, const std::string& happened) {
   broken_ = true;
-  std::string detail;
+  std::string note = " (NCCL";
   if (comm_ != nullptr) {
     const char* last = ncclGetLastError(comm_);
-    if (last != nullptr && *last != '\0') detail = std::string(" (") + last + ")";
+    if (last != nullptr && *last != '\0') note += std::string(": ") + last;
     ncclCommAbort(comm_);  // unblocks kernels waiting on the missing peer
     comm_ = nullptr;
   }
-  throw LostRank(prefix(op) + " " + what + detail, -1, op);
+  note += ")";
+  // Whom this rank waited for: the group's MPI communicator waits on named
+  // peers, with the same deadline, and agrees with the grid on the culprit.
+  std::string culprit;
+  int lost = -1, lost_world = -1;
+  try {
+    group_.barrier();
+  } catch (const LostRank& e) {
+    lost = e.lost_rank();
+    lost_world = e.lost_world_rank();
+    if (lost >= 0)
+      culprit = fault_text::member(lost, group_.world_rank(lost));
+    else if (lost_world >= 0)
+      culprit = fault_text::outside_member(lost_world);
+  } catch (const xq::Error& e) {
+    note += "; the lost rank is unknown: " + std::string(e.what());
+  }
+  throw LostRank(fault_text::identified(prefix(op), happened, culprit, note), lost, op, lost_world);
 }
 
 void NcclCommunicator::complete(ncclResult_t status, const char* op) {
@@ -109,7 +140,7 @@ void NcclCommunicator::complete(ncclResult_t status, const char* op) {
     ncclResult_t state = ncclSuccess;
     const ncclResult_t query = ncclCommGetAsyncError(comm_, &state);
     if (query != ncclSuccess)
-      fail(op, std::string("ncclCommGetAsyncError failed: ") + ncclGetErrorString(query));
+      fail(op, std::string("failed: ncclCommGetAsyncError: ") + ncclGetErrorString(query));
     if (state == ncclSuccess) {
       const cudaError_t stream_state = cudaStreamQuery(stream_);
       if (stream_state == cudaSuccess) return;
@@ -119,8 +150,7 @@ void NcclCommunicator::complete(ncclResult_t status, const char* op) {
       fail(op, std::string("failed: ") + ncclGetErrorString(state));
     }
     if (Clock::now() >= deadline)
-      fail(op, "timed out after " + seconds_text(group_.timeout()) +
-                   "; NCCL does not say which member did not arrive");
+      fail(op, "timed out after " + fault_text::seconds(seconds_of(group_.timeout())));
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
@@ -128,6 +158,7 @@ void NcclCommunicator::complete(ncclResult_t status, const char* op) {
 void NcclCommunicator::all_reduce_sum(float* data, size_t count) {
   check_usable("all_reduce_sum");
   if (count == 0) return;
+  order_after_work("all_reduce_sum");
   complete(ncclAllReduce(data, data, count, ncclFloat, ncclSum, comm_, stream_), "all_reduce_sum");
   bytes_sent_ += ring_all_reduce_bytes_sent(count, size(), rank());
 }
@@ -135,6 +166,7 @@ void NcclCommunicator::all_reduce_sum(float* data, size_t count) {
 void NcclCommunicator::all_gather(const float* in, size_t count, float* out) {
   check_usable("all_gather");
   if (count == 0) return;
+  order_after_work("all_gather");
   complete(ncclAllGather(in, out, count, ncclFloat, comm_, stream_), "all_gather");
   bytes_sent_ += static_cast<uint64_t>(size() - 1) * count * sizeof(float);
 }
@@ -142,6 +174,7 @@ void NcclCommunicator::all_gather(const float* in, size_t count, float* out) {
 void NcclCommunicator::reduce_scatter_sum(const float* in, size_t count_per_rank, float* out) {
   check_usable("reduce_scatter_sum");
   if (count_per_rank == 0) return;
+  order_after_work("reduce_scatter_sum");
   complete(ncclReduceScatter(in, out, count_per_rank, ncclFloat, ncclSum, comm_, stream_),
            "reduce_scatter_sum");
   bytes_sent_ += static_cast<uint64_t>(size() - 1) * count_per_rank * sizeof(float);
@@ -152,6 +185,7 @@ void NcclCommunicator::broadcast(void* data, size_t bytes, int root) {
   if (root < 0 || root >= size())
     throw xq::Error(prefix("broadcast") + ": no rank " + std::to_string(root));
   if (bytes == 0) return;
+  order_after_work("broadcast");
   complete(ncclBroadcast(data, data, bytes, ncclUint8, root, comm_, stream_), "broadcast");
   // A ring from the root: everyone but the member before the root passes it on.
   if (rank() != (root + size() - 1) % size()) bytes_sent_ += bytes;
@@ -161,6 +195,7 @@ void NcclCommunicator::send(const void* data, size_t bytes, int peer) {
   check_usable("send");
   if (peer < 0 || peer >= size() || peer == rank())
     throw xq::Error(prefix("send") + ": bad peer " + std::to_string(peer));
+  order_after_work("send");
   complete(ncclSend(data, bytes, ncclUint8, peer, comm_, stream_), "send");
   bytes_sent_ += bytes;
 }
@@ -169,6 +204,7 @@ void NcclCommunicator::recv(void* data, size_t bytes, int peer) {
   check_usable("recv");
   if (peer < 0 || peer >= size() || peer == rank())
     throw xq::Error(prefix("recv") + ": bad peer " + std::to_string(peer));
+  order_after_work("recv");
   complete(ncclRecv(data, bytes, ncclUint8, peer, comm_, stream_), "recv");
 }
 
