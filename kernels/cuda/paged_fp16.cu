@@ -6,8 +6,13 @@
 // The byte layout is the CPU cache's (runtime/cache_fp16.cpp): per block and
 // layer, keys (kv_heads, 128, head_dim) fp16 after RoPE, then values of the
 // same shape. RoPE on arrival reproduces the CPU's rotation operation by
-// operation (its AVX2 path fuses the first product of a pair with an FMA, the
-// scalar path does not), so the stored keys carry the same fp16 bits.
+// operation, so the stored keys carry the same fp16 bits: cpu::rope's AVX2
+// path (interleaved pairs, four at a time) is fmaddsub, a·cos fused with the
+// rounded b·sin and b·cos fused with the rounded a·sin; its scalar path
+// (remaining pairs, NeoX) is rope_rotate, which g++ contracts (C++ allows it
+// even with -std=c++20) into a·cos fused with the rounded b·sin and a·sin
+// fused with the rounded b·cos. The scalar form depends on the host compiler;
+// the tests' models take the vector path.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -72,22 +77,20 @@ __global__ void fp16_encode_kernel(PagedArena pool, Fp16KvShape shape, size_t la
       const int64_t pair = c / 2;
       const float a = k_head[2 * pair], b = k_head[2 * pair + 1];
       const float cos_angle = table[2 * pair], sin_angle = table[2 * pair + 1];
-      // cpu::rope rotates four pairs at a time with fmaddsub (a·cos fused
-      // with the rounded b·sin) and the remaining pairs with rope_rotate.
-      const bool fused = pair < pairs / 4 * 4;
+      // cpu::rope's vector path covers the pairs below pairs / 4 * 4.
+      const bool vector_path = pair < pairs / 4 * 4;
       if (c % 2 == 0) {
-        key = fused ? __fmaf_rn(a, cos_angle, -__fmul_rn(b, sin_angle))
-                    : __fsub_rn(__fmul_rn(a, cos_angle), __fmul_rn(b, sin_angle));
+        key = __fmaf_rn(a, cos_angle, -__fmul_rn(b, sin_angle));
       } else {
-        key = fused ? __fmaf_rn(b, cos_angle, __fmul_rn(a, sin_angle))
-                    : __fadd_rn(__fmul_rn(a, sin_angle), __fmul_rn(b, cos_angle));
+        key = vector_path ? __fmaf_rn(b, cos_angle, __fmul_rn(a, sin_angle))
+                          : __fmaf_rn(a, sin_angle, __fmul_rn(b, cos_angle));
       }
     } else {
       const int64_t pair = c < pairs ? c : c - pairs;
       const float a = k_head[pair], b = k_head[pair + pairs];
       const float cos_angle = table[2 * pair], sin_angle = table[2 * pair + 1];
-      key = c < pairs ? __fsub_rn(__fmul_rn(a, cos_angle), __fmul_rn(b, sin_angle))
-                      : __fadd_rn(__fmul_rn(a, sin_angle), __fmul_rn(b, cos_angle));
+      key = c < pairs ? __fmaf_rn(a, cos_angle, -__fmul_rn(b, sin_angle))
+                      : __fmaf_rn(a, sin_angle, __fmul_rn(b, cos_angle));
     }
   }
   keys[at] = __float2half_rn(key);
