@@ -90,7 +90,21 @@ class DeviceCache {
                                  float* state_acc) = 0;
   // Lengths advance to the step's ends; blocks beyond them go back.
   virtual void end_step() = 0;
+
+  // For tests and tools, outside a step. Takes the blocks, tables and
+  // lengths of `cpu`, a CPU cache of the same mode and options with an arena
+  // (its block ids stay the same), replacing everything this cache held.
+  virtual void import_blocks(const AttentionCache& cpu) = 0;
+  // The device arena (total_blocks x block_bytes), copied to the host once
+  // the stream's work is done; read it through table(seq).
+  virtual void download_arena(std::vector<uint8_t>& arena) const = 0;
+  virtual const BlockTable& table(int32_t seq) const = 0;
 };
+
+// Why the device cannot hold options.mode for `model` ("" where it can): the
+// check make_device_cache makes before it touches the device. Throws
+// xq::Error for a mode no backend knows.
+std::string device_cache_unsupported(const Model& model, const CacheOptions& options);
 
 // The device cache of options.mode for `model`, on the current device, its
 // work on `stream` (and `blas` for its products). Throws xq::Error for a mode

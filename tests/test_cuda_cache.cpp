@@ -1,0 +1,527 @@
+// The device caches (runtime/device_cache.h, kernels/cuda/paged_attention.h)
+// against the CPU caches of the same mode and options: the decode kernels
+// over a CPU cache's uploaded blocks, the encode kernels' bytes against the
+// CPU arena, and whole steps (truncation, pool exhaustion). Built with CUDA
+// only; each test that needs a GPU skips, with CUDA's reason, without one.
+#if defined(XQ_HAVE_CUDA)
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/device.h"
+#include "kernels/cuda/paged_attention.h"
+#include "kernels/error.h"
+#include "runtime/cache.h"
+#include "runtime/device_cache.h"
+#include "runtime/model.h"
+#include "test_util.h"
+
+namespace xq {
+namespace {
+
+#define SKIP_WITHOUT_CUDA_DEVICE()                   \
+  do {                                               \
+    std::string why_not;                             \
+    if (!cuda::device_available(&why_not)) {         \
+      GTEST_SKIP() << "no CUDA device: " << why_not; \
+    }                                                \
+  } while (0)
+
+namespace paged = cuda::paged;
+
+const char* kSmolLm2 = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+std::unique_ptr<Model> load_model(const std::string& which) {
+  if (which == "stories260K") return Model::load(testing::shared_path("models/stories260K.bin"));
+  const std::string path = testing::models_path(kSmolLm2);
+  return testing::file_exists(path) ? Model::load(path) : nullptr;
+}
+
+std::vector<float> normal_values(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> values(n);
+  for (float& value : values) value = normal(rng);
+  return values;
+}
+
+// Worst |actual - expected| over the largest |expected| (as tests/test_cuda.cpp).
+::testing::AssertionResult close_normalized(const std::vector<float>& actual,
+                                            const std::vector<float>& expected, double tolerance) {
+  if (actual.size() != expected.size())
+    return ::testing::AssertionFailure() << "size " << actual.size() << " != " << expected.size();
+  double scale = 1e-30, worst = 0;
+  size_t at = 0;
+  for (float value : expected) scale = std::max(scale, static_cast<double>(std::fabs(value)));
+  for (size_t i = 0; i < actual.size(); ++i) {
+    const double error = std::fabs(static_cast<double>(actual[i]) - expected[i]);
+    if (!(error <= worst)) {
+      worst = error;
+      at = i;
+    }
+  }
+  std::ostringstream message;
+  message << "worst element " << at << ": cuda " << actual[at] << ", cpu " << expected[at]
+          << ", normalized error " << worst / scale << " (tolerance " << tolerance << ")";
+  if (!(worst / scale <= tolerance)) return ::testing::AssertionFailure() << message.str();
+  return ::testing::AssertionSuccess() << message.str();
+}
+
+template <typename T>
+cuda::DeviceMemory upload(const std::vector<T>& host, cuda::Stream& stream) {
+  cuda::DeviceMemory memory(std::max<size_t>(1, host.size() * sizeof(T)));
+  if (!host.empty())
+    cuda::copy_to_device(memory.data(), host.data(), host.size() * sizeof(T), stream);
+  return memory;
+}
+
+std::vector<float> download(const cuda::DeviceMemory& memory, size_t count, cuda::Stream& stream) {
+  std::vector<float> host(count);
+  cuda::copy_to_host(host.data(), memory.data(), count * sizeof(float), stream);
+  stream.synchronize();
+  return host;
+}
+
+// The inputs of one sequence: rows of x, k (before RoPE) and v, every layer.
+struct SequenceRows {
+  int32_t length = 0;
+  std::vector<std::vector<float>> x, k, v;  // per layer, (length, width)
+};
+
+SequenceRows random_rows(const ModelConfig& c, int32_t length, uint32_t seed) {
+  SequenceRows rows;
+  rows.length = length;
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const uint32_t s = seed * 1000 + static_cast<uint32_t>(layer) * 3;
+    rows.x.push_back(normal_values(static_cast<size_t>(length) * c.dim, s));
+    rows.k.push_back(normal_values(static_cast<size_t>(length) * c.kv_dim(), s + 1));
+    rows.v.push_back(normal_values(static_cast<size_t>(length) * c.kv_dim(), s + 2));
+  }
+  return rows;
+}
+
+// A CPU cache's options for a test: `sequences` slots of max_tokens each.
+struct TestCacheSetup {
+  std::vector<float> rope;
+  CacheOptions options;
+  TestCacheSetup(const ModelConfig& c, const std::string& mode, int32_t max_tokens,
+                 int32_t sequences) {
+    rope.resize(static_cast<size_t>(max_tokens) * c.rope_dim);
+    cpu::rope_table(rope.data(), max_tokens, c.rope_dim, c.rope_theta);
+    options.mode = mode;
+    options.max_tokens = max_tokens;
+    options.sequences = sequences;
+    options.rope_cos_sin = rope.data();
+  }
+};
+
+// Tolerance of device attention against the CPU's over the same fp16 keys and
+// values: both widen the same fp16 values to fp32 and differ only in the order
+// of fp32 sums (dot products over head_dim, exp sums and weighted V sums over
+// up to ~600 tokens, merges of 128-token blocks vs the CPU's 64-token blocks).
+// Each is a relative error of about sqrt(terms) x 6e-8 <= 2e-6 of a convex
+// combination of V rows, scaled by the largest output: 1e-5 is 5x that.
+constexpr double kFp16AttentionTolerance = 1e-5;
+
+// (a) The decode kernel alone: a CPU fp16 cache filled with sequences of
+// lengths spanning a partial first block and several blocks, its arena and
+// tables uploaded as they are, the kernel's attention for random queries at
+// the last positions against the CPU cache's attend, for a split plan, a
+// single split and the unnormalized-state target.
+void expect_fp16_decode_matches_cpu(const Model& model) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 640;
+  const std::vector<int32_t> lengths = {1, 77, 200, 517};
+  const std::vector<int32_t> queries = {1, 1, 3, 2};  // the last rows of each sequence
+  TestCacheSetup setup(c, "fp16", max_tokens, static_cast<int32_t>(lengths.size()));
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    const SequenceRows rows = random_rows(c, lengths[s], 17 + static_cast<uint32_t>(s));
+    for (int32_t layer = 0; layer < c.n_layers; ++layer)
+      cpu->append(static_cast<int32_t>(s), layer, 0, lengths[s], rows.x[layer].data(),
+                  rows.k[layer].data(), rows.v[layer].data());
+  }
+  cuda::Stream stream;
+  const CacheBlockLayout layout = cpu->block_layout();
+  const int32_t stride = cpu->blocks_for_tokens(max_tokens);
+  std::vector<int32_t> tables(lengths.size() * static_cast<size_t>(stride), 0);
+  std::vector<paged::StepRow> step_rows;
+  for (size_t s = 0; s < lengths.size(); ++s) {
+    const BlockTable& table = *cpu->blocks(static_cast<int32_t>(s)).table;
+    std::copy(table.groups.begin(), table.groups.end(), tables.begin() + s * stride);
+    for (int32_t i = 0; i < queries[s]; ++i)
+      step_rows.push_back({static_cast<int32_t>(s), lengths[s] - queries[s] + i});
+  }
+  const std::vector<uint8_t> arena(cpu->blocks(0).arena,
+                                   cpu->blocks(0).arena + layout.block_bytes * layout.total_blocks);
+  cuda::DeviceMemory arena_device = upload(arena, stream), tables_device = upload(tables, stream),
+                     rows_device = upload(step_rows, stream);
+  paged::PagedArena pool;
+  pool.arena = arena_device.as<uint8_t>();
+  pool.block_bytes = layout.block_bytes;
+  pool.tables = tables_device.as<const int32_t>();
+  pool.table_stride = stride;
+  paged::Fp16KvShape shape;
+  shape.kv_heads = c.n_kv_heads;
+  shape.head_dim = c.head_dim;
+  shape.heads = c.n_heads;
+  shape.layer_bytes = layout.fp16_layer_bytes;
+  shape.rope_dim = c.rope_dim;
+  shape.rope_layout = c.rope_layout;
+
+  const int32_t n_rows = static_cast<int32_t>(step_rows.size());
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const paged::SplitPlan split = paged::plan_splits(max_tokens);
+  ASSERT_GT(split.splits, 1);
+  paged::SplitPlan whole;
+  whole.tokens_per_split = split.splits * split.tokens_per_split;
+  cuda::DeviceMemory scratch(paged::split_scratch_floats(n_rows, c.n_heads, c.head_dim, split) *
+                             sizeof(float));
+  cuda::DeviceMemory out(n_rows * q_width * sizeof(float));
+  cuda::DeviceMemory state(static_cast<size_t>(n_rows) * c.n_heads * (c.head_dim + 2) *
+                           sizeof(float));
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const std::vector<float> q = normal_values(n_rows * q_width, 500 + layer);
+    std::vector<float> expected(n_rows * q_width);
+    size_t row = 0;
+    for (size_t s = 0; s < lengths.size(); ++s) {
+      cpu->attend(static_cast<int32_t>(s), layer, lengths[s] - queries[s], queries[s],
+                  q.data() + row * q_width, expected.data() + row * q_width);
+      row += queries[s];
+    }
+    cuda::DeviceMemory q_device = upload(q, stream);
+    for (const paged::SplitPlan& plan : {split, whole}) {
+      paged::AttentionTarget target;
+      target.out = out.as<float>();
+      paged::fp16_attention(pool, shape, layer, rows_device.as<const paged::StepRow>(), n_rows,
+                            q_device.as<const float>(), paged::ShardSpec{}, plan,
+                            scratch.as<float>(), target, stream);
+      EXPECT_TRUE(close_normalized(download(out, expected.size(), stream), expected,
+                                   kFp16AttentionTolerance))
+          << "layer " << layer << ", " << plan.splits << " splits";
+    }
+    // The state target, normalized here: the same attention.
+    const size_t state_rows = static_cast<size_t>(n_rows) * c.n_heads;
+    paged::AttentionTarget target;
+    target.state_max = state.as<float>();
+    target.state_sum = target.state_max + state_rows;
+    target.state_acc = target.state_sum + state_rows;
+    paged::fp16_attention(pool, shape, layer, rows_device.as<const paged::StepRow>(), n_rows,
+                          q_device.as<const float>(), paged::ShardSpec{}, split,
+                          scratch.as<float>(), target, stream);
+    const std::vector<float> states = download(state, state_rows * (c.head_dim + 2), stream);
+    std::vector<float> normalized(expected.size());
+    for (size_t r = 0; r < state_rows; ++r)
+      for (int32_t d = 0; d < c.head_dim; ++d)
+        normalized[r * c.head_dim + d] =
+            states[2 * state_rows + r * c.head_dim + d] / states[state_rows + r];
+    EXPECT_TRUE(close_normalized(normalized, expected, kFp16AttentionTolerance))
+        << "layer " << layer << ", states";
+  }
+}
+
+// Sequence sharding: two CPU shard caches filled with the same rows, each
+// shard's blocks attended on the device as unnormalized states, the records
+// laid side by side as an all_gather leaves them and merged on the device,
+// against the unsharded CPU cache's attention.
+void expect_fp16_shard_merge_matches_cpu(const Model& model) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 384, length = 301, n_queries = 2, shards = 2;
+  TestCacheSetup setup(c, "fp16", max_tokens, 1);
+  std::unique_ptr<AttentionCache> whole = make_cache(model, setup.options);
+  std::vector<std::unique_ptr<AttentionCache>> parts;
+  for (int32_t i = 0; i < shards; ++i) {
+    CacheOptions options = setup.options;
+    options.sequence_shards = shards;
+    options.sequence_shard = i;
+    parts.push_back(make_cache(model, options));
+  }
+  const SequenceRows rows = random_rows(c, length, 5);
+  const int32_t layer = c.n_layers - 1;
+  for (int32_t l = 0; l < c.n_layers; ++l) {
+    whole->append(0, l, 0, length, rows.x[l].data(), rows.k[l].data(), rows.v[l].data());
+    for (auto& part : parts)
+      part->append(0, l, 0, length, rows.x[l].data(), rows.k[l].data(), rows.v[l].data());
+  }
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const std::vector<float> q = normal_values(n_queries * q_width, 9);
+  std::vector<float> expected(n_queries * q_width);
+  whole->attend(0, layer, length - n_queries, n_queries, q.data(), expected.data());
+
+  cuda::Stream stream;
+  const size_t state_rows = static_cast<size_t>(n_queries) * c.n_heads;
+  const size_t record = state_rows * (2 + c.head_dim);
+  cuda::DeviceMemory gathered(record * shards * sizeof(float));
+  cuda::DeviceMemory q_device = upload(q, stream);
+  std::vector<paged::StepRow> step_rows;
+  for (int32_t i = 0; i < n_queries; ++i) step_rows.push_back({0, length - n_queries + i});
+  cuda::DeviceMemory rows_device = upload(step_rows, stream);
+  std::vector<cuda::DeviceMemory> keep;  // each shard's arena and table, alive until the merge
+  for (int32_t i = 0; i < shards; ++i) {
+    const AttentionCache& part = *parts[i];
+    const CacheBlockLayout layout = part.block_layout();
+    const int32_t stride = part.blocks_for_tokens(max_tokens);
+    std::vector<int32_t> table(stride, 0);
+    const BlockTable& groups = *part.blocks(0).table;
+    std::copy(groups.groups.begin(), groups.groups.end(), table.begin());
+    const std::vector<uint8_t> arena(
+        part.blocks(0).arena, part.blocks(0).arena + layout.block_bytes * layout.total_blocks);
+    keep.push_back(upload(arena, stream));
+    paged::PagedArena pool;
+    pool.arena = keep.back().as<uint8_t>();
+    pool.block_bytes = layout.block_bytes;
+    keep.push_back(upload(table, stream));
+    pool.tables = keep.back().as<const int32_t>();
+    pool.table_stride = stride;
+    paged::Fp16KvShape shape;
+    shape.kv_heads = c.n_kv_heads;
+    shape.head_dim = c.head_dim;
+    shape.heads = c.n_heads;
+    shape.layer_bytes = layout.fp16_layer_bytes;
+    shape.rope_dim = c.rope_dim;
+    paged::ShardSpec shard;
+    shard.shards = shards;
+    shard.index = i;
+    shard.unit = 1;  // fp16 deals single tokens (runtime/cache_mode.h)
+    paged::AttentionTarget target;
+    target.state_max = gathered.as<float>() + i * record;
+    target.state_sum = target.state_max + state_rows;
+    target.state_acc = target.state_sum + state_rows;
+    const paged::SplitPlan plan = paged::plan_splits((max_tokens + shards - 1) / shards);
+    cuda::DeviceMemory scratch(paged::split_scratch_floats(n_queries, c.n_heads, c.head_dim, plan) *
+                               sizeof(float));
+    paged::fp16_attention(pool, shape, layer, rows_device.as<const paged::StepRow>(), n_queries,
+                          q_device.as<const float>(), shard, plan, scratch.as<float>(), target,
+                          stream);
+    stream.synchronize();  // scratch goes at the end of this iteration
+  }
+  cuda::DeviceMemory out(expected.size() * sizeof(float));
+  paged::merge_partial_states(gathered.as<const float>(), shards, static_cast<int64_t>(state_rows),
+                              c.head_dim, out.as<float>(), stream);
+  EXPECT_TRUE(
+      close_normalized(download(out, expected.size(), stream), expected, kFp16AttentionTolerance));
+}
+
+// (b) + (c): the same rows appended through the device cache in steps (a
+// prefill of two sequences, decode steps, a truncation inside a block) and
+// through the CPU cache; after every step each layer's attention agrees, and
+// at the end the stored fp16 keys and values are the CPU's bits: V rounded
+// the same way, K rotated by the same operations (kernels/cuda/paged_fp16.cu)
+// and rounded the same way.
+void expect_fp16_steps_match_cpu(const Model& model) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 512, sequences = 3;
+  TestCacheSetup setup(c, "fp16", max_tokens, sequences);
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  EXPECT_EQ(device->block_bytes(), cpu->block_bytes());
+  EXPECT_EQ(device->total_blocks(), cpu->total_blocks());
+  EXPECT_EQ(device->describe(), cpu->describe());
+
+  std::vector<SequenceRows> rows;
+  for (int32_t s = 0; s < sequences; ++s) rows.push_back(random_rows(c, max_tokens, 40 + s));
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const std::vector<std::vector<StepRows>> steps = {
+      {{0, 0, 130}, {1, 0, 5}},    // prefill: a block and a bit, a few tokens
+      {{0, 130, 1}, {1, 5, 1}},    // decode
+      {{0, 131, 1}, {2, 0, 300}},  // decode beside a prefill of three blocks
+      {{0, 100, 2}, {1, 6, 1}},    // truncation of sequence 0 inside its first block
+      {{2, 300, 1}, {0, 102, 1}},  // decode after it
+  };
+  uint32_t seed = 900;
+  for (const std::vector<StepRows>& step : steps) {
+    int32_t n_rows = 0;
+    for (const StepRows& s : step) n_rows += s.n;
+    for (const StepRows& s : step)
+      if (s.pos0 < cpu->length(s.seq)) cpu->truncate(s.seq, s.pos0);
+    device->begin_step(step);
+    for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      std::vector<float> x, k, v;
+      for (const StepRows& s : step) {
+        const SequenceRows& r = rows[s.seq];
+        x.insert(x.end(), r.x[layer].begin() + s.pos0 * c.dim,
+                 r.x[layer].begin() + (s.pos0 + s.n) * c.dim);
+        k.insert(k.end(), r.k[layer].begin() + s.pos0 * c.kv_dim(),
+                 r.k[layer].begin() + (s.pos0 + s.n) * c.kv_dim());
+        v.insert(v.end(), r.v[layer].begin() + s.pos0 * c.kv_dim(),
+                 r.v[layer].begin() + (s.pos0 + s.n) * c.kv_dim());
+      }
+      const std::vector<float> q = normal_values(n_rows * q_width, seed++);
+      std::vector<float> expected(n_rows * q_width);
+      size_t row = 0;
+      for (const StepRows& s : step) {
+        cpu->append(s.seq, layer, s.pos0, s.n, x.data() + row * c.dim, k.data() + row * c.kv_dim(),
+                    v.data() + row * c.kv_dim());
+        cpu->attend(s.seq, layer, s.pos0, s.n, q.data() + row * q_width,
+                    expected.data() + row * q_width);
+        row += s.n;
+      }
+      cuda::DeviceMemory x_d = upload(x, stream), k_d = upload(k, stream), v_d = upload(v, stream),
+                         q_d = upload(q, stream), out(expected.size() * sizeof(float));
+      device->run_layer(layer, x_d.as<const float>(), k_d.as<const float>(), v_d.as<const float>(),
+                        q_d.as<const float>(), out.as<float>());
+      EXPECT_TRUE(close_normalized(download(out, expected.size(), stream), expected,
+                                   kFp16AttentionTolerance))
+          << "layer " << layer;
+    }
+    device->end_step();
+    for (int32_t s = 0; s < sequences; ++s) {
+      EXPECT_EQ(device->length(s), cpu->length(s)) << "sequence " << s;
+      EXPECT_EQ(device->table(s).held(), cpu->blocks(s).table->held()) << "sequence " << s;
+    }
+    EXPECT_EQ(device->free_blocks(), cpu->free_blocks());
+  }
+
+  std::vector<uint8_t> arena;
+  device->download_arena(arena);
+  const CacheBlockLayout layout = cpu->block_layout();
+  const uint8_t* cpu_arena = cpu->blocks(0).arena;
+  const size_t head_elems = static_cast<size_t>(AttentionCache::kBlockTokens) * c.head_dim;
+  int64_t compared = 0, differing = 0;
+  for (int32_t s = 0; s < sequences; ++s) {
+    const BlockTable& mine = device->table(s);
+    const BlockTable& theirs = *cpu->blocks(s).table;
+    for (int32_t t = 0; t < cpu->length(s); ++t) {
+      const size_t block = t / AttentionCache::kBlockTokens;
+      for (int32_t layer = 0; layer < c.n_layers; ++layer)
+        for (int32_t half = 0; half < 2; ++half)  // keys, then values
+          for (int32_t g = 0; g < c.n_kv_heads; ++g) {
+            const size_t at = layer * layout.fp16_layer_bytes +
+                              ((half * c.n_kv_heads + g) * head_elems +
+                               static_cast<size_t>(t % AttentionCache::kBlockTokens) * c.head_dim) *
+                                  sizeof(uint16_t);
+            const uint8_t* a = arena.data() + mine.groups[block] * layout.block_bytes + at;
+            const uint8_t* b = cpu_arena + theirs.groups[block] * layout.block_bytes + at;
+            compared += c.head_dim;
+            for (int32_t d = 0; d < c.head_dim; ++d) {
+              uint16_t x, y;
+              std::memcpy(&x, a + 2 * d, 2);
+              std::memcpy(&y, b + 2 * d, 2);
+              differing += x != y;
+            }
+          }
+    }
+  }
+  EXPECT_GT(compared, 0);
+  EXPECT_EQ(differing, 0) << "of " << compared << " fp16 values";
+}
+
+// Pool exhaustion: a step that needs more blocks than the pool has throws
+// PoolExhausted and changes nothing (lengths, free blocks); a step that fits
+// then runs.
+void expect_fp16_pool_exhaustion_changes_nothing(const Model& model) {
+  const ModelConfig& c = model.config();
+  TestCacheSetup setup(c, "fp16", 512, 2);
+  std::unique_ptr<AttentionCache> layout_probe = make_cache(model, setup.options);
+  setup.options.pool_bytes = 3 * layout_probe->block_bytes();
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  ASSERT_EQ(device->total_blocks(), 3);
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  auto run = [&](const std::vector<StepRows>& step) {
+    int32_t n_rows = 0;
+    for (const StepRows& s : step) n_rows += s.n;
+    device->begin_step(step);
+    cuda::DeviceMemory x = upload(normal_values(n_rows * c.dim, 1), stream),
+                       k = upload(normal_values(n_rows * c.kv_dim(), 2), stream),
+                       v = upload(normal_values(n_rows * c.kv_dim(), 3), stream),
+                       q = upload(normal_values(n_rows * q_width, 4), stream),
+                       out(n_rows * q_width * sizeof(float));
+    for (int32_t layer = 0; layer < c.n_layers; ++layer)
+      device->run_layer(layer, x.as<const float>(), k.as<const float>(), v.as<const float>(),
+                        q.as<const float>(), out.as<float>());
+    stream.synchronize();
+    device->end_step();
+  };
+  run({{0, 0, 200}});  // two blocks
+  EXPECT_EQ(device->free_blocks(), 1);
+  EXPECT_THROW(run({{0, 200, 100}, {1, 0, 10}}), PoolExhausted);  // needs three
+  EXPECT_EQ(device->free_blocks(), 1);
+  EXPECT_EQ(device->length(0), 200);
+  EXPECT_EQ(device->length(1), 0);
+  // Truncating sequence 0 to 100 inside the step frees its second block.
+  run({{0, 100, 10}, {1, 0, 130}});
+  EXPECT_EQ(device->length(0), 110);
+  EXPECT_EQ(device->length(1), 130);
+  EXPECT_EQ(device->free_blocks(), 0);
+}
+
+class CudaCacheTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA_DEVICE();
+    model_ = load_model(GetParam());
+    if (!model_) GTEST_SKIP() << GetParam() << " not found (models/" << kSmolLm2 << ")";
+  }
+  std::unique_ptr<Model> model_;
+};
+
+TEST_P(CudaCacheTest, Fp16DecodeKernelMatchesCpuAttend) {
+  expect_fp16_decode_matches_cpu(*model_);
+}
+
+TEST_P(CudaCacheTest, Fp16ShardStatesMergeToCpuAttend) {
+  expect_fp16_shard_merge_matches_cpu(*model_);
+}
+
+TEST_P(CudaCacheTest, Fp16StepsMatchCpuCacheBitsAndAttention) {
+  expect_fp16_steps_match_cpu(*model_);
+}
+
+TEST_P(CudaCacheTest, Fp16PoolExhaustionChangesNothing) {
+  expect_fp16_pool_exhaustion_changes_nothing(*model_);
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaCacheTest, ::testing::Values("stories260K", "SmolLM2"));
+
+// Runs everywhere: the modes the device does not hold yet are named, fp16 is
+// not refused.
+TEST(CudaCache, UnsupportedModesAreNamed) {
+  auto model = load_model("stories260K");
+  TestCacheSetup setup(model->config(), "fp16", 64, 1);
+  EXPECT_EQ(device_cache_unsupported(*model, setup.options), "");
+  for (const char* mode : {"kivi-4", "xquant-4", "xquant-cl-2"}) {
+    setup.options.mode = mode;
+    const std::string why = device_cache_unsupported(*model, setup.options);
+    EXPECT_NE(why.find(std::string("'") + mode + "'"), std::string::npos) << why;
+    EXPECT_NE(why.find("not available on the CUDA backend"), std::string::npos) << why;
+  }
+  setup.options.mode = "no-such-mode";
+  EXPECT_THROW(device_cache_unsupported(*model, setup.options), Error);
+}
+
+// Runs only without a device: making a device cache fails with xq::Error
+// (from the stream, the handle or the cache), never a crash.
+TEST(CudaCache, WithoutDeviceMakeDeviceCacheThrowsXqError) {
+  std::string why_not;
+  if (cuda::device_available(&why_not))
+    GTEST_SKIP() << "a CUDA device is present; this test is for machines without one";
+  auto model = load_model("stories260K");
+  TestCacheSetup setup(model->config(), "fp16", 64, 1);
+  try {
+    cuda::Stream stream;
+    cuda::Blas blas(stream);
+    std::unique_ptr<DeviceCache> cache = make_device_cache(*model, setup.options, stream, blas);
+    FAIL() << "made a device cache without a device";
+  } catch (const Error& e) {
+    EXPECT_FALSE(std::string(e.what()).empty());
+  }
+}
+
+}  // namespace
+}  // namespace xq
+
+#endif  // XQ_HAVE_CUDA
