@@ -121,4 +121,96 @@ void fp16_attention(const PagedArena& pool, const Fp16KvShape& shape, int32_t la
 void merge_partial_states(const float* gathered, int32_t ranks, int64_t rows, int64_t width,
                           float* out, Stream& stream);
 
+// ---------------------------------------------------------------------------
+// Quantized streams (runtime/row_store.h, runtime/cache_layout.h).
+
+// One stream of one layer in the blocks: StreamLayout's fields.
+//   per token: token slot t of a group block has its packed codes at
+//     group_offset + (t % 128) * row_code_bytes (row_groups groups of up to
+//     128 channels along the row, each packed_bytes(bits, size) bytes) and its
+//     GroupParams (fp16 scale, zero) at group_offset + group_code_bytes +
+//     (t % 128) * row_groups * 4;
+//   per channel: a full group block holds 128 x width codes packed
+//     token-major at group_offset, then width GroupParams; the tokens of the
+//     partial group (local slots from floor(stored / 128) * 128 on) sit in fp16
+//     in window pages: offset o = t % 128 is row o % window_tokens of page
+//     o / window_tokens, at window_offset.
+struct PagedStream {
+  int32_t width = 0;
+  int32_t bits = 4;
+  bool per_channel = false;
+  size_t group_offset = 0;
+  size_t window_offset = 0;
+  size_t row_code_bytes = 0;
+  int32_t row_groups = 0;
+  size_t group_code_bytes = 0;
+};
+
+// The window pages of each sequence: window_stride page ids per sequence
+// (window[seq * window_stride + j] = page j), window_tokens fp16 rows a page.
+struct PagedWindow {
+  const int32_t* window = nullptr;
+  int32_t window_stride = 0;
+  int32_t window_tokens = 0;
+};
+
+// Local slots each sequence holds in this layer once the step's new rows are
+// written (device array, one per sequence slot, written by begin_step): the
+// kernels tell quantized groups (slots below floor(stored / 128) * 128) from
+// window rows (the rest) by it.
+struct PagedLengths {
+  const int32_t* stored = nullptr;
+};
+
+// The XQuant decode of one layer on GQA models (the latent layout of
+// runtime/cache_mode.h): K from the per-channel X·Uk latent (kv = kv_heads *
+// head_dim wide) through rebuild_k, V's attention-weighted sum taken over the
+// per-token X·Uv latent rows and projected once per query head through its KV
+// head's rows of rebuild_v.
+//   rebuild_k: per_head_k: kv_heads blocks of head_dim x head_dim, block g
+//     (rows g*hd .. g*hd+hd-1 of a (kv, head_dim) row-major matrix): K[:, g*hd
+//     + j] = sum_c latent[:, g*hd + c] * rebuild_k[(g*hd + j) * hd + c];
+//     else dense (kv, kv): K[:, j] = sum_c latent[:, c] * rebuild_k[j * kv + c].
+//     Stored in fp16 on the device (tensor-core operands).
+//   rebuild_v: (kv, kv) fp32 row-major: V[:, j] = sum_c vlatent[:, c] *
+//     rebuild_v[j * kv + c].
+//   Outliers (keep_outlier): outliers_per_token fp16 values per token at
+//     outlier_offset + (t % 128) * outliers_per_token * 2 of its group block,
+//     channel k * head_dim of the K latent (per head) or channel 0 (joint);
+//     they replace the dequantized value there (the quantized stream holds 0).
+struct XQuantLatentLayer {
+  PagedStream k_latent;  // per channel, width kv
+  PagedStream v_latent;  // per token, width kv
+  const uint16_t* rebuild_k_fp16 = nullptr;
+  const float* rebuild_v = nullptr;
+  bool per_head_k = true;
+  bool keep_outlier = false;
+  int32_t outliers_per_token = 0;
+  size_t outlier_offset = 0;
+};
+
+struct AttentionShape {
+  int32_t heads = 0, kv_heads = 0, head_dim = 0;
+  int32_t rope_dim = 0;
+  RopeLayout rope_layout = RopeLayout::kInterleaved;
+};
+
+// Split scratch of xquant_latent_attention: per (row, head, split) a max, a
+// sum and kv (the latent width) acc values.
+size_t xquant_latent_scratch_floats(int64_t rows, const AttentionShape& shape,
+                                    const SplitPlan& plan);
+
+// The fused XQuant decode kernel (kernels/cuda/paged_xquant.cu, design and
+// bytes/FLOPs per token in kernels/cuda/xquant_decode.md): attention of q
+// (n_rows, heads, head_dim, after RoPE) over layer `layer`'s latents of each
+// row's sequence, slots [0, owned_before(pos + 1)) (quantized groups, then
+// window rows). Splits and targets as fp16_attention; `cos_sin` is the RoPE
+// table (keys are rotated after the rebuild, at their global positions).
+void xquant_latent_attention(const PagedArena& pool, const PagedWindow& window,
+                             const PagedLengths& lengths, const XQuantLatentLayer& layer,
+                             const AttentionShape& shape, const StepRow* rows, int32_t n_rows,
+                             const float* q, const float* cos_sin, const ShardSpec& shard,
+                             const SplitPlan& plan, float* scratch, const AttentionTarget& target,
+                             Stream& stream);
+
 }  // namespace xq::cuda::paged
