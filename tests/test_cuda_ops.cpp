@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -276,7 +277,8 @@ TEST(CudaDenseOps, ForcedPathsMatchCpu) {
 TEST(CudaDenseOps, Int8MatvecIsBitIdenticalToCpu) {
   SKIP_WITHOUT_CUDA_DEVICE();
   for (TensorType type : {TensorType::kQ4_0, TensorType::kQ4_1, TensorType::kQ8_0}) {
-    for (int64_t n : {1, 5, 16}) {
+    // 9 and 13: a full chunk of 8 rows of x, then a partial one.
+    for (int64_t n : {1, 5, 9, 13, 16}) {
       SCOPED_TRACE(std::string(xq::tensor_type_name(type)) + ", n = " + std::to_string(n));
       const int64_t rows = 33, cols = 32 * 7;
       const HostWeight weight = make_weight(type, rows, cols, 7);
@@ -492,6 +494,40 @@ TEST(CudaDenseOps, GreedySampleTakesLowestIdOnTiesAndReportsMargins) {
   }
   EXPECT_EQ(tokens[0], 101);
   EXPECT_EQ(margins[0], 0.0f);
+  EXPECT_EQ(tokens[2], 0);
+}
+
+// xq::argmax never replaces a NaN at id 0 (nothing compares greater) and
+// never picks a NaN elsewhere; the device must choose the same ids.
+TEST(CudaDenseOps, GreedySampleTreatsNaNAsArgmaxDoes) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const int64_t rows = 4, vocab = 3000;
+  std::vector<float> logits = random_values(rows * vocab, 2.0f, 73);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  // Row 0: NaN at id 0 and a clear maximum elsewhere; row 1: NaN at the
+  // maximum's neighbours; row 2: every logit NaN; row 3: NaN at the last id.
+  logits[0 * vocab + 0] = nan;
+  logits[0 * vocab + 2500] = 40.0f;
+  logits[1 * vocab + 1233] = 30.0f;
+  logits[1 * vocab + 1232] = logits[1 * vocab + 1234] = nan;
+  std::fill(logits.begin() + 2 * vocab, logits.begin() + 3 * vocab, nan);
+  logits[3 * vocab + vocab - 1] = nan;
+  const std::vector<cuda::SamplingRow> params(rows);  // temperature 0: greedy
+  std::vector<int32_t> tokens;
+  std::vector<float> margins;
+  sample_on_device(logits, rows, vocab, params, &tokens, &margins);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = logits.data() + r * vocab;
+    EXPECT_EQ(tokens[r], xq::argmax(row, static_cast<int32_t>(vocab))) << "row " << r;
+    const float expected_margin = xq::top2_margin(row, static_cast<int32_t>(vocab));
+    if (std::isnan(expected_margin)) {
+      EXPECT_TRUE(std::isnan(margins[r])) << "row " << r << ": " << margins[r];
+    } else {
+      EXPECT_EQ(margins[r], expected_margin) << "row " << r;
+    }
+  }
+  EXPECT_EQ(tokens[0], 0);
+  EXPECT_EQ(tokens[1], 1233);
   EXPECT_EQ(tokens[2], 0);
 }
 

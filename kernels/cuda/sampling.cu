@@ -130,8 +130,10 @@ __global__ void __launch_bounds__(kArgmaxThreads)
     __syncthreads();
   }
   if (t == 0) {
-    // A row of NaN or -inf keeps INT_MAX only if vocab == 0, which the host rejects.
-    tokens[row] = bests[0].id == INT_MAX ? 0 : bests[0].id;
+    // xq::argmax compares every logit with the best so far, starting from id
+    // 0: a NaN there is never beaten, so the row's token is 0; NaN elsewhere
+    // never wins. A row of NaN keeps INT_MAX here and also gets 0.
+    tokens[row] = bests[0].id == INT_MAX || isnan(values[0]) ? 0 : bests[0].id;
     if (margins != nullptr) margins[row] = firsts[0] - seconds[0];
     begins[row] = static_cast<int>(row * vocab);
     ends[row] = static_cast<int>(row * vocab + (sampled ? vocab : 0));
