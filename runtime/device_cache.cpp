@@ -10,29 +10,58 @@
 #include "runtime/device_cache_modes.h"
 
 namespace xq {
+namespace {
 
-std::string device_cache_unsupported(const Model& model, const CacheOptions& options) {
+// Channels of a per-channel stream the group kernel holds grids for (8 bytes
+// each in 48 KiB of shared memory).
+constexpr int64_t kMaxPerChannelWidth = 6144;
+
+std::string unsupported_for(const ModelConfig& c, const CacheOptions& options) {
   const CacheModeSpec& mode = find_cache_mode(options.mode);  // throws for an unknown name
-  if (mode.name != "fp16")
-    return "cache mode '" + options.mode +
-           "' is not available on the CUDA backend yet (the device holds: fp16)";
-  const ModelConfig& c = model.config();
+  const std::string what = "the CUDA " + std::string(mode.name) + " cache";
   if (c.head_dim % 2 != 0 || c.head_dim > cuda::paged::kMaxHeadDim)
-    return "the CUDA fp16 cache takes an even head_dim of at most " +
-           std::to_string(cuda::paged::kMaxHeadDim) + ", not " + std::to_string(c.head_dim);
+    return what + " takes an even head_dim of at most " + std::to_string(cuda::paged::kMaxHeadDim) +
+           ", not " + std::to_string(c.head_dim);
   if (c.n_kv_heads <= 0 || c.n_heads % c.n_kv_heads != 0 ||
       c.n_heads / c.n_kv_heads > cuda::paged::kMaxGroup)
-    return "the CUDA fp16 cache takes at most " + std::to_string(cuda::paged::kMaxGroup) +
+    return what + " takes at most " + std::to_string(cuda::paged::kMaxGroup) +
            " query heads per KV head";
   if (options.rope_cos_sin == nullptr) return "the device cache needs the RoPE table";
+  if (mode.quantized()) {
+    const CacheLayout& layout = layout_for(mode, c);
+    for (int32_t s = 0; s < layout.stream_count; ++s)
+      if (layout.streams[s].axis == QuantAxis::kPerChannel &&
+          stream_width(layout.streams[s].content, c) > kMaxPerChannelWidth)
+        return what + " quantizes per channel at most " + std::to_string(kMaxPerChannelWidth) +
+               " channels";
+  }
   return "";
+}
+
+}  // namespace
+
+std::string device_cache_unsupported(const Model& model, const CacheOptions& options) {
+  return unsupported_for(model.config(), options);
 }
 
 std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,
                                                cuda::Stream& stream, cuda::Blas&) {
   const std::string why_not = device_cache_unsupported(model, options);
   if (!why_not.empty()) throw Error(why_not);
+  if (find_cache_mode(options.mode).quantized())
+    return make_quantized_device_cache(model, options, stream);
   return make_fp16_device_cache(model, options, stream);
+}
+
+std::unique_ptr<DeviceCache> make_device_cache(const ModelConfig& local_config,
+                                               const CacheOptions& options, cuda::Stream& stream,
+                                               cuda::Blas&) {
+  if (find_cache_mode(options.mode).quantized())
+    throw Error("cache mode '" + options.mode +
+                "' cannot be split by KV head: a device cache over one rank's heads holds fp16");
+  const std::string why_not = unsupported_for(local_config, options);
+  if (!why_not.empty()) throw Error(why_not);
+  return make_fp16_device_cache(local_config, options, stream);
 }
 
 }  // namespace xq

@@ -107,9 +107,22 @@ class DeviceCache {
 std::string device_cache_unsupported(const Model& model, const CacheOptions& options);
 
 // The device cache of options.mode for `model`, on the current device, its
-// work on `stream` (and `blas` for its products). Throws xq::Error for a mode
+// work on `stream` (`blas` is reserved for products; the caches' own fp32
+// projections run as kernels today). Every mode of the table is held: fp16
+// (runtime/device_cache_fp16.cpp) and the quantized modes
+// (runtime/device_cache_quantized.cpp, which says which attend through the
+// fused latent kernel and which through dense scratch). Throws xq::Error for a mode
 // or option the device does not support, naming it.
 std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,
                                                cuda::Stream& stream, cuda::Blas& blas);
+
+// The fp16 device cache over one tensor-parallel rank's KV heads, as the CPU's
+// HeadShardedAttention builds Fp16KvCache(local_config, options):
+// local_config is the model's with the rank's n_heads and n_kv_heads and
+// n_layers = the layers the cache holds. Throws xq::Error for any other mode
+// (only fp16 can be split by KV head) or a shape the device does not take.
+std::unique_ptr<DeviceCache> make_device_cache(const ModelConfig& local_config,
+                                               const CacheOptions& options, cuda::Stream& stream,
+                                               cuda::Blas& blas);
 
 }  // namespace xq

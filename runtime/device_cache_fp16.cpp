@@ -13,6 +13,7 @@
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/error.h"
 #include "runtime/block_pool.h"
+#include "runtime/cache_fp16.h"
 #include "runtime/cache_mode.h"
 #include "runtime/device_cache_modes.h"
 #include "runtime/sequence_shard.h"
@@ -32,11 +33,10 @@ int32_t split_rows_for(int32_t sequences) {
 
 class Fp16DeviceCache final : public DeviceCache {
  public:
-  Fp16DeviceCache(const Model& model, const CacheOptions& options, cuda::Stream& stream)
-      : config_(model.config()), options_(options), stream_(stream) {
-    CacheOptions twin_options = options;
-    twin_options.layout_only = true;
-    twin_ = make_cache(model, twin_options);
+  // `twin`: the CPU cache of the same config and options, layout only.
+  Fp16DeviceCache(const ModelConfig& config, std::unique_ptr<AttentionCache> twin,
+                  const CacheOptions& options, cuda::Stream& stream)
+      : config_(config), options_(options), stream_(stream), twin_(std::move(twin)) {
     layout_ = twin_->block_layout();
     if (!layout_.fp16) throw Error("device cache: the fp16 device cache got a quantized layout");
     layers_ = static_cast<int32_t>(layout_.layers.size());
@@ -306,7 +306,19 @@ class Fp16DeviceCache final : public DeviceCache {
 
 std::unique_ptr<DeviceCache> make_fp16_device_cache(const Model& model, const CacheOptions& options,
                                                     cuda::Stream& stream) {
-  return std::make_unique<Fp16DeviceCache>(model, options, stream);
+  CacheOptions twin_options = options;
+  twin_options.layout_only = true;
+  return std::make_unique<Fp16DeviceCache>(model.config(), make_cache(model, twin_options), options,
+                                           stream);
+}
+
+std::unique_ptr<DeviceCache> make_fp16_device_cache(const ModelConfig& local_config,
+                                                    const CacheOptions& options,
+                                                    cuda::Stream& stream) {
+  CacheOptions twin_options = options;
+  twin_options.layout_only = true;
+  return std::make_unique<Fp16DeviceCache>(
+      local_config, std::make_unique<Fp16KvCache>(local_config, twin_options), options, stream);
 }
 
 }  // namespace xq

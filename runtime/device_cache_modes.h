@@ -11,5 +11,17 @@ namespace xq {
 // The fp16 KV cache (runtime/cache_fp16.h's layout) on the device.
 std::unique_ptr<DeviceCache> make_fp16_device_cache(const Model& model, const CacheOptions& options,
                                                     cuda::Stream& stream);
+// The same over one tensor-parallel rank's heads: `local_config` has the
+// rank's n_heads and n_kv_heads and n_layers = the layers the cache holds
+// (as the CPU's HeadShardedAttention builds its Fp16KvCache).
+std::unique_ptr<DeviceCache> make_fp16_device_cache(const ModelConfig& local_config,
+                                                    const CacheOptions& options,
+                                                    cuda::Stream& stream);
+
+// The quantized modes (runtime/cache_quantized.h's layouts) on the device
+// (runtime/device_cache_quantized.cpp).
+std::unique_ptr<DeviceCache> make_quantized_device_cache(const Model& model,
+                                                         const CacheOptions& options,
+                                                         cuda::Stream& stream);
 
 }  // namespace xq

@@ -22,6 +22,8 @@
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/error.h"
 #include "runtime/cache.h"
+#include "runtime/cache_fp16.h"
+#include "runtime/cache_mode.h"
 #include "runtime/device_cache.h"
 #include "runtime/model.h"
 #include "test_util.h"
@@ -487,19 +489,467 @@ TEST_P(CudaCacheTest, Fp16PoolExhaustionChangesNothing) {
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaCacheTest, ::testing::Values("stories260K", "SmolLM2"));
 
-// Runs everywhere: the modes the device does not hold yet are named, fp16 is
-// not refused.
-TEST(CudaCache, UnsupportedModesAreNamed) {
-  auto model = load_model("stories260K");
-  TestCacheSetup setup(model->config(), "fp16", 64, 1);
-  EXPECT_EQ(device_cache_unsupported(*model, setup.options), "");
-  for (const char* mode : {"kivi-4", "xquant-4", "xquant-cl-2"}) {
-    setup.options.mode = mode;
-    const std::string why = device_cache_unsupported(*model, setup.options);
-    EXPECT_NE(why.find(std::string("'") + mode + "'"), std::string::npos) << why;
-    EXPECT_NE(why.find("not available on the CUDA backend"), std::string::npos) << why;
+// ---------------------------------------------------------------------------
+// The quantized modes (runtime/device_cache_quantized.cpp) against
+// QuantizedCache.
+
+// Tolerances of device attention against the CPU's, by how K and V come back:
+//   kivi: the dequantized K and V are the CPU's values exactly (same codes,
+//     exact decode, kernels/group_quant.h); what differs is RoPE's operation
+//     order (one fp32 rounding) and the order of fp32 sums, as for fp16:
+//     kFp16AttentionTolerance.
+//   xquant on X, xquant-cl: K and V are rebuilt in fp32 over dim (<= 576)
+//     inputs in another order than the CPU's GEMMs: a relative error of about
+//     sqrt(576) x 6e-8 = 1.5e-6 of |x||w| per value, up to ~10x that after
+//     cancellation; softmax passes it on unamplified for scores of order 1.
+//     1e-4 leaves a margin of about 5x. XQuant-CL on latents decodes Xhat with
+//     one more fp32 projection, whose last-bit differences can move a code
+//     of a later delta across a midpoint (rate ~2^-20 per value), covered
+//     by the same bound since each moved value is one of hundreds mixed.
+//   xquant latents: the fused kernel holds rebuild_k in fp16 (relative
+//     rounding 2^-11 per weight, XQuantLatentLayer), so keys carry ~5e-4
+//     relative error; scores of order 1-3 move by ~1e-3 and the output by
+//     about as much: 5e-3.
+double attention_tolerance(const std::string& mode, const ModelConfig& c) {
+  const CacheModeSpec& spec = find_cache_mode(mode);
+  const KvSource source = layout_for(spec, c).kv_source;
+  if (source == KvSource::kReadBack) return kFp16AttentionTolerance;
+  if (source == KvSource::kRebuiltFromLatents) return 5e-3;
+  return 1e-4;
+}
+
+// Whether the stored bytes depend on an fp32 projection (latents, CL
+// latents), whose last-bit rounding differs from the CPU's: then a code or a
+// parameter may differ where a projected value lies within that rounding of
+// a code's midpoint or of an fp16 parameter's rounding boundary (a rate of
+// about 2^-13 per parameter and far less per code); elsewhere the inputs of
+// the quantizer are the CPU's bits and every byte must match.
+bool projected_streams(const std::string& mode, const ModelConfig& c) {
+  const CacheLayout& layout = layout_for(find_cache_mode(mode), c);
+  return layout.kv_source == KvSource::kRebuiltFromLatents ||
+         layout.streams[0].content == StreamContent::kXDeltaLatent;
+}
+constexpr double kProjectedByteFraction = 1e-3;
+
+// Rows of each step's segments, every layer, from per-sequence rows.
+struct StepInputs {
+  std::vector<float> x, k, v;
+};
+StepInputs gather_step(const ModelConfig& c, const std::vector<SequenceRows>& rows,
+                       const std::vector<StepRows>& step, int32_t layer) {
+  StepInputs in;
+  for (const StepRows& s : step) {
+    const SequenceRows& r = rows[s.seq];
+    in.x.insert(in.x.end(), r.x[layer].begin() + s.pos0 * c.dim,
+                r.x[layer].begin() + (s.pos0 + s.n) * c.dim);
+    in.k.insert(in.k.end(), r.k[layer].begin() + s.pos0 * c.kv_dim(),
+                r.k[layer].begin() + (s.pos0 + s.n) * c.kv_dim());
+    in.v.insert(in.v.end(), r.v[layer].begin() + s.pos0 * c.kv_dim(),
+                r.v[layer].begin() + (s.pos0 + s.n) * c.kv_dim());
   }
-  setup.options.mode = "no-such-mode";
+  return in;
+}
+
+// One step through the CPU cache (truncation, then per layer append and
+// attend of every segment) and the device cache, attention compared per
+// layer (failures recorded, the step finished either way).
+void run_step_on_both(const Model& model, const std::string& mode, AttentionCache& cpu,
+                      DeviceCache& device, const std::vector<SequenceRows>& rows,
+                      const std::vector<StepRows>& step, uint32_t& seed, cuda::Stream& stream) {
+  const ModelConfig& c = model.config();
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  int32_t n_rows = 0;
+  for (const StepRows& s : step) n_rows += s.n;
+  for (const StepRows& s : step)
+    if (s.pos0 < cpu.length(s.seq)) cpu.truncate(s.seq, s.pos0);
+  device.begin_step(step);
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const StepInputs in = gather_step(c, rows, step, layer);
+    const std::vector<float> q = normal_values(n_rows * q_width, seed++);
+    std::vector<float> expected(n_rows * q_width);
+    size_t row = 0;
+    for (const StepRows& s : step) {
+      cpu.append(s.seq, layer, s.pos0, s.n, in.x.data() + row * c.dim,
+                 in.k.data() + row * c.kv_dim(), in.v.data() + row * c.kv_dim());
+      cpu.attend(s.seq, layer, s.pos0, s.n, q.data() + row * q_width,
+                 expected.data() + row * q_width);
+      row += s.n;
+    }
+    cuda::DeviceMemory x_d = upload(in.x, stream), k_d = upload(in.k, stream),
+                       v_d = upload(in.v, stream), q_d = upload(q, stream),
+                       out(std::max<size_t>(1, expected.size()) * sizeof(float));
+    device.run_layer(layer, x_d.as<const float>(), k_d.as<const float>(), v_d.as<const float>(),
+                     q_d.as<const float>(), out.as<float>());
+    EXPECT_TRUE(close_normalized(download(out, expected.size(), stream), expected,
+                                 attention_tolerance(mode, c)))
+        << mode << ", layer " << layer;
+  }
+  device.end_step();
+}
+
+// (a) Decode over an imported CPU arena: a CPU cache filled with sequences
+// whose lengths end in a partial first group, right after a full group, in
+// a window spanning pages and past two groups, its blocks imported; then one
+// decode step per sequence through both caches (the device encodes the new
+// row into the imported blocks and attends over them).
+void expect_quant_decode_over_import_matches_cpu(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 384;
+  const std::vector<int32_t> lengths = {1, 128, 200, 300};
+  const int32_t sequences = static_cast<int32_t>(lengths.size());
+  TestCacheSetup setup(c, mode, max_tokens, sequences);
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  std::vector<SequenceRows> rows;
+  for (int32_t s = 0; s < sequences; ++s) rows.push_back(random_rows(c, lengths[s] + 1, 70 + s));
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    // Layer by layer, every sequence: XQuant-CL's appends read the
+    // accumulator rows the previous layer's attention wrote.
+    for (int32_t s = 0; s < sequences; ++s) {
+      cpu->append(s, layer, 0, lengths[s], rows[s].x[layer].data(), rows[s].k[layer].data(),
+                  rows[s].v[layer].data());
+      std::vector<float> q(static_cast<size_t>(lengths[s]) * c.n_heads * c.head_dim, 0.5f);
+      std::vector<float> out(q.size());
+      cpu->attend(s, layer, 0, lengths[s], q.data(), out.data());
+    }
+  }
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  ASSERT_EQ(device->block_bytes(), cpu->block_bytes());
+  ASSERT_EQ(device->total_blocks(), cpu->total_blocks());
+  EXPECT_EQ(device->describe(), cpu->describe());
+  device->import_blocks(*cpu);
+  std::vector<StepRows> step;
+  for (int32_t s = 0; s < sequences; ++s) step.push_back({s, lengths[s], 1});
+  uint32_t seed = 300;
+  run_step_on_both(model, mode, *cpu, *device, rows, step, seed, stream);
+  EXPECT_EQ(device->free_blocks(), cpu->free_blocks());
+}
+
+// Counts the bytes where the device's stored tokens differ from the CPU's:
+// per token each row's codes and parameters, per channel each full group's
+// codes and parameters and each window row, the outlier channels; XQuant-CL's
+// accumulator rows separately as floats.
+struct StoredComparison {
+  int64_t bytes = 0, differing = 0;
+  std::vector<float> device_accumulator, cpu_accumulator;
+};
+StoredComparison compare_stored(const AttentionCache& cpu, const DeviceCache& device,
+                                const std::vector<uint8_t>& arena) {
+  const CacheBlockLayout layout = cpu.block_layout();
+  const uint8_t* theirs_arena = cpu.blocks(0).arena;
+  StoredComparison result;
+  auto compare = [&](const BlockTable& mine, const BlockTable& theirs, bool window, int32_t index,
+                     size_t offset, size_t bytes) {
+    const int32_t a_block = window ? mine.window[index] : mine.groups[index];
+    const int32_t b_block = window ? theirs.window[index] : theirs.groups[index];
+    const uint8_t* a = arena.data() + static_cast<size_t>(a_block) * layout.block_bytes + offset;
+    const uint8_t* b = theirs_arena + static_cast<size_t>(b_block) * layout.block_bytes + offset;
+    result.bytes += static_cast<int64_t>(bytes);
+    for (size_t i = 0; i < bytes; ++i) result.differing += a[i] != b[i];
+  };
+  const int32_t tile = AttentionCache::kBlockTokens;
+  for (int32_t s = 0; s < cpu.sequences(); ++s) {
+    const BlockTable& mine = device.table(s);
+    const BlockTable& theirs = *cpu.blocks(s).table;
+    const int32_t length = cpu.length(s);  // unsharded: local = global
+    for (const LayerLayout& layer : layout.layers) {
+      for (const StreamLayout& stream : layer.streams) {
+        if (stream.axis == QuantAxis::kPerToken) {
+          for (int32_t t = 0; t < length; ++t) {
+            const size_t in_block = static_cast<size_t>(t % tile);
+            compare(mine, theirs, false, t / tile,
+                    stream.group_offset + in_block * stream.row_code_bytes, stream.row_code_bytes);
+            compare(mine, theirs, false, t / tile,
+                    stream.group_offset + stream.group_code_bytes +
+                        in_block * static_cast<size_t>(stream.row_groups) * 4,
+                    static_cast<size_t>(stream.row_groups) * 4);
+          }
+        } else {
+          for (int32_t g = 0; g < length / tile; ++g)
+            compare(mine, theirs, false, g, stream.group_offset,
+                    stream.group_code_bytes + static_cast<size_t>(stream.width) * 4);
+          const size_t row_bytes = static_cast<size_t>(stream.width) * 2;
+          for (int32_t o = 0; o < length % tile; ++o)
+            compare(
+                mine, theirs, true, o / layout.window_tokens,
+                stream.window_offset + static_cast<size_t>(o % layout.window_tokens) * row_bytes,
+                row_bytes);
+        }
+      }
+      if (layout.keep_outlier)
+        for (int32_t t = 0; t < length; ++t)
+          compare(mine, theirs, false, t / tile,
+                  layer.outlier_offset +
+                      static_cast<size_t>(t % tile) * layout.outliers_per_token * sizeof(uint16_t),
+                  layout.outliers_per_token * sizeof(uint16_t));
+    }
+    if (layout.cross_layer_accumulator) {
+      const int64_t dim = layout.layers[0].rebuild_k.cols;  // Wk's inputs: dim
+      for (int32_t t = 0; t < length; ++t) {
+        const size_t at = layout.accumulator_offset + static_cast<size_t>(t % tile) * dim * 4;
+        const float* a = reinterpret_cast<const float*>(
+            arena.data() + static_cast<size_t>(mine.groups[t / tile]) * layout.block_bytes + at);
+        const float* b = reinterpret_cast<const float*>(
+            theirs_arena + static_cast<size_t>(theirs.groups[t / tile]) * layout.block_bytes + at);
+        result.device_accumulator.insert(result.device_accumulator.end(), a, a + dim);
+        result.cpu_accumulator.insert(result.cpu_accumulator.end(), b, b + dim);
+      }
+    }
+  }
+  return result;
+}
+
+// (b) + (c): steps through both caches that complete per-channel groups from
+// the window and the step's rows, leave windows spanning pages, truncate
+// inside a quantized group (its head decoded back into the window) and
+// complete it again; attention per layer after every step, the tables'
+// sizes and the pool, and at the end every stored byte.
+void expect_quant_steps_match_cpu(const Model& model, const std::string& mode,
+                                  bool keep_outlier_channel) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 512, sequences = 3;
+  TestCacheSetup setup(c, mode, max_tokens, sequences);
+  setup.options.keep_outlier_channel = keep_outlier_channel;
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  EXPECT_EQ(device->block_bytes(), cpu->block_bytes());
+  EXPECT_EQ(device->total_blocks(), cpu->total_blocks());
+  EXPECT_EQ(device->describe(), cpu->describe());
+  std::vector<SequenceRows> rows;
+  for (int32_t s = 0; s < sequences; ++s) rows.push_back(random_rows(c, max_tokens, 40 + s));
+  const std::vector<std::vector<StepRows>> steps = {
+      {{0, 0, 130}, {1, 0, 5}},     // a group completed inside a prefill; windows begin
+      {{0, 130, 1}, {1, 5, 1}},     // decode
+      {{0, 131, 1}, {2, 0, 300}},   // decode beside a prefill of two groups and a window
+      {{2, 200, 2}, {0, 132, 1}},   // truncation inside seq 2's quantized second group
+      {{2, 202, 60}, {0, 133, 1}},  // completes it again from the decoded head, goes on
+      {{0, 100, 2}, {1, 6, 122}},   // truncation in seq 0's first group; seq 1's group fills
+      {{0, 102, 27}, {2, 262, 1}},  // seq 0's group completes from window and rows
+  };
+  uint32_t seed = 900;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    SCOPED_TRACE("step " + std::to_string(i));
+    run_step_on_both(model, mode, *cpu, *device, rows, steps[i], seed, stream);
+    for (int32_t s = 0; s < sequences; ++s) {
+      EXPECT_EQ(device->length(s), cpu->length(s)) << "sequence " << s;
+      EXPECT_EQ(device->table(s).groups.size(), cpu->blocks(s).table->groups.size()) << s;
+      EXPECT_EQ(device->table(s).window.size(), cpu->blocks(s).table->window.size()) << s;
+    }
+    EXPECT_EQ(device->free_blocks(), cpu->free_blocks());
+  }
+  std::vector<uint8_t> arena;
+  device->download_arena(arena);
+  const StoredComparison stored = compare_stored(*cpu, *device, arena);
+  EXPECT_GT(stored.bytes, 0);
+  if (projected_streams(mode, c)) {
+    EXPECT_LE(static_cast<double>(stored.differing), kProjectedByteFraction * stored.bytes)
+        << stored.differing << " of " << stored.bytes << " bytes";
+    // Xhat rows decoded through one fp32 projection each: 1e-4 as attention.
+    if (!stored.cpu_accumulator.empty()) {
+      EXPECT_TRUE(close_normalized(stored.device_accumulator, stored.cpu_accumulator, 1e-4));
+    }
+  } else {
+    EXPECT_EQ(stored.differing, 0) << "of " << stored.bytes << " bytes";
+    // Xhat = dequantized delta + previous Xhat: the same fp32 additions.
+    EXPECT_EQ(stored.device_accumulator, stored.cpu_accumulator);
+  }
+}
+
+// Pool exhaustion: a step needing more blocks than are free throws
+// PoolExhausted and changes nothing; a step that fits (a truncation inside
+// a quantized group, its head back to window pages) then runs.
+void expect_quant_pool_exhaustion_changes_nothing(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  TestCacheSetup setup(c, mode, 512, 2);
+  std::unique_ptr<AttentionCache> probe = make_cache(model, setup.options);
+  const int32_t total = probe->blocks_for_tokens(200) + 1;
+  setup.options.pool_bytes = static_cast<size_t>(total) * probe->block_bytes();
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  ASSERT_EQ(device->total_blocks(), total);
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  auto run = [&](const std::vector<StepRows>& step) {
+    int32_t n_rows = 0;
+    for (const StepRows& s : step) n_rows += s.n;
+    device->begin_step(step);
+    cuda::DeviceMemory x = upload(normal_values(n_rows * c.dim, 1), stream),
+                       k = upload(normal_values(n_rows * c.kv_dim(), 2), stream),
+                       v = upload(normal_values(n_rows * c.kv_dim(), 3), stream),
+                       q = upload(normal_values(n_rows * q_width, 4), stream),
+                       out(n_rows * q_width * sizeof(float));
+    for (int32_t layer = 0; layer < c.n_layers; ++layer)
+      device->run_layer(layer, x.as<const float>(), k.as<const float>(), v.as<const float>(),
+                        q.as<const float>(), out.as<float>());
+    stream.synchronize();
+    device->end_step();
+  };
+  run({{0, 0, 200}});
+  EXPECT_EQ(device->free_blocks(), 1);
+  // 100 more tokens of sequence 0 and a new sequence take at least two.
+  EXPECT_THROW(run({{0, 200, 100}, {1, 0, 10}}), PoolExhausted);
+  EXPECT_EQ(device->free_blocks(), 1);
+  EXPECT_EQ(device->length(0), 200);
+  EXPECT_EQ(device->length(1), 0);
+  run({{0, 100, 10}});
+  EXPECT_EQ(device->length(0), 110);
+  EXPECT_EQ(device->free_blocks(), total - probe->blocks_for_tokens(110));
+}
+
+// Sequence sharding: two device shard caches run the same steps through
+// run_layer_partial; their states, laid side by side as an all_gather leaves
+// them and merged on the device, against the unsharded CPU cache's attention
+// (the shards deal whole 128-token groups where a stream is per channel).
+void expect_quant_shards_merge_to_cpu(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 384, length = 301, shards = 2;
+  TestCacheSetup setup(c, mode, max_tokens, 1);
+  std::unique_ptr<AttentionCache> whole = make_cache(model, setup.options);
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::vector<std::unique_ptr<DeviceCache>> parts;
+  for (int32_t i = 0; i < shards; ++i) {
+    CacheOptions options = setup.options;
+    options.sequence_shards = shards;
+    options.sequence_shard = i;
+    parts.push_back(make_device_cache(model, options, stream, blas));
+  }
+  const SequenceRows rows = random_rows(c, length, 5);
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const std::vector<std::vector<StepRows>> steps = {{{0, 0, length - 2}}, {{0, length - 2, 2}}};
+  uint32_t seed = 60;
+  for (const std::vector<StepRows>& step : steps) {
+    const int32_t n = step[0].n, pos0 = step[0].pos0;
+    for (auto& part : parts) part->begin_step(step);
+    for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      const StepInputs in = gather_step(c, {rows}, step, layer);
+      const std::vector<float> q = normal_values(n * q_width, seed++);
+      std::vector<float> expected(n * q_width);
+      whole->append(0, layer, pos0, n, in.x.data(), in.k.data(), in.v.data());
+      whole->attend(0, layer, pos0, n, q.data(), expected.data());
+      cuda::DeviceMemory x_d = upload(in.x, stream), k_d = upload(in.k, stream),
+                         v_d = upload(in.v, stream), q_d = upload(q, stream);
+      const size_t state_rows = static_cast<size_t>(n) * c.n_heads;
+      const size_t record = state_rows * (2 + c.head_dim);
+      cuda::DeviceMemory gathered(record * shards * sizeof(float));
+      for (int32_t i = 0; i < shards; ++i) {
+        float* state_max = gathered.as<float>() + i * record;
+        parts[i]->run_layer_partial(layer, x_d.as<const float>(), k_d.as<const float>(),
+                                    v_d.as<const float>(), q_d.as<const float>(), state_max,
+                                    state_max + state_rows, state_max + 2 * state_rows);
+      }
+      cuda::DeviceMemory out(expected.size() * sizeof(float));
+      paged::merge_partial_states(gathered.as<const float>(), shards,
+                                  static_cast<int64_t>(state_rows), c.head_dim, out.as<float>(),
+                                  stream);
+      EXPECT_TRUE(close_normalized(download(out, expected.size(), stream), expected,
+                                   attention_tolerance(mode, c)))
+          << mode << ", layer " << layer << ", rows from " << pos0;
+    }
+    for (auto& part : parts) part->end_step();
+  }
+}
+
+struct QuantCase {
+  const char* model;
+  const char* mode;
+};
+
+class CudaQuantCacheTest : public ::testing::TestWithParam<QuantCase> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA_DEVICE();
+    model_ = load_model(GetParam().model);
+    if (!model_) GTEST_SKIP() << GetParam().model << " not found (models/" << kSmolLm2 << ")";
+  }
+  std::string mode() const { return GetParam().mode; }
+  std::unique_ptr<Model> model_;
+};
+
+TEST_P(CudaQuantCacheTest, DecodeOverImportedArenaMatchesCpu) {
+  expect_quant_decode_over_import_matches_cpu(*model_, mode());
+}
+
+TEST_P(CudaQuantCacheTest, StepsMatchCpuBytesAndAttention) {
+  expect_quant_steps_match_cpu(*model_, mode(), false);
+}
+
+TEST_P(CudaQuantCacheTest, StepsWithOutlierChannelMatchCpu) {
+  const CacheLayout& layout = layout_for(find_cache_mode(mode()), model_->config());
+  if (layout.kv_source != KvSource::kRebuiltFromLatents)
+    GTEST_SKIP() << "the outlier channel is kept by the latent layout only";
+  expect_quant_steps_match_cpu(*model_, mode(), true);
+}
+
+TEST_P(CudaQuantCacheTest, PoolExhaustionChangesNothing) {
+  expect_quant_pool_exhaustion_changes_nothing(*model_, mode());
+}
+
+TEST_P(CudaQuantCacheTest, ShardStatesMergeToCpuAttend) {
+  expect_quant_shards_merge_to_cpu(*model_, mode());
+}
+
+// stories260K (dim = 2 kv_dim): kivi, xquant on X, xquant-cl on deltas of X;
+// SmolLM2 (GQA): the latent layouts and CL latent deltas, and kivi.
+INSTANTIATE_TEST_SUITE_P(
+    Modes, CudaQuantCacheTest,
+    ::testing::Values(QuantCase{"stories260K", "kivi-4"}, QuantCase{"stories260K", "kivi-2"},
+                      QuantCase{"stories260K", "xquant-4"}, QuantCase{"stories260K", "xquant-2"},
+                      QuantCase{"stories260K", "xquant-cl-3"}, QuantCase{"SmolLM2", "xquant-4"},
+                      QuantCase{"SmolLM2", "xquant-2"}, QuantCase{"SmolLM2", "kivi-3"},
+                      QuantCase{"SmolLM2", "xquant-cl-2"}),
+    [](const ::testing::TestParamInfo<QuantCase>& info) {
+      std::string name = std::string(info.param.model) + "_" + info.param.mode;
+      std::replace(name.begin(), name.end(), '-', '_');
+      return name;
+    });
+
+// The fp16 cache over one tensor-parallel rank's heads: the layout of the
+// CPU's Fp16KvCache over the same local config, and quantized modes refused.
+TEST(CudaCache, LocalConfigFp16CacheHasTheCpuLayout) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  auto model = load_model("stories260K");
+  ModelConfig local = model->config();
+  local.n_heads /= 2;
+  local.n_kv_heads /= 2;
+  TestCacheSetup setup(local, "fp16", 256, 2);
+  setup.options.layers = local.n_layers;
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(local, setup.options, stream, blas);
+  Fp16KvCache cpu(local, setup.options);
+  EXPECT_EQ(device->block_bytes(), cpu.block_bytes());
+  EXPECT_EQ(device->total_blocks(), cpu.total_blocks());
+  setup.options.mode = "kivi-4";
+  try {
+    make_device_cache(local, setup.options, stream, blas);
+    FAIL() << "a quantized cache split by KV head";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot be split by KV head"), std::string::npos)
+        << e.what();
+  }
+}
+
+// Runs everywhere: every mode of the table is held on the device for both
+// kinds of model; an unknown mode is an error.
+TEST(CudaCache, EveryModeIsSupported) {
+  for (const char* which : {"stories260K", "SmolLM2"}) {
+    auto model = load_model(which);
+    if (!model) continue;
+    TestCacheSetup setup(model->config(), "fp16", 64, 1);
+    for (const CacheModeSpec& mode : cache_modes()) {
+      setup.options.mode = std::string(mode.name);
+      EXPECT_EQ(device_cache_unsupported(*model, setup.options), "") << which << " " << mode.name;
+    }
+    setup.options.rope_cos_sin = nullptr;
+    setup.options.mode = "kivi-2";
+    EXPECT_NE(device_cache_unsupported(*model, setup.options), "");
+  }
+  auto model = load_model("stories260K");
+  TestCacheSetup setup(model->config(), "no-such-mode", 64, 1);
   EXPECT_THROW(device_cache_unsupported(*model, setup.options), Error);
 }
 

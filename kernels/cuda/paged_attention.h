@@ -213,4 +213,114 @@ void xquant_latent_attention(const PagedArena& pool, const PagedWindow& window,
                              const SplitPlan& plan, float* scratch, const AttentionTarget& target,
                              Stream& stream);
 
+// ---------------------------------------------------------------------------
+// The quantized caches' own kernels (kernels/cuda/paged_quant.cu): the encode
+// of a step's rows into their streams, the truncation of a per-channel group,
+// and the materialize path of the modes the fused kernel does not cover
+// (kivi, xquant on X, xquant-cl): a sequence's stored rows dequantized into
+// dense fp32 scratch, K and V rebuilt there, attention over the dense rows.
+// Byte layouts and bit packing as runtime/row_store.cpp and
+// kernels/cpu/group_quant.h; grids and codes by kernels/group_quant.h.
+
+// Where each sequence's step starts (device array, one per sequence slot,
+// written by begin_step): the global position of its segment's first row.
+// A group completed in the step takes its rows from position step_begin on
+// from the step's input, and the rows before it from the window pages.
+struct StepBegins {
+  const int32_t* step_begin = nullptr;
+};
+
+// Per-token stream: quantizes row r of `in` (n_rows rows of stream.width
+// values, row r at in + r * in_stride) into the group block of its row's
+// slot, groups of up to 128 channels along the row. Rows another shard owns
+// are skipped.
+void quant_encode_per_token(const PagedArena& pool, const PagedStream& stream, const StepRow* rows,
+                            int32_t n_rows, const float* in, int64_t in_stride,
+                            const ShardSpec& shard, Stream& cuda_stream);
+
+// Per-channel stream: every group a row of the step completes (its slot is
+// the 128th of the group) is assembled through fp16 from the window and the
+// step's rows and quantized per channel into its block; then the rows whose
+// group stays partial (slots from floor(stored / 128) * 128 on) are written
+// to the window pages in fp16 (nearest, ties to even). Sharded caches deal
+// whole 128-token groups (ShardSpec::unit 128, or 1 shard).
+void quant_encode_per_channel(const PagedArena& pool, const PagedWindow& window,
+                              const PagedLengths& lengths, const StepBegins& begins,
+                              const PagedStream& stream, const StepRow* rows, int32_t n_rows,
+                              const float* in, int64_t in_stride, const ShardSpec& shard,
+                              Stream& cuda_stream);
+
+// Truncation inside a quantized per-channel group: rows [0, head) of the
+// group in block `group_block` dequantized, rounded to fp16 and written to
+// window rows [0, head) (pages window_pages[0..], device array). Not
+// graph-safe (arguments name blocks): begin_step and truncate only.
+void quant_group_to_window(const PagedArena& pool, const PagedStream& stream, int32_t group_block,
+                           const int32_t* window_pages, int32_t window_tokens, int32_t head,
+                           Stream& cuda_stream);
+
+// The latent modes' outlier channels: for each owned row, the values of
+// latent channels k * channel_step (k < per_token) of `latent` (n_rows, width)
+// go to the fp16 outlier slots of its block at outlier_offset and become 0 in
+// `latent`, as QuantizedCache::append_own does.
+void keep_outlier_channels(const PagedArena& pool, size_t outlier_offset, int32_t per_token,
+                           int64_t channel_step, const StepRow* rows, int32_t n_rows, float* latent,
+                           int64_t width, const ShardSpec& shard, Stream& cuda_stream);
+
+// XQuant-CL accumulator rows (dim fp32 each, at accumulator_offset of the
+// group block of the slot). delta (n_rows, dim) = x - the accumulator row of
+// each owned row's slot (subtract) or x itself.
+void cross_layer_delta(const PagedArena& pool, size_t accumulator_offset, int64_t dim,
+                       const StepRow* rows, int32_t n_rows, const float* x, bool subtract,
+                       float* delta, const ShardSpec& shard, Stream& cuda_stream);
+
+// One sequence's dense rows: the sequence of step row `seq_row`, its slots
+// [0, lengths.stored[seq]) of `capacity` (scratch rows), everything else of
+// the scratch left as it was.
+struct DenseRows {
+  const StepRow* seq_row = nullptr;
+  int32_t capacity = 0;
+};
+
+// Dequantizes slots [0, stored) of the stream into out (capacity, width):
+// groups by their codes, the window's fp16 rows as they are.
+void quant_materialize(const PagedArena& pool, const PagedWindow& window,
+                       const PagedLengths& lengths, const PagedStream& stream,
+                       const DenseRows& dense, float* out, Stream& cuda_stream);
+
+// XQuant-CL over dense Xhat rows (capacity, dim) of stored deltas: add the
+// accumulator rows (Xhat_i = Xhat_{i-1} + delta_i), then keep the result in
+// them for the next layer, each where asked.
+void cross_layer_accumulate(const PagedArena& pool, size_t accumulator_offset, int64_t dim,
+                            const PagedLengths& lengths, const DenseRows& dense, float* xhat,
+                            bool add, bool keep, Stream& cuda_stream);
+
+// out[r, b * out_width + j] = Σ_{c < in_width} in[r * in_stride + b * in_width + c] *
+//   matrix[b * block_stride + c * in_step + j * out_step] for `blocks` diagonal
+// blocks, in fp32, c ascending. Rows [0, rows), or where `dense` is given,
+// only the sequence's stored rows of them.
+struct RowProjection {
+  const float* matrix = nullptr;
+  int32_t blocks = 1;
+  int32_t in_width = 0, out_width = 0;
+  int64_t block_stride = 0, in_step = 0, out_step = 0;
+};
+void project_rows(const float* in, int64_t in_stride, int32_t rows, const RowProjection& projection,
+                  float* out, int64_t out_stride, const PagedLengths* lengths,
+                  const DenseRows* dense, Stream& cuda_stream);
+
+// RoPE of dense keys (capacity, kv_heads * head_dim) in place: local slot t
+// at its global position (SequenceShard::position), as cpu::rope.
+void rope_dense_keys(float* keys, const PagedLengths& lengths, const DenseRows& dense,
+                     const AttentionShape& shape, const float* cos_sin, const ShardSpec& shard,
+                     Stream& cuda_stream);
+
+// Attention of step rows [0, n_rows) of one sequence (rows and q start at
+// its first row) over dense keys and values (capacity, kv_heads * head_dim):
+// row r sees slots [0, owned_before(pos_r + 1)). head_dim at most
+// kMaxHeadDim. target as fp16_attention's, its rows starting at the
+// sequence's first row too.
+void dense_attention(const float* keys, const float* values, const StepRow* rows, int32_t n_rows,
+                     const float* q, const AttentionShape& shape, const ShardSpec& shard,
+                     const AttentionTarget& target, Stream& cuda_stream);
+
 }  // namespace xq::cuda::paged

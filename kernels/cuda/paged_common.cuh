@@ -42,6 +42,12 @@ __device__ inline int32_t owned_before(const ShardSpec& shard, int32_t end) {
   return end / cycle * shard.unit + rest;
 }
 
+// SequenceShard::position on the device: the global position of local slot `local`.
+__device__ inline int32_t position_of(const ShardSpec& shard, int32_t local) {
+  return local / shard.unit * shard.unit * shard.shards + shard.index * shard.unit +
+         local % shard.unit;
+}
+
 // Reductions over a full warp (every lane takes part).
 __device__ inline float warp_max(float value) {
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
