@@ -552,7 +552,9 @@ void CudaEngine::Impl::layer_loop(float* h, int32_t rows) {
     matmul(w.wq, normed, q);
     matmul(w.wk, normed, k);
     matmul(w.wv, normed, v);
-    cuda::rope(q, positions, n, shard.heads.count, c.head_dim, c.rope_dim, c.rope_layout, rope,
+    // Every head's Q under sequence sharding (q is (rows, n_heads, head_dim)
+    // there), this rank's heads otherwise.
+    cuda::rope(q, positions, n, q_width / c.head_dim, c.head_dim, c.rope_dim, c.rope_layout, rope,
                stream);
     if (sequence_sharded)
       sharded_attention(layer, rows);
