@@ -2,8 +2,9 @@
 //  1. decode tokens/s of CudaEngine for each cache mode, context and batch:
 //     every sequence is prefilled to the context in chunks of 512 tokens (one
 //     batched step for all sequences), then N greedy decode steps are timed
-//     (one warm-up step first, so the step's CUDA graph is captured; the
-//     steps replay it). Fewer steps at long contexts. A point is the median
+//     (two warm-up steps first: a row count's first step runs kernel by
+//     kernel and its second is captured as a CUDA graph; the timed steps
+//     replay it). Fewer steps at long contexts. A point is the median
 //     step; tokens/s = batch / that.
 //  2. cuda::matmul on each weight shape of a layer and the output head, at
 //     1 and 16 rows: achieved GB/s (weight bytes + activations in and out)
@@ -125,14 +126,16 @@ std::vector<DecodePoint> measure_decode(const xq::Model& model,
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int max_context = contexts.back();
   std::vector<DecodePoint> points;
-  std::vector<int32_t> tokens(static_cast<size_t>(max_context) + 64);
+  // Room past the longest context for the warm-up and timed decode steps.
+  const int decode_room = steps + 64;
+  std::vector<int32_t> tokens(static_cast<size_t>(max_context) + decode_room);
   for (size_t i = 0; i < tokens.size(); ++i)
     tokens[i] = static_cast<int32_t>((i * 7919 + 13) % c.vocab_size);
   for (const std::string& mode : modes) {
     xq::EngineOptions options;
     options.cache_mode = mode;
     options.sequences = max_batch;
-    options.max_tokens = max_context + 64;
+    options.max_tokens = max_context + decode_room;
     options.cache_bytes = 0;  // room for every sequence at the longest context
     // The fp16 cache is the largest of these modes: it bounds the pool.
     const double fp16_bytes = static_cast<double>(options.sequences) * options.max_tokens * 2.0 *
@@ -168,13 +171,16 @@ std::vector<DecodePoint> measure_decode(const xq::Model& model,
       for (int batch : batches) {
         const int timed = steps_at(context, steps);
         std::vector<double> seconds;
-        for (int step = 0; step <= timed; ++step) {  // step 0: warm-up (graph capture)
+        // Steps 0 and 1 are warm-up: a row count's first step runs kernel by
+        // kernel, its second is captured as a graph, later ones replay it.
+        constexpr int kWarmup = 2;
+        for (int step = 0; step < kWarmup + timed; ++step) {
           std::vector<xq::Segment> segments;
           for (int s = 0; s < batch; ++s)
             segments.push_back({s, context + step, tokens.data() + context + step, 1, true});
           const auto start = Clock::now();
           engine->forward_batch(segments, logits.data());
-          if (step > 0)
+          if (step >= kWarmup)
             seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
         }
         for (int s = 0; s < batch; ++s) engine->truncate(s, context);

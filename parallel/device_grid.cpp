@@ -57,9 +57,13 @@ namespace {
 
 // A pipeline stage on one GPU: a CudaEngine over an NCCL TP group, its
 // activations in device memory, sent between stages over an NCCL pipeline
-// column. The engine's pieces work on its own stream; copies here go on this
-// stage's stream after the device has finished the engine's work (settle),
-// and end synchronized, so neither stream overtakes the other.
+// column. Everything here is ordered by the engine's stream: the stage's own
+// copies go on it, and both NCCL communicators wait on it (set_work_stream)
+// before a collective or a send reads what the engine wrote, instead of
+// synchronizing the whole device. Every call returns with its work done.
+//
+// Graphs: a stage never captures. Its engine runs run_layers (never
+// captured) and, with tp > 1, refuses capture around its collectives.
 class CudaStage final : public PipelineStage {
  public:
   CudaStage(const Model& model, const EngineOptions& options, Grid& grid, Range layers, int device)
@@ -69,19 +73,25 @@ class CudaStage final : public PipelineStage {
     // the same order everywhere, so the collective start-ups meet.
     tp_ = std::make_unique<NcclCommunicator>(grid.tp_group(), device);
     if (grid.pp() > 1) pipeline_ = std::make_unique<NcclCommunicator>(grid.pipeline(), device);
-    stream_ = std::make_unique<cuda::Stream>();
     engine_ = std::make_unique<CudaEngine>(model, options, *tp_, layers, device);
+    void* work = engine_->stream().handle();
+    tp_->set_work_stream(work);
+    if (pipeline_ != nullptr) pipeline_->set_work_stream(work);
   }
   ~CudaStage() override {
-    engine_.reset();  // before the communicators it holds
+    // The communicators hold the engine's stream: detach it first, then the
+    // engine goes before the communicator it holds.
+    tp_->set_work_stream(nullptr);
+    if (pipeline_ != nullptr) pipeline_->set_work_stream(nullptr);
+    engine_.reset();
   }
 
   Engine& engine() override { return *engine_; }
   const Engine& engine() const override { return *engine_; }
   Range layers() const override { return engine_->layers(); }
-  // CudaEngine reports its uploaded bytes in device_summary(); a per-step
-  // figure is not part of its interface yet.
-  size_t weight_bytes() const override { return 0; }
+  // The bytes of weights, norms and tables resident on this rank's device
+  // (CudaEngine::weight_bytes).
+  size_t weight_bytes() const override { return engine_->weight_bytes(); }
   Communicator& activation_channel() override {
     if (pipeline_ != nullptr) return *pipeline_;
     return single_;  // one stage: nothing is sent
@@ -90,46 +100,15 @@ class CudaStage final : public PipelineStage {
   void check_input(const int32_t* tokens, int32_t n, int32_t pos0) const override {
     check_forward_input(model_.config(), engine_->max_tokens(), tokens, n, pos0);
   }
-
-  // TransformerEngine::check_batch through the Engine interface: the free
-  // blocks are the pool's less those in use.
   void check_batch(const std::vector<Segment>& segments) const override {
-    const Engine& e = *engine_;
-    std::vector<int32_t> seen;
-    for (const Segment& s : segments) {
-      if (s.seq < 0 || s.seq >= e.sequence_slots())
-        throw Error("forward_batch: sequence " + std::to_string(s.seq) + " is not a slot in [0, " +
-                    std::to_string(e.sequence_slots()) + ")");
-      if (std::find(seen.begin(), seen.end(), s.seq) != seen.end())
-        throw Error("forward_batch: sequence " + std::to_string(s.seq) +
-                    " appears twice in a step");
-      seen.push_back(s.seq);
-      if (s.n <= 0) throw Error("forward_batch: a segment has no tokens");
-      if (s.pos0 > e.length(s.seq))
-        throw Error("forward_batch: sequence " + std::to_string(s.seq) + " holds " +
-                    std::to_string(e.length(s.seq)) + " tokens; a segment cannot start at " +
-                    std::to_string(s.pos0));
-      if (s.tokens == nullptr) throw Error("forward_batch: a segment has no token ids");
-      check_input(s.tokens, s.n, s.pos0);
-    }
-    int64_t needed = 0;
-    for (const Segment& s : segments) {
-      const int32_t kept = std::min(s.pos0, e.length(s.seq));
-      needed += std::max(0, e.blocks_for_step(kept, s.pos0 + s.n) - e.blocks_for_tokens(kept));
-    }
-    const PoolInfo pool = e.pool();
-    const int64_t used =
-        pool.block_bytes > 0 ? static_cast<int64_t>(e.cache_bytes_in_use() / pool.block_bytes) : 0;
-    const int64_t free = pool.total_blocks - used;
-    if (needed > free)
-      throw PoolExhausted("cache pool: the step needs " + std::to_string(needed) +
-                          " more blocks; " + std::to_string(free) + " are free");
+    engine_->check_batch(segments);
   }
 
   float* buffer(int slot, size_t floats) override {
     cuda::DeviceMemory& b = buffers_[static_cast<size_t>(slot)];
     if (b.bytes() < floats * sizeof(float)) {
-      settle();  // the old buffer may still be read
+      engine_->stream().synchronize();  // the old buffer may still be read
+      b = cuda::DeviceMemory();
       b = cuda::DeviceMemory(floats * sizeof(float));
     }
     return b.as<float>();
@@ -145,40 +124,30 @@ class CudaStage final : public PipelineStage {
     engine_->run_layers(segments, hidden);
   }
   void copy(const float* src, size_t floats, float* dst) override {
-    settle();
-    cuda::copy_on_device(dst, src, floats * sizeof(float), *stream_);
-    stream_->synchronize();
+    cuda::Stream& stream = engine_->stream();
+    cuda::copy_on_device(dst, src, floats * sizeof(float), stream);
+    stream.synchronize();
   }
   void head(const float* hidden, int32_t rows, float* host_logits) override {
+    if (rows <= 0) return;
     const size_t count = static_cast<size_t>(rows) * model_.config().vocab_size;
     float* logits = buffer(2, count);
     engine_->head(hidden, rows, logits);
-    settle();
-    cuda::copy_to_host(host_logits, logits, count * sizeof(float), *stream_);
-    stream_->synchronize();
+    cuda::Stream& stream = engine_->stream();
+    cuda::copy_to_host(host_logits, logits, count * sizeof(float), stream);
+    stream.synchronize();
   }
-  // The row's logits come to the host and the Sampler picks there: Sampler
-  // does not hand out its options and draw, which cuda::sample needs.
+  // Sampled on the device (CudaEngine::head_sample): only the token id and
+  // its margin cross to the host.
   SampledToken head_sample(const float* hidden_row, Sampler& sampler) override {
-    const int32_t vocab = model_.config().vocab_size;
-    last_row_.resize(static_cast<size_t>(vocab));
-    head(hidden_row, 1, last_row_.data());
-    SampledToken chosen;
-    chosen.token = sampler.sample(last_row_.data(), vocab);
-    chosen.margin = top2_margin(last_row_.data(), vocab);
-    return chosen;
+    return engine_->head_sample(hidden_row, sampler);
   }
 
  private:
-  // Waits for the engine's work (on its own stream) to finish.
-  void settle() { check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize (pipeline stage)"); }
-
   const Model& model_;
   SingleProcessCommunicator single_;
   std::unique_ptr<NcclCommunicator> tp_, pipeline_;
-  std::unique_ptr<cuda::Stream> stream_;
   cuda::DeviceMemory buffers_[3];
-  std::vector<float> last_row_;
   std::unique_ptr<CudaEngine> engine_;  // last: destroyed first
 };
 

@@ -33,8 +33,10 @@ class PipelineStage {
   virtual Engine& engine() = 0;
   virtual const Engine& engine() const = 0;
   virtual Range layers() const = 0;
-  // Bytes of weights one decode step reads on this rank (as
-  // TransformerEngine::weight_bytes).
+  // Bytes of weights on this rank: what one decode step reads for the host
+  // stage (TransformerEngine::weight_bytes), what is resident on the device
+  // for the CUDA stage (CudaEngine::weight_bytes: the whole embedding and
+  // RoPE tables included).
   virtual size_t weight_bytes() const = 0;
   // The communicator activations travel on between stages: its buffers are
   // stage memory (the grid's MPI column for the CPU stage, NCCL for CUDA).

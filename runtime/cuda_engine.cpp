@@ -21,17 +21,23 @@
 // above and the cache's tables. The first step of a row count runs kernel by
 // kernel, which also makes every lazy initialization (module loading, cuBLAS
 // state) happen outside a capture. The output head and sampling are outside
-// the graph: their row count follows the segments that want logits.
+// the graph: their row count follows the segments that want logits. A
+// capture the device refuses turns graphs off for the engine; that step runs
+// kernel by kernel. A step whose device work fails still ends its cache step,
+// each sequence cut back to what it held, so the engine stays usable.
 //
 // Tensor parallelism (a group of more than one, never captured in a graph):
 // Wo and down outputs are summed across the group in place, as on the CPU.
-// Attention splits by sequence (every rank computes every head's Q, K, V;
-// its device cache keeps its shard of the tokens; one all_gather of the
-// online-softmax states per layer, merged on the device, each rank keeping
-// its own heads). Splitting by KV head needs a device cache over a rank's
-// heads, which the device caches do not offer: that case is refused. A
-// communicator works on its own stream and returns when done, so the engine
-// waits for its stream before each collective.
+// Attention splits as runtime/attention_step.cpp splits it. By KV head (fp16
+// where the KV heads divide evenly): each rank uploads its query heads' rows
+// of Wq and its KV heads' rows of Wk and Wv, and its device cache is an fp16
+// cache of a local config of those heads (make_device_cache's ModelConfig
+// overload; where this build's device caches lack it, the case is refused
+// with a message). By sequence (elsewhere): every rank computes every head's
+// Q, K, V; its device cache keeps its shard of the tokens; one all_gather of
+// the online-softmax states per layer, merged on the device, each rank
+// keeping its own heads. A communicator works on its own stream and returns
+// when done, so the engine waits for its stream before each collective.
 #include "runtime/cuda_engine.h"
 
 #include <algorithm>
@@ -51,6 +57,7 @@
 #include "runtime/block_pool.h"
 #include "runtime/cache_mode.h"
 #include "runtime/device_cache.h"
+#include "runtime/sampler.h"
 
 // The merge of sequence shards' attention states on the device comes with
 // the device caches' kernels; where they are built in, tensor parallelism by
@@ -115,22 +122,43 @@ CacheOptions device_cache_options(const EngineOptions& options, int32_t max_toke
 }
 
 // The device's sampling parameters for the sampler's next pick, consuming its
-// generator as Sampler::sample would, where Sampler hands out its draw
-// (runtime/sampler.h, next_draw); where it does not, the caller samples on
-// the host from the copied row. (Templates, so that the engine builds
-// against a Sampler with or without that API.)
-template <typename HostSampler>
-constexpr bool kSamplerHandsOutDraws = requires(HostSampler& s) {
-  s.next_draw();
-};
-
-template <typename HostSampler>
-void device_sampling_row(HostSampler& sampler, cuda::SamplingRow* row) {
-  const auto draw = sampler.next_draw();
+// generator as Sampler::sample would (Sampler::next_draw: one draw for a
+// sampled row, none for a greedy one).
+void device_sampling_row(Sampler& sampler, cuda::SamplingRow* row) {
+  const SamplingDraw draw = sampler.next_draw();
   row->temperature = draw.temperature;
   row->top_k = draw.top_k;
   row->top_p = draw.top_p;
   row->uniform = draw.uniform;
+}
+
+// True where runtime/device_cache.h offers the device cache over one rank's
+// KV heads: make_device_cache(const ModelConfig& local_config, ...). (A
+// template, so that the engine builds against device caches with or without
+// that overload.)
+template <typename Config>
+constexpr bool kHeadShardedDeviceCache = requires(const Config& local, const CacheOptions& options,
+                                                  cuda::Stream& stream, cuda::Blas& blas) {
+  make_device_cache(local, options, stream, blas);
+};
+
+// The device cache of this rank's KV heads: `local` is the model's config
+// with n_layers, n_heads and n_kv_heads of this rank's part (as
+// HeadShardedAttention builds it for the CPU cache).
+template <typename Config>
+std::unique_ptr<DeviceCache> make_head_sharded_cache(const Config& local,
+                                                     const CacheOptions& options,
+                                                     cuda::Stream& stream, cuda::Blas& blas) {
+  if constexpr (kHeadShardedDeviceCache<Config>) {
+    return make_device_cache(local, options, stream, blas);
+  } else {
+    static_cast<void>(local);
+    static_cast<void>(stream);
+    static_cast<void>(blas);
+    throw Error("tensor parallelism by KV head (cache mode " + options.mode +
+                ") on the CUDA backend needs a device cache over a rank's KV heads, not "
+                "available yet");
+  }
 }
 
 void check_device_type(const WeightMatrix& w, const char* what) {
@@ -163,6 +191,12 @@ struct CudaEngine::Impl {
   // Runs segments through embedding and layers into hidden_ (graph or not),
   // then the output head over the staged wanted rows into logits_.
   void run_step(const std::vector<Segment>& segments, const std::vector<int32_t>& wanted);
+  // The device cache's step around `enqueue` (the step's device work). Where
+  // enqueue throws, the step still ends and each segment's sequence keeps
+  // what it held before the step (up to the segment's start, which the step
+  // may have cut), so the engine stays usable; the error stands.
+  template <typename Enqueue>
+  void cache_step(const std::vector<Segment>& segments, Enqueue&& enqueue);
   // The output head of `rows` rows of `hidden` (device) into `logits` (device).
   void head_rows(const float* hidden, int32_t rows, float* logits);
   void all_reduce(float* data, size_t count);
@@ -200,6 +234,8 @@ struct CudaEngine::Impl {
   // Tensor parallelism by sequence: every head's Q over this rank's tokens,
   // the group's states merged, this rank's heads kept.
   bool sequence_sharded = false;
+  // Tensor parallelism by KV head: this rank's heads' Q, K, V, its own cache.
+  bool head_sharded = false;
   int64_t local_width = 0;  // this rank's heads * head_dim: the input of its Wo slice
 
   // Scratch: activations (rows, width) and the step's int32 inputs.
@@ -222,6 +258,7 @@ struct CudaEngine::Impl {
   cuda::PinnedMemory sample_host;
 
   bool graphs_enabled = true;
+  std::string graphs_refused;  // why the device refused a capture ("" if it never did)
   std::map<int32_t, std::unique_ptr<cuda::Graph>> graphs;  // decode rows -> captured step
   std::set<int32_t> decode_rows_seen;
   int64_t captures = 0, replays = 0;
@@ -250,21 +287,25 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
 
   // Tensor parallelism needs the attention split of runtime/attention_step.cpp
   // on the device: by KV head (a device cache over this rank's heads) or by
-  // sequence (partial states merged across the group). Neither has its
-  // device half yet, so a group of more than one is refused here, before
-  // anything is uploaded.
+  // sequence (partial states merged across the group). Where the device half
+  // of the split is missing, the group is refused here, before anything is
+  // uploaded.
   if (comm.size() > 1) {
     const bool by_head = shards_by_head(find_cache_mode(options.cache_mode), c, comm.size());
-    if (by_head)
-      throw Error("tensor parallelism by KV head (cache mode " + options.cache_mode +
-                  ") on the CUDA backend needs a device cache over a rank's KV heads, not "
-                  "available yet");
+    if (by_head) {
+      if (!kHeadShardedDeviceCache<ModelConfig>)
+        throw Error("tensor parallelism by KV head (cache mode " + options.cache_mode +
+                    ") on the CUDA backend needs a device cache over a rank's KV heads, not "
+                    "available yet");
+      head_sharded = true;
+    } else {
 #if defined(XQ_DEVICE_SHARD_MERGE)
-    sequence_sharded = true;
+      sequence_sharded = true;
 #else
-    throw Error("tensor parallelism with cache mode " + options.cache_mode +
-                " on the CUDA backend needs sequence sharding, not available yet");
+      throw Error("tensor parallelism with cache mode " + options.cache_mode +
+                  " on the CUDA backend needs sequence sharding, not available yet");
 #endif
+    }
   }
 
   // This rank's views of its layers; with a group of one, every head.
@@ -343,9 +384,11 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
   }
   stream.synchronize();  // the host copies above may be pageable: finish them here
 
+  // Q of this rank's heads and K, V of the KV heads they read (every head
+  // under sequence sharding; with a group of one, both are every head).
   local_width = shard.heads.count * c.head_dim;
   q_width = sequence_sharded ? c.q_dim() : local_width;
-  kv_width = c.kv_dim();
+  kv_width = sequence_sharded ? c.kv_dim() : shard.kv_heads.count * c.head_dim;
   ffn_width = shard.ffn.count;
   CacheOptions cache_options =
       device_cache_options(options, max_tokens, rope_host.data(), layer_range);
@@ -353,7 +396,15 @@ CudaEngine::Impl::Impl(const Model& m, const EngineOptions& options, Communicato
     cache_options.sequence_shards = comm.size();
     cache_options.sequence_shard = comm.rank();
   }
-  cache = make_device_cache(model, cache_options, stream, blas);
+  if (head_sharded) {
+    ModelConfig local = c;
+    local.n_layers = static_cast<int32_t>(layer_range.count);
+    local.n_heads = static_cast<int32_t>(shard.heads.count);
+    local.n_kv_heads = static_cast<int32_t>(shard.kv_heads.count);
+    cache = make_head_sharded_cache(local, cache_options, stream, blas);
+  } else {
+    cache = make_device_cache(model, cache_options, stream, blas);
+  }
 }
 
 void CudaEngine::Impl::check_segments(const std::vector<Segment>& segments, const char* what,
@@ -552,7 +603,9 @@ void CudaEngine::Impl::layer_loop(float* h, int32_t rows) {
     matmul(w.wq, normed, q);
     matmul(w.wk, normed, k);
     matmul(w.wv, normed, v);
-    cuda::rope(q, positions, n, shard.heads.count, c.head_dim, c.rope_dim, c.rope_layout, rope,
+    // Every head's Q under sequence sharding (q is (rows, n_heads, head_dim)
+    // there), this rank's heads otherwise.
+    cuda::rope(q, positions, n, q_width / c.head_dim, c.head_dim, c.rope_dim, c.rope_layout, rope,
                stream);
     if (sequence_sharded)
       sharded_attention(layer, rows);
@@ -577,6 +630,27 @@ void CudaEngine::Impl::head_rows(const float* h, int32_t rows, float* out) {
   cuda::matmul(output, head_normed, rows, out, workspace.data(), workspace_bytes, blas, stream);
 }
 
+template <typename Enqueue>
+void CudaEngine::Impl::cache_step(const std::vector<Segment>& segments, Enqueue&& enqueue) {
+  std::vector<int32_t> held;
+  held.reserve(segments.size());
+  for (const Segment& s : segments) held.push_back(std::min(s.pos0, cache->length(s.seq)));
+  cache->begin_step(step_rows(segments));
+  try {
+    enqueue();
+  } catch (...) {
+    try {
+      stream.synchronize();
+      cache->end_step();
+      for (size_t i = 0; i < segments.size(); ++i) cache->truncate(segments[i].seq, held[i]);
+    } catch (const std::exception&) {
+      // A device that fails again is broken; the first error says why.
+    }
+    throw;
+  }
+  cache->end_step();
+}
+
 void CudaEngine::Impl::run_step(const std::vector<Segment>& segments,
                                 const std::vector<int32_t>& wanted) {
   int32_t rows = 0;
@@ -587,39 +661,54 @@ void CudaEngine::Impl::run_step(const std::vector<Segment>& segments,
   }
   reserve(rows, static_cast<int32_t>(wanted.size()));
   stage_inputs(segments, wanted);
-  cache->begin_step(step_rows(segments));
   const bool graphable = graphs_enabled && decode && comm.size() == 1;
   auto enqueue_layers = [&] {
     embed_rows(rows, hidden);
     layer_loop(hidden, rows);
   };
-  auto found = graphs.find(rows);
-  if (graphable && found != graphs.end()) {
-    found->second->launch(stream);
-    ++replays;
-  } else if (graphable && decode_rows_seen.count(rows) != 0) {
-    auto graph = std::make_unique<cuda::Graph>();
-    graph->begin_capture(stream);
-    try {
-      enqueue_layers();
-    } catch (...) {
-      // End the capture so the stream is usable again; the error stands.
+  cache_step(segments, [&] {
+    auto found = graphs.find(rows);
+    if (graphable && found != graphs.end()) {
+      found->second->launch(stream);
+      ++replays;
+    } else if (graphable && decode_rows_seen.count(rows) != 0) {
+      // Nothing was enqueued by a capture the device refused (the stream is
+      // back to normal once the capture ends), so the step then runs kernel by
+      // kernel and the engine stays consistent: its cache's step is begun and
+      // ends below either way.
+      auto graph = std::make_unique<cuda::Graph>();
+      std::string refused;
       try {
+        graph->begin_capture(stream);
+        try {
+          enqueue_layers();
+        } catch (...) {
+          try {
+            graph->end_capture(stream);
+          } catch (const std::exception&) {
+          }
+          throw;
+        }
         graph->end_capture(stream);
-      } catch (const std::exception&) {
+      } catch (const std::exception& e) {
+        refused = e.what();
       }
-      throw;
+      if (refused.empty()) {
+        ++captures;
+        graph->launch(stream);
+        ++replays;
+        graphs[rows] = std::move(graph);
+      } else {
+        graphs_enabled = false;
+        graphs.clear();
+        graphs_refused = refused;
+        enqueue_layers();
+      }
+    } else {
+      if (graphable) decode_rows_seen.insert(rows);
+      enqueue_layers();
     }
-    graph->end_capture(stream);
-    ++captures;
-    graph->launch(stream);
-    ++replays;
-    graphs[rows] = std::move(graph);
-  } else {
-    if (graphable) decode_rows_seen.insert(rows);
-    enqueue_layers();
-  }
-  cache->end_step();
+  });
   if (wanted.empty()) return;
   // Only the rows whose logits someone reads go through the output head.
   const auto count = static_cast<int64_t>(wanted.size());
@@ -698,24 +787,12 @@ void CudaEngine::forward_batch(const std::vector<Segment>& segments, float* logi
 SampledToken CudaEngine::forward_sample(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0,
                                         Sampler& sampler) {
   if (n <= 0) throw Error("forward_sample: no tokens");
-  // The device picks from the sampler's own draw where Sampler hands it out,
-  // taken once the step has run, as Engine::forward_sample samples only after
-  // forward() succeeded. Otherwise the last row's logits come to the host and
-  // the Sampler picks there: TransformerEngine's choice from the same logits.
-  if constexpr (kSamplerHandsOutDraws<Sampler>) {
-    run_last_row(seq, tokens, n, pos0);
-    cuda::SamplingRow row;
-    device_sampling_row(sampler, &row);
-    return impl_->sample_last_row(row);
-  } else {
-    const int32_t vocab = model_.config().vocab_size;
-    std::vector<float> last_row(static_cast<size_t>(vocab));
-    forward(seq, tokens, n, pos0, last_row.data(), n - 1);
-    SampledToken chosen;
-    chosen.token = sampler.sample(last_row.data(), vocab);
-    chosen.margin = top2_margin(last_row.data(), vocab);
-    return chosen;
-  }
+  // The device picks from the sampler's own draw, taken once the step has
+  // run, as Engine::forward_sample samples only after forward() succeeded.
+  run_last_row(seq, tokens, n, pos0);
+  cuda::SamplingRow row;
+  device_sampling_row(sampler, &row);
+  return impl_->sample_last_row(row);
 }
 
 void CudaEngine::run_last_row(int32_t seq, const int32_t* tokens, int32_t n, int32_t pos0) {
@@ -770,6 +847,34 @@ SampledToken CudaEngine::Impl::sample_last_row(const cuda::SamplingRow& row) {
   return chosen;
 }
 
+void CudaEngine::check_batch(const std::vector<Segment>& segments) const {
+  impl_->check_segments(segments, "forward_batch", /*need_tokens=*/true);
+}
+
+cuda::Stream& CudaEngine::stream() {
+  return impl_->stream;
+}
+
+SampledToken CudaEngine::head_sample(const float* hidden_row, const cuda::SamplingRow& row) {
+  Impl& e = *impl_;
+  if (!e.holds_last) throw Error("head_sample: this engine does not hold the last layer");
+  cuda::set_device(e.selection.index);
+  e.reserve(0, 1);
+  e.head_rows(hidden_row, 1, e.logits);
+  return e.sample_last_row(row);
+}
+
+SampledToken CudaEngine::head_sample(const float* hidden_row, Sampler& sampler) {
+  Impl& e = *impl_;
+  if (!e.holds_last) throw Error("head_sample: this engine does not hold the last layer");
+  cuda::set_device(e.selection.index);
+  e.reserve(0, 1);
+  e.head_rows(hidden_row, 1, e.logits);
+  cuda::SamplingRow row;
+  device_sampling_row(sampler, &row);
+  return e.sample_last_row(row);
+}
+
 void CudaEngine::embed(const std::vector<Segment>& segments, float* hidden) {
   Impl& e = *impl_;
   if (!e.holds_first) throw Error("embed: this engine does not hold layer 0");
@@ -797,9 +902,7 @@ void CudaEngine::run_layers(const std::vector<Segment>& segments, float* hidden)
   cuda::set_device(e.selection.index);
   e.reserve(rows, 0);
   e.stage_inputs(segments, {});
-  e.cache->begin_step(e.step_rows(segments));
-  e.layer_loop(hidden, rows);
-  e.cache->end_step();
+  e.cache_step(segments, [&] { e.layer_loop(hidden, rows); });
   e.stream.synchronize();
 }
 
@@ -876,7 +979,9 @@ std::string CudaEngine::device_summary() const {
          std::to_string(e.compute_major) + std::to_string(e.compute_minor) + "), weights " +
          weights + " resident, " + std::to_string(e.captures) + " graph(s) captured, " +
          std::to_string(e.replays) + " step(s) replayed" +
-         (e.graphs_enabled ? "" : " (graphs off)");
+         (e.graphs_refused.empty()
+              ? (e.graphs_enabled ? "" : " (graphs off)")
+              : " (graphs off: the device refused a capture: " + e.graphs_refused + ")");
 }
 
 int64_t CudaEngine::graph_replays() const {
@@ -885,6 +990,10 @@ int64_t CudaEngine::graph_replays() const {
 
 int64_t CudaEngine::graph_captures() const {
   return impl_->captures;
+}
+
+bool CudaEngine::graphs_enabled() const {
+  return impl_->graphs_enabled;
 }
 
 void CudaEngine::set_graphs_enabled(bool enabled) {

@@ -63,6 +63,11 @@ class CudaEngine final : public Engine {
   int32_t blocks_for_tokens(int32_t tokens) const override;
   int32_t blocks_for_step(int32_t from, int32_t to) const override;
 
+  // TransformerEngine::check_batch: throws xq::Error (PoolExhausted where the
+  // pool lacks the step's blocks) with its messages, before anything is
+  // written; every segment needs its token ids.
+  void check_batch(const std::vector<Segment>& segments) const;
+
   // The pieces of forward_batch for a pipeline stage; hidden is device
   // memory (rows, dim). Each returns once its work has finished on the
   // device, so a communicator on another stream may send the result.
@@ -71,6 +76,20 @@ class CudaEngine final : public Engine {
   void run_layers(const std::vector<Segment>& segments, float* hidden);
   // logits (rows, vocab) on the device of the final norm and head of hidden rows.
   void head(const float* hidden, int32_t rows, float* logits);
+  // The final norm and head of one row of hidden (device memory), sampled on
+  // the device as `row` says: only the token id and the row's top-1 minus
+  // top-2 margin cross to the host.
+  SampledToken head_sample(const float* hidden_row, const cuda::SamplingRow& row);
+  // The same with `sampler`'s next draw (Sampler::next_draw: one for a
+  // sampled row, none for a greedy one), taken once the head is enqueued, as
+  // a host stage samples after its head: the token Sampler::sample would pick
+  // from these logits.
+  SampledToken head_sample(const float* hidden_row, Sampler& sampler);
+  // The stream all of this engine's device work is enqueued on, in order:
+  // buffers it hands out or reads are ready once work enqueued after its
+  // calls on this stream runs (NcclCommunicator::set_work_stream orders a
+  // collective after it the same way).
+  cuda::Stream& stream();
   Range layers() const { return layer_range_; }
   // The device's name and index, the bytes of weights uploaded and the
   // graphs captured so far (for the tools' summaries).
@@ -85,8 +104,10 @@ class CudaEngine final : public Engine {
   // Bytes of weights, norms and tables uploaded to the device.
   size_t weight_bytes() const;
   // Turns graph capture off (every step launched kernel by kernel), for tests
-  // that compare the two.
+  // that compare the two. A capture the device refuses turns graphs off too
+  // (that step runs kernel by kernel); device_summary() then says why.
   void set_graphs_enabled(bool enabled);
+  bool graphs_enabled() const;
 
  private:
   struct Impl;

@@ -27,10 +27,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -43,6 +48,7 @@
 #include "cache_mode_params.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cuda/device.h"
+#include "runtime/communicator.h"
 #include "runtime/cuda_engine.h"
 #include "runtime/sampler.h"
 #endif
@@ -460,6 +466,127 @@ TEST_P(CudaEngineVsCpu, PoolExhaustionLeavesLengths) {
   EXPECT_EQ(gpu->length(0), held);
 }
 
+// Sampling on the device takes the sampler's draws exactly as Sampler::sample
+// would: the same token from the same logits (the device's logits, computed
+// again by a second engine, are the same bits: see GraphsOnAndOffAgree), and
+// afterwards both generators stand at the same place. A draw taken for a
+// greedy row, or two for one sampled row, leaves them apart. The tokens may
+// differ only where two candidates' cumulative sums straddle the draw
+// differently in the last bit (cuda::sample's note), which these 24 steps
+// are not expected to meet; a mismatch names the step.
+TEST_P(CudaEngineVsCpu, DeviceSamplingDrawsAsTheSampler) {
+  const std::vector<int32_t> prompt = prompt_of(12, 10, vocab_);
+  const auto n = static_cast<int32_t>(prompt.size());
+  for (const float temperature : {0.0f, 0.8f}) {
+    SamplerOptions sampling;
+    sampling.temperature = temperature;
+    sampling.top_k = 40;
+    sampling.top_p = 0.9f;
+    sampling.seed = 1234;
+    Sampler on_device(sampling), on_host(sampling);
+    CUDA_ENGINE_OR_SKIP(sampled, *model_, options_);
+    CUDA_ENGINE_OR_SKIP(scored, *model_, options_);
+    std::vector<float> row(static_cast<size_t>(vocab_));
+    int32_t token = 0, pos = 0;
+    for (int32_t step = 0; step < 24; ++step) {
+      const int32_t* input = step == 0 ? prompt.data() : &token;
+      const int32_t count = step == 0 ? n : 1;
+      const SampledToken chosen = sampled->forward_sample(0, input, count, pos, on_device);
+      scored->forward(0, input, count, pos, row.data(), count - 1);
+      const int32_t expected = on_host.sample(row.data(), vocab_);
+      ASSERT_EQ(chosen.token, expected) << "temperature " << temperature << ", step " << step;
+      EXPECT_EQ(chosen.margin, top2_margin(row.data(), vocab_)) << "step " << step;
+      pos += count;
+      token = chosen.token;
+    }
+    EXPECT_EQ(on_device.draw_uniform(), on_host.draw_uniform())
+        << "temperature " << temperature << ": the samplers drew a different number of times";
+  }
+}
+
+// The pipeline stage's pieces (embed, run_layers, head, head_sample) on
+// device buffers give forward()'s bits: the same kernels on the same rows.
+TEST_P(CudaEngineVsCpu, StagePiecesMatchForward) {
+  const int32_t n = 20;
+  const std::vector<int32_t> prompt = prompt_of(n, 11, vocab_);
+  CUDA_ENGINE_OR_SKIP(whole, *model_, options_);
+  CUDA_ENGINE_OR_SKIP(pieces, *model_, options_);
+  std::vector<float> expected(static_cast<size_t>(n) * vocab_);
+  whole->forward(0, prompt.data(), n, 0, expected.data(), 0);
+
+  const int32_t dim = model_->config().dim;
+  cuda::DeviceMemory hidden(static_cast<size_t>(n) * dim * sizeof(float));
+  cuda::DeviceMemory logits(static_cast<size_t>(n) * vocab_ * sizeof(float));
+  Segment segment;
+  segment.seq = 0;
+  segment.tokens = prompt.data();
+  segment.n = n;
+  pieces->embed({segment}, hidden.as<float>());
+  pieces->run_layers({segment}, hidden.as<float>());
+  EXPECT_EQ(pieces->length(0), n);
+  pieces->head(hidden.as<float>(), n, logits.as<float>());
+  std::vector<float> got(expected.size());
+  cuda::copy_to_host(got.data(), logits.data(), got.size() * sizeof(float), pieces->stream());
+  pieces->stream().synchronize();
+  EXPECT_EQ(std::memcmp(got.data(), expected.data(), got.size() * sizeof(float)), 0);
+
+  // head_sample of the last row: forward_sample's token and margin.
+  Sampler greedy(SamplerOptions{});
+  const SampledToken from_head =
+      pieces->head_sample(hidden.as<float>() + static_cast<size_t>(n - 1) * dim, greedy);
+  const float* last = &expected[static_cast<size_t>(n - 1) * vocab_];
+  EXPECT_EQ(from_head.token, argmax(last, vocab_));
+  EXPECT_EQ(from_head.margin, top2_margin(last, vocab_));
+}
+
+// check_batch refuses what TransformerEngine::check_batch refuses, with its
+// words, and a refused step changes nothing.
+TEST_P(CudaEngineVsCpu, CheckBatchAsTheCpu) {
+  EngineOptions options = options_;
+  options.sequences = 2;
+  TransformerEngine cpu(*model_, options);
+  CUDA_ENGINE_OR_SKIP(gpu, *model_, options);
+  const std::vector<int32_t> prompt = prompt_of(8, 12, vocab_);
+  cpu.forward(0, prompt.data(), 8, 0, nullptr, 0);
+  gpu->forward(0, prompt.data(), 8, 0, nullptr, 0);
+  auto segment = [&](int32_t seq, int32_t pos0, const int32_t* tokens, int32_t n) {
+    Segment s;
+    s.seq = seq;
+    s.pos0 = pos0;
+    s.tokens = tokens;
+    s.n = n;
+    return s;
+  };
+  const int32_t outside = vocab_;
+  const std::vector<std::vector<Segment>> refused = {
+      {segment(2, 0, prompt.data(), 1)},                                   // no such slot
+      {segment(0, 8, prompt.data(), 1), segment(0, 9, prompt.data(), 1)},  // twice
+      {segment(1, 0, prompt.data(), 0)},                                   // no tokens
+      {segment(1, 3, prompt.data(), 1)},                                   // a gap
+      {segment(1, 0, nullptr, 1)},                                         // no token ids
+      {segment(1, 0, &outside, 1)},                                        // outside the vocabulary
+      {segment(0, 8, prompt.data(), kMaxTokens)},                          // past the context
+  };
+  for (size_t i = 0; i < refused.size(); ++i) {
+    std::string cpu_says, gpu_says;
+    try {
+      cpu.check_batch(refused[i]);
+    } catch (const Error& e) {
+      cpu_says = e.what();
+    }
+    try {
+      gpu->check_batch(refused[i]);
+    } catch (const Error& e) {
+      gpu_says = e.what();
+    }
+    EXPECT_FALSE(cpu_says.empty()) << "case " << i;
+    EXPECT_EQ(gpu_says, cpu_says) << "case " << i;
+  }
+  EXPECT_NO_THROW(gpu->check_batch({segment(0, 8, prompt.data(), 1)}));
+  EXPECT_EQ(gpu->length(0), 8);
+  EXPECT_EQ(gpu->length(1), 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, CudaEngineVsCpu,
                          ::testing::Combine(::testing::Values("stories260K", "SmolLM2"),
                                             ::testing::ValuesIn(testing::table_mode_names())),
@@ -469,6 +596,174 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaEngineVsCpu,
                            for (char& c : name)
                              if (c == '-') c = '_';
                            return name;
+                         });
+
+// ---------------------------------------------------------------------------
+// Tensor parallelism on the device: two ranks in one process, each a thread
+// with its own CudaEngine on device 0, over a communicator that combines
+// device buffers through the host in rank order (what NcclCommunicator
+// computes, without NCCL: every member ends with the same bits).
+
+class PairHub {
+ public:
+  // Waits for both members; throws after a minute (a member that failed).
+  void barrier() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++arrived_ == 2) {
+      arrived_ = 0;
+      ++generation_;
+      changed_.notify_all();
+      return;
+    }
+    if (!changed_.wait_for(lock, std::chrono::minutes(1),
+                           [&] { return generation_ != generation; }))
+      throw Error("test pair: the other member did not arrive");
+  }
+  std::vector<float>& slot(int rank) { return slots_[static_cast<size_t>(rank)]; }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  int arrived_ = 0;
+  int64_t generation_ = 0;
+  std::vector<float> slots_[2];
+};
+
+class DevicePairCommunicator final : public Communicator {
+ public:
+  DevicePairCommunicator(PairHub& hub, int rank) : hub_(hub), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return 2; }
+  int world_rank(int member) const override { return member; }
+  const std::string& name() const override { return name_; }
+  void all_reduce_sum(float* data, size_t count) override {
+    publish(data, count);
+    std::vector<float> sum(hub_.slot(0));
+    for (size_t i = 0; i < count; ++i) sum[i] += hub_.slot(1)[i];
+    hub_.barrier();  // both have read the slots
+    deliver(sum, data);
+  }
+  void all_gather(const float* in, size_t count, float* out) override {
+    publish(in, count);
+    std::vector<float> all(hub_.slot(0));
+    all.insert(all.end(), hub_.slot(1).begin(), hub_.slot(1).end());
+    hub_.barrier();
+    deliver(all, out);
+  }
+  void reduce_scatter_sum(const float*, size_t, float*) override { unused("reduce_scatter_sum"); }
+  void broadcast(void*, size_t, int) override { unused("broadcast"); }
+  void send(const void*, size_t, int) override { unused("send"); }
+  void recv(void*, size_t, int) override { unused("recv"); }
+  void barrier() override { hub_.barrier(); }
+  uint64_t bytes_sent() const override { return 0; }
+
+ private:
+  // The engine has finished writing `data` (it waits for its stream first).
+  void publish(const float* data, size_t count) {
+    std::vector<float>& mine = hub_.slot(rank_);
+    mine.resize(count);
+    cuda::copy_to_host(mine.data(), data, count * sizeof(float), stream_);
+    stream_.synchronize();
+    hub_.barrier();  // both slots written
+  }
+  void deliver(const std::vector<float>& host, float* data) {
+    cuda::copy_to_device(data, host.data(), host.size() * sizeof(float), stream_);
+    stream_.synchronize();
+  }
+  [[noreturn]] static void unused(const char* op) {
+    throw Error(std::string("test pair: ") + op + " is not used by the engine");
+  }
+
+  PairHub& hub_;
+  int rank_;
+  std::string name_ = "test pair";
+  cuda::Stream stream_;
+};
+
+class CudaEngineTensorParallel : public ::testing::TestWithParam<std::string> {};
+
+// A prompt of 20 rows (the fp16 GEMM path) and 4 greedy decode steps at tp 2
+// against the CPU's single-process engine: within the file's bound (the same
+// noise sources; the all-reduce only reorders a sum), both ranks the same
+// bits. stories260K splits its 4 KV heads by head; SmolLM2's 3 do not split
+// over 2, so its cache is sharded by sequence (attention states merged on
+// the device).
+TEST_P(CudaEngineTensorParallel, TwoRanksMatchTheCpu) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::string path = model_file(GetParam());
+  if (!testing::file_exists(path)) GTEST_SKIP() << path << " absent";
+  auto model = Model::load(path);
+  const int32_t vocab = model->config().vocab_size;
+  EngineOptions options;
+  options.max_tokens = kMaxTokens;
+  const int32_t n = 20, steps = 4;
+  const std::vector<int32_t> prompt = prompt_of(n, 13, vocab);
+
+  // The CPU's tokens and logits: prompt, then greedy steps.
+  TransformerEngine cpu(*model, options);
+  std::vector<std::vector<float>> cpu_rows;
+  std::vector<int32_t> tokens;
+  std::vector<float> row(static_cast<size_t>(vocab));
+  cpu.forward(0, prompt.data(), n, 0, row.data(), n - 1);
+  for (int32_t s = 0; s <= steps; ++s) {
+    cpu_rows.push_back(row);
+    tokens.push_back(argmax(row.data(), vocab));
+    if (s < steps) cpu.forward(0, &tokens.back(), 1, n + s, row.data(), 0);
+  }
+  std::vector<int32_t> visited = prompt;
+  visited.insert(visited.end(), tokens.begin(), tokens.end() - 1);
+  const float bound = logit_bound(*model, options, visited);
+
+  // Each rank is fed the CPU's tokens, so its rows stay comparable.
+  PairHub hub;
+  std::vector<std::vector<std::vector<float>>> rank_rows(2);
+  std::string refused;
+  std::exception_ptr failures[2];
+  auto run_rank = [&](int rank) {
+    try {
+      cuda::set_device(0);
+      DevicePairCommunicator comm(hub, rank);
+      std::unique_ptr<CudaEngine> engine;
+      try {
+        engine = std::make_unique<CudaEngine>(*model, options, comm, Range{}, 0);
+      } catch (const Error& e) {
+        if (std::string(e.what()).find("not available") == std::string::npos) throw;
+        if (rank == 0) refused = e.what();
+        return;  // both ranks refuse alike, before any collective
+      }
+      std::vector<float> logits(static_cast<size_t>(vocab));
+      engine->forward(0, prompt.data(), n, 0, logits.data(), n - 1);
+      for (int32_t s = 0; s <= steps; ++s) {
+        rank_rows[static_cast<size_t>(rank)].push_back(logits);
+        if (s < steps)
+          engine->forward(0, &tokens[static_cast<size_t>(s)], 1, n + s, logits.data(), 0);
+      }
+      EXPECT_EQ(engine->graph_captures(), 0) << "a group of two never captures";
+    } catch (...) {
+      failures[rank] = std::current_exception();
+    }
+  };
+  std::thread other(run_rank, 1);
+  run_rank(0);
+  other.join();
+  for (const std::exception_ptr& failure : failures)
+    if (failure) std::rethrow_exception(failure);
+  if (!refused.empty()) GTEST_SKIP() << "tp 2 not on the device: " << refused;
+
+  ASSERT_EQ(rank_rows[0].size(), cpu_rows.size());
+  ASSERT_EQ(rank_rows[1].size(), cpu_rows.size());
+  for (size_t s = 0; s < cpu_rows.size(); ++s) {
+    EXPECT_LE(max_abs_diff(rank_rows[0][s], cpu_rows[s]), bound) << "step " << s;
+    EXPECT_EQ(std::memcmp(rank_rows[0][s].data(), rank_rows[1][s].data(), vocab * sizeof(float)), 0)
+        << "step " << s << ": the ranks' logits differ";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, CudaEngineTensorParallel,
+                         ::testing::Values("stories260K", "SmolLM2"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
                          });
 
 #endif  // XQ_HAVE_CUDA
