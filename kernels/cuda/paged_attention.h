@@ -212,6 +212,13 @@ void xquant_latent_attention(const PagedArena& pool, const PagedWindow& window,
                              const float* q, const float* cos_sin, const ShardSpec& shard,
                              const SplitPlan& plan, float* scratch, const AttentionTarget& target,
                              Stream& stream);
+// The argument checks of xquant_latent_attention alone (no device needed):
+// throws std::invalid_argument naming the first problem. The shared-memory
+// fit (B_g stays resident) is checked at launch, against the current device.
+void xquant_latent_check(const PagedWindow& window, const XQuantLatentLayer& layer,
+                         const AttentionShape& shape, int32_t n_rows, const ShardSpec& shard,
+                         const SplitPlan& plan, const float* scratch,
+                         const AttentionTarget& target);
 
 // ---------------------------------------------------------------------------
 // The quantized caches' own kernels (kernels/cuda/paged_quant.cu): the encode

@@ -1,0 +1,585 @@
+// The fused XQuant decode kernel (kernels/cuda/paged_attention.h,
+// xquant_latent_attention): attention over the latent layout of the xquant
+// modes on GQA models, straight from the packed latents in the pool's blocks.
+// Nothing the size of K or V is ever materialized: per 64-token tile the K
+// latent of one KV head is dequantized into shared memory, K is rebuilt from
+// it with tensor cores, rotated and scored, and the attention weights mix the
+// dequantized V-latent rows (kv wide), which are projected to V once per
+// query head at the end. Design, shared-memory budget and the bytes and FLOPs
+// per token: kernels/cuda/xquant_decode.md.
+//
+// It computes what QuantizedCache::attend_blocks computes on the CPU
+// (runtime/cache_quantized.cpp), with one deliberate difference: the rebuild
+// K = latent · Bᵀ multiplies fp16 operands (the dequantized latent rounded to
+// fp16, B stored in fp16) with fp32 accumulation, where the CPU multiplies in
+// fp32. Everything else (dequantization, RoPE, scores, online softmax, the
+// V-latent mix, the projection through rebuild_v) is fp32 like the CPU's.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <string>
+
+#include "kernels/attention_state.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/paged_attention.h"
+#include "kernels/cuda/paged_common.cuh"
+#include "kernels/group_quant.h"
+
+namespace xq::cuda::paged {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kThreads = 128;  // four warps
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kPoolTokens = 128;  // tokens per pool block and per quantization group
+constexpr int kSubTile = 64;      // tokens rebuilt, rotated and scored at once
+constexpr int kChunk = 64;        // latent channels staged per MMA pass
+constexpr int kMma = 16;          // WMMA tile edge (16x16x16, fp16 in, fp32 out)
+constexpr int kHalfPad = 8;       // fp16 row padding: WMMA wants ldm % 8, and it spreads banks
+constexpr int kFloatPad = 4;      // fp32 row padding: WMMA wants ldm % 4; float4 rows stay aligned
+constexpr int kMergeThreads = 128;
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kSharedAlign = 128;
+
+// Where each array of the decode kernel lives in its dynamic shared memory.
+// Host and device compute it from the same shape, so they agree on the size.
+struct SharedLayout {
+  int32_t b_stride = 0;       // halves per row of the rebuild matrix tile
+  int32_t latent_stride = 0;  // halves per row of the staged latent chunk
+  int32_t key_stride = 0;     // floats per row of the rebuilt keys
+  size_t rebuild = 0, latent = 0, keys = 0, queries = 0, acc = 0, probs = 0, stats = 0;
+  size_t bytes = 0;
+};
+
+__host__ __device__ inline size_t align_shared(size_t bytes) {
+  return (bytes + kSharedAlign - 1) / kSharedAlign * kSharedAlign;
+}
+
+// k_width: channels of the K latent one head's keys are rebuilt from (head_dim
+// per head, kv for the dense joint latent).
+__host__ __device__ inline SharedLayout shared_layout(int32_t head_dim, int32_t k_width,
+                                                      int32_t group, int32_t kv) {
+  SharedLayout s;
+  s.b_stride = k_width + kHalfPad;
+  s.latent_stride = kChunk + kHalfPad;
+  s.key_stride = head_dim + kFloatPad;
+  size_t at = 0;
+  s.rebuild = at;  // (head_dim, k_width) fp16: B_g, resident for the whole CTA
+  at = align_shared(at + static_cast<size_t>(head_dim) * s.b_stride * 2);
+  s.latent = at;  // (kSubTile, kChunk) fp16: one chunk of the dequantized K latent
+  at = align_shared(at + static_cast<size_t>(kSubTile) * s.latent_stride * 2);
+  s.keys = at;  // (kSubTile, head_dim) fp32: rebuilt keys, then rotated
+  at = align_shared(at + static_cast<size_t>(kSubTile) * s.key_stride * 4);
+  s.queries = at;  // (group, head_dim) fp32
+  at = align_shared(at + static_cast<size_t>(group) * head_dim * 4);
+  s.acc = at;  // (group, kv) fp32: the V-latent accumulators
+  at = align_shared(at + static_cast<size_t>(group) * kv * 4);
+  s.probs = at;  // (group, kSubTile) fp32: scores, then probabilities
+  at = align_shared(at + static_cast<size_t>(group) * kSubTile * 4);
+  s.stats = at;  // max, sum, rescale: (group) fp32 each
+  at = align_shared(at + static_cast<size_t>(3) * group * 4);
+  s.bytes = at;
+  return s;
+}
+
+// SequenceShard::position on the device: the global position of local slot `local`.
+__device__ inline int32_t position_of(const ShardSpec& shard, int32_t local) {
+  return local / shard.unit * shard.unit * shard.shards + shard.index * shard.unit +
+         local % shard.unit;
+}
+
+// Code `index` of an LSB-first stream of `bits`-bit codes (kernels/cpu/group_quant.h):
+// bits [index * bits, index * bits + bits), bit k in bit k % 8 of byte k / 8.
+// Reads the second byte only where the code reaches into it.
+__device__ inline int read_code(const uint8_t* stream, int64_t bit, int bits) {
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  unsigned int word = __ldg(stream + byte);
+  if (shift + bits > 8) word |= static_cast<unsigned int>(__ldg(stream + byte + 1)) << 8;
+  return static_cast<int>((word >> shift) & ((1u << bits) - 1u));
+}
+
+// A GroupParams (fp16 scale, fp16 zero; little-endian) as the grid it stores.
+__device__ inline GroupGrid read_grid(const uint32_t* params) {
+  const uint32_t word = __ldg(params);
+  GroupGrid grid;
+  grid.scale = __half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu)));
+  grid.zero = __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16)));
+  return grid;
+}
+
+struct LatentArgs {
+  PagedArena pool;
+  PagedWindow window;
+  PagedLengths lengths;
+  XQuantLatentLayer layer;
+  AttentionShape shape;
+  const StepRow* rows;
+  const float* q;
+  const float* cos_sin;
+  ShardSpec shard;
+  SplitPlan plan;
+  float scale;
+  float* split_states;  // (rows * heads, splits, 2 + kv) when plan.splits > 1
+  AttentionTarget target;
+};
+
+// Tiling: a CTA (4 warps) per (query row, KV head g, split). It keeps B_g (the
+// head's rows of rebuild_k, fp16) in shared memory for its whole life and walks
+// the split's tokens in 64-token tiles (two per pool block). Per tile:
+//   1. the K latent channels head g is rebuilt from are staged in chunks of
+//      64 channels as fp16 (thread per (token, channel), consecutive threads
+//      on consecutive channels of a token: the codes of one token are
+//      contiguous bytes): decoded from the block's per-channel codes, or read
+//      from the fp16 window for the partial group, and the outlier channel
+//      put back where it is kept;
+//   2. warp w computes 16x16 tiles w, w + 4, ... of K (64 x head_dim) with
+//      WMMA 16x16x16 (fp16 in, fp32 accumulate), carrying the accumulator
+//      through shared memory from one chunk to the next;
+//   3. thread per (token, pair) rotates the keys at their global positions;
+//   4. thread per (query head, token) scores q·k (float4 rows: no bank
+//      conflicts), warp per query head folds the tile into that head's online
+//      softmax (attention_state::absorb_block);
+//   5. thread per latent channel c rescales the group's accumulators of c and
+//      adds Σ_t p[h][t] · vlatent[t][c], decoding the per-token V codes from
+//      global memory (a warp reads one token's contiguous code bytes).
+// At the end the kv-wide state goes to the split's scratch record, or, with a
+// single split, is projected through rebuild_v (warp per output channel) into
+// the target.
+__global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
+  extern __shared__ __align__(128) unsigned char shared[];
+  const int32_t hd = a.shape.head_dim, heads = a.shape.heads, kv_heads = a.shape.kv_heads;
+  const int32_t group = heads / kv_heads, kv = kv_heads * hd;
+  const bool per_head = a.layer.per_head_k;
+  const int32_t k_width = per_head ? hd : kv;
+  const SharedLayout s = shared_layout(hd, k_width, group, kv);
+  __half* b_s = reinterpret_cast<__half*>(shared + s.rebuild);
+  __half* latent_s = reinterpret_cast<__half*>(shared + s.latent);
+  float* key_s = reinterpret_cast<float*>(shared + s.keys);
+  float* q_s = reinterpret_cast<float*>(shared + s.queries);
+  float* acc_s = reinterpret_cast<float*>(shared + s.acc);
+  float* prob_s = reinterpret_cast<float*>(shared + s.probs);
+  float* max_s = reinterpret_cast<float*>(shared + s.stats);
+  float* sum_s = max_s + group;
+  float* rescale_s = sum_s + group;
+
+  const int32_t row = blockIdx.x, split = blockIdx.y, g = blockIdx.z;
+  const int32_t tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
+  const StepRow r = a.rows[row];
+  const int32_t visible = owned_before(a.shard, r.pos + 1);
+  const int32_t begin = split * a.plan.tokens_per_split;
+  const bool direct = a.plan.splits == 1;
+  // Splits past the row's context exit (the merge does not read them); a
+  // single split always writes, the empty state where it sees nothing.
+  if (begin >= visible && !direct) return;
+  const int32_t end = min(visible, begin + a.plan.tokens_per_split);
+
+  const __half* b_global = reinterpret_cast<const __half*>(a.layer.rebuild_k_fp16) +
+                           static_cast<int64_t>(g) * hd * k_width;
+  for (int32_t i = tid; i < hd * k_width; i += kThreads)
+    b_s[(i / k_width) * s.b_stride + i % k_width] = b_global[i];
+  for (int32_t i = tid; i < group * hd; i += kThreads)
+    q_s[i] = a.q[static_cast<int64_t>(row) * heads * hd + static_cast<int64_t>(g) * group * hd + i];
+  for (int32_t i = tid; i < group * kv; i += kThreads) acc_s[i] = 0.0f;
+  if (tid < group) {
+    max_s[tid] = -INFINITY;
+    sum_s[tid] = 0.0f;
+  }
+
+  const PagedStream& ks = a.layer.k_latent;
+  const PagedStream& vs = a.layer.v_latent;
+  const int32_t* table = a.pool.tables + static_cast<int64_t>(r.seq) * a.pool.table_stride;
+  const int32_t* pages = a.window.window + static_cast<int64_t>(r.seq) * a.window.window_stride;
+  // Groups below `flushed` hold codes; the slots from flushed * 128 on are in the window.
+  const int32_t flushed = a.lengths.stored[r.seq] / kPoolTokens;
+  const int32_t channel_base = per_head ? g * hd : 0;
+  const int32_t pairs = a.shape.rope_dim / 2;
+  const int32_t n_tiles = hd / kMma;
+  const int32_t v_group_bits = 16 * vs.bits * 8;  // a full 128-channel group of a V row
+
+  for (int32_t t0 = begin; t0 < end; t0 += kSubTile) {
+    const int32_t count = min(kSubTile, end - t0);
+    const int32_t block_index = t0 / kPoolTokens, first = t0 % kPoolTokens;
+    const uint8_t* block =
+        a.pool.arena + static_cast<size_t>(table[block_index]) * a.pool.block_bytes;
+    const bool quantized = block_index < flushed;
+    const uint8_t* k_codes = block + ks.group_offset;
+    const uint32_t* k_params =
+        reinterpret_cast<const uint32_t*>(block + ks.group_offset + ks.group_code_bytes);
+    const uint16_t* outliers = reinterpret_cast<const uint16_t*>(block + a.layer.outlier_offset);
+
+    // 1 + 2: K (count x hd) = latent · B_gᵀ, a chunk of latent channels at a time.
+    for (int32_t c0 = 0; c0 < k_width; c0 += kChunk) {
+      const int32_t width = min(kChunk, k_width - c0);
+      // The previous tile's scores are read and the previous chunk's MMAs are done.
+      __syncthreads();
+      for (int32_t i = tid; i < kSubTile * width; i += kThreads) {
+        const int32_t t = i / width, c = i % width;
+        __half value = __float2half_rn(0.0f);
+        if (t < count) {
+          const int32_t o = first + t, channel = channel_base + c0 + c;
+          if (a.layer.keep_outlier && channel % hd == 0 &&
+              channel / hd < a.layer.outliers_per_token) {
+            // The quantized stream (or the window) holds 0 here.
+            value = __ushort_as_half(outliers[o * a.layer.outliers_per_token + channel / hd]);
+          } else if (quantized) {
+            const int code =
+                read_code(k_codes, (static_cast<int64_t>(o) * kv + channel) * ks.bits, ks.bits);
+            value = __float2half_rn(group_decode(code, read_grid(k_params + channel)));
+          } else {
+            const int32_t page = pages[o / a.window.window_tokens];
+            const uint16_t* window_row =
+                reinterpret_cast<const uint16_t*>(a.pool.arena +
+                                                  static_cast<size_t>(page) * a.pool.block_bytes +
+                                                  ks.window_offset) +
+                static_cast<int64_t>(o % a.window.window_tokens) * kv;
+            value = __ushort_as_half(window_row[channel]);
+          }
+        }
+        latent_s[t * s.latent_stride + c] = value;
+      }
+      __syncthreads();
+      for (int32_t tile = warp; tile < (kSubTile / kMma) * n_tiles; tile += kWarps) {
+        const int32_t tm = tile / n_tiles, tn = tile % n_tiles;
+        if (tm * kMma >= count) continue;  // rows past the tile's tokens are never read
+        float* key_tile = key_s + tm * kMma * s.key_stride + tn * kMma;
+        wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+        if (c0 == 0) {
+          wmma::fill_fragment(acc, 0.0f);
+        } else {
+          wmma::load_matrix_sync(acc, key_tile, s.key_stride, wmma::mem_row_major);
+        }
+        for (int32_t k = 0; k < width; k += kMma) {
+          wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, __half, wmma::row_major> lhs;
+          wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, __half, wmma::col_major> rhs;
+          wmma::load_matrix_sync(lhs, latent_s + tm * kMma * s.latent_stride + k, s.latent_stride);
+          // B_g row j (output channel) is column j of the (k_width x hd) operand.
+          wmma::load_matrix_sync(rhs, b_s + tn * kMma * s.b_stride + c0 + k, s.b_stride);
+          wmma::mma_sync(acc, lhs, rhs, acc);
+        }
+        wmma::store_matrix_sync(key_tile, acc, s.key_stride, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+
+    // 3: RoPE at each token's global position (cpu::rope's pairs and table).
+    for (int32_t i = tid; i < count * pairs; i += kThreads) {
+      const int32_t t = i / pairs, p = i % pairs;
+      const float* angle =
+          a.cos_sin + (static_cast<int64_t>(position_of(a.shard, t0 + t)) * pairs + p) * 2;
+      const float cos_angle = angle[0], sin_angle = angle[1];
+      float* key = key_s + t * s.key_stride;
+      const int32_t ia = a.shape.rope_layout == RopeLayout::kInterleaved ? 2 * p : p;
+      const int32_t ib = a.shape.rope_layout == RopeLayout::kInterleaved ? 2 * p + 1 : p + pairs;
+      const float ka = key[ia], kb = key[ib];
+      key[ia] = fmaf(ka, cos_angle, -kb * sin_angle);
+      key[ib] = fmaf(kb, cos_angle, ka * sin_angle);
+    }
+    __syncthreads();
+
+    // 4: scores, then the online softmax of each query head.
+    for (int32_t i = tid; i < group * kSubTile; i += kThreads) {
+      const int32_t h = i / kSubTile, t = i % kSubTile;
+      float score = -INFINITY;
+      if (t < count) {
+        const float4* qh = reinterpret_cast<const float4*>(q_s + h * hd);
+        const float4* key = reinterpret_cast<const float4*>(key_s + t * s.key_stride);
+        float dot = 0.0f;
+        for (int32_t w = 0; w < hd / 4; ++w) {
+          const float4 x = qh[w], y = key[w];
+          dot += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+        }
+        score = dot * a.scale;
+      }
+      prob_s[i] = score;
+    }
+    __syncthreads();
+    for (int32_t h = warp; h < group; h += kWarps) {
+      float* head_scores = prob_s + h * kSubTile;
+      float block_max = -INFINITY;
+      for (int32_t t = lane; t < count; t += kWarpSize)
+        block_max = attention_state::larger(block_max, head_scores[t]);
+      block_max = warp_max(block_max);
+      const float old_max = max_s[h];
+      const float new_max = attention_state::larger(old_max, block_max);
+      const float rescale = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
+      float block_sum = 0.0f;
+      for (int32_t t = lane; t < count; t += kWarpSize) {
+        const float p = expf(head_scores[t] - new_max);
+        head_scores[t] = p;
+        block_sum += p;
+      }
+      block_sum = warp_sum(block_sum);
+      __syncwarp();  // every lane has read max_s[h] before lane 0 replaces it
+      if (lane == 0) {
+        sum_s[h] = sum_s[h] * rescale + block_sum;
+        max_s[h] = new_max;
+        rescale_s[h] = rescale;
+      }
+    }
+    __syncthreads();
+
+    // 5: the V-latent mix: every query head of the group mixes whole rows.
+    const uint8_t* v_codes = block + vs.group_offset;
+    const uint32_t* v_params =
+        reinterpret_cast<const uint32_t*>(block + vs.group_offset + vs.group_code_bytes);
+    for (int32_t c = tid; c < kv; c += kThreads) {
+      float acc[kMaxGroup];
+#pragma unroll
+      for (int32_t h = 0; h < kMaxGroup; ++h)
+        acc[h] = h < group ? acc_s[h * kv + c] * rescale_s[h] : 0.0f;
+      // Groups of 128 channels along the row, each starting on a byte.
+      const int64_t bit_in_row = static_cast<int64_t>(c / kPoolTokens) * v_group_bits +
+                                 static_cast<int64_t>(c % kPoolTokens) * vs.bits;
+      for (int32_t t = 0; t < count; ++t) {
+        const int32_t o = first + t;
+        const int code =
+            read_code(v_codes + static_cast<int64_t>(o) * vs.row_code_bytes, bit_in_row, vs.bits);
+        const float value = group_decode(
+            code, read_grid(v_params + static_cast<int64_t>(o) * vs.row_groups + c / kPoolTokens));
+#pragma unroll
+        for (int32_t h = 0; h < kMaxGroup; ++h)
+          if (h < group) acc[h] += prob_s[h * kSubTile + t] * value;
+      }
+#pragma unroll
+      for (int32_t h = 0; h < kMaxGroup; ++h)
+        if (h < group) acc_s[h * kv + c] = acc[h];
+    }
+  }
+  __syncthreads();
+
+  const int64_t first_state = static_cast<int64_t>(row) * heads + static_cast<int64_t>(g) * group;
+  if (!direct) {
+    for (int32_t i = tid; i < group * kv; i += kThreads) {
+      const int32_t h = i / kv, c = i % kv;
+      a.split_states[((first_state + h) * a.plan.splits + split) * (kv + 2) + 2 + c] = acc_s[i];
+    }
+    if (tid < group) {
+      float* record = a.split_states + ((first_state + tid) * a.plan.splits + split) * (kv + 2);
+      record[0] = max_s[tid];
+      record[1] = sum_s[tid];
+    }
+    return;
+  }
+  // One split: project each head's kv-wide accumulator through its KV head's
+  // hd rows of rebuild_v (warp per output channel, lanes along the row).
+  for (int32_t item = warp; item < group * hd; item += kWarps) {
+    const int32_t h = item / hd, j = item % hd;
+    const float* matrix_row = a.layer.rebuild_v + (static_cast<int64_t>(g) * hd + j) * kv;
+    float dot = 0.0f;
+    for (int32_t c = lane; c < kv; c += kWarpSize) dot += acc_s[h * kv + c] * matrix_row[c];
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      const int64_t at = (first_state + h) * hd + j;
+      if (a.target.out != nullptr) {
+        attention_state::normalize_row(sum_s[h], &dot, 1, a.target.out + at);
+      } else {
+        a.target.state_acc[at] = dot;
+      }
+    }
+  }
+  if (tid < group && a.target.out == nullptr) {
+    a.target.state_max[first_state + tid] = max_s[tid];
+    a.target.state_sum[first_state + tid] = sum_s[tid];
+  }
+}
+
+// A CTA per (query row, head): thread c merges latent channel c of the row's
+// used splits in split order (attention_state::merge_row; every thread also
+// merges the max and sum alone, the same arithmetic), the merged kv-wide row
+// sits in shared memory, and warp w projects output channels w, w + 4, ...
+// through the KV head's rows of rebuild_v into the target.
+__global__ void __launch_bounds__(kMergeThreads)
+    xquant_merge_kernel(const StepRow* rows, ShardSpec shard, SplitPlan plan, AttentionShape shape,
+                        const float* rebuild_v, const float* split_states, AttentionTarget target) {
+  extern __shared__ float merged[];  // (kv)
+  const int32_t hd = shape.head_dim, heads = shape.heads;
+  const int32_t group = heads / shape.kv_heads, kv = shape.kv_heads * hd;
+  const int64_t state_row = blockIdx.x;
+  const int32_t g = static_cast<int32_t>(state_row % heads) / group;
+  const int32_t visible = owned_before(shard, rows[state_row / heads].pos + 1);
+  const int32_t used =
+      min(plan.splits, (visible + plan.tokens_per_split - 1) / plan.tokens_per_split);
+  const float* records = split_states + state_row * plan.splits * (kv + 2);
+  float max = -INFINITY, sum = 0.0f;
+  for (int32_t s = 0; s < used; ++s) {
+    const float* record = records + static_cast<int64_t>(s) * (kv + 2);
+    attention_state::merge_row(max, sum, nullptr, record[0], record[1], nullptr, 0);
+  }
+  for (int32_t c = threadIdx.x; c < kv; c += blockDim.x) {
+    float channel_max = -INFINITY, channel_sum = 0.0f, acc = 0.0f;
+    for (int32_t s = 0; s < used; ++s) {
+      const float* record = records + static_cast<int64_t>(s) * (kv + 2);
+      attention_state::merge_row(channel_max, channel_sum, &acc, record[0], record[1],
+                                 record + 2 + c, 1);
+    }
+    merged[c] = acc;
+  }
+  __syncthreads();
+  const int32_t warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int32_t warps = blockDim.x / kWarpSize;
+  for (int32_t j = warp; j < hd; j += warps) {
+    const float* matrix_row = rebuild_v + (static_cast<int64_t>(g) * hd + j) * kv;
+    float dot = 0.0f;
+    for (int32_t c = lane; c < kv; c += kWarpSize) dot += merged[c] * matrix_row[c];
+    dot = warp_sum(dot);
+    if (lane == 0) {
+      if (target.out != nullptr) {
+        attention_state::normalize_row(sum, &dot, 1, target.out + state_row * hd + j);
+      } else {
+        target.state_acc[state_row * hd + j] = dot;
+      }
+    }
+  }
+  if (threadIdx.x == 0 && target.out == nullptr) {
+    target.state_max[state_row] = max;
+    target.state_sum[state_row] = sum;
+  }
+}
+
+size_t packed_bytes(int bits, int64_t count) {
+  return static_cast<size_t>((bits * count + 7) / 8);
+}
+
+// Dynamic shared memory of the decode kernel for this shape.
+size_t decode_shared_bytes(const AttentionShape& shape, bool per_head_k) {
+  const int32_t kv = shape.kv_heads * shape.head_dim;
+  return shared_layout(shape.head_dim, per_head_k ? shape.head_dim : kv,
+                       shape.heads / shape.kv_heads, kv)
+      .bytes;
+}
+
+// Opts the decode kernel in to `bytes` of dynamic shared memory on the current
+// device where that exceeds the default 48 KiB. The attribute is set once per
+// device and size (remembered here), so a launch inside a CUDA graph capture
+// that follows an uncaptured one of the same shape makes no runtime call
+// besides the device query.
+void opt_in_shared(size_t bytes) {
+  int device = 0, available = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&available, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  require(bytes <= static_cast<size_t>(available),
+          "xquant latent: the kernel needs " + std::to_string(bytes) +
+              " bytes of shared memory (B_g stays resident), the device offers " +
+              std::to_string(available));
+  if (bytes <= kDefaultSharedBytes) return;
+  constexpr int kDevices = 64;
+  static std::atomic<size_t> granted[kDevices];
+  require(device < kDevices, "xquant latent: device index beyond 63");
+  if (granted[device].load() >= bytes) return;
+  CUDA_CHECK(cudaFuncSetAttribute(xquant_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+  size_t known = granted[device].load();
+  while (known < bytes && !granted[device].compare_exchange_weak(known, bytes)) {
+  }
+}
+
+}  // namespace
+
+void xquant_latent_check(const PagedWindow& window, const XQuantLatentLayer& layer,
+                         const AttentionShape& shape, int32_t n_rows, const ShardSpec& shard,
+                         const SplitPlan& plan, const float* scratch,
+                         const AttentionTarget& target) {
+  require(shape.kv_heads > 0 && shape.heads > 0 && shape.heads % shape.kv_heads == 0,
+          "xquant latent: query heads must be a positive multiple of the KV heads");
+  require(shape.heads / shape.kv_heads <= kMaxGroup,
+          "xquant latent: at most " + std::to_string(kMaxGroup) + " query heads per KV head");
+  require(shape.head_dim > 0 && shape.head_dim % kMma == 0 && shape.head_dim <= kMaxHeadDim,
+          "xquant latent: head_dim must be a multiple of 16 (tensor-core tiles) and at most " +
+              std::to_string(kMaxHeadDim));
+  require(shape.rope_dim >= 0 && shape.rope_dim % 2 == 0 && shape.rope_dim <= shape.head_dim,
+          "xquant latent: rope_dim must be even and at most head_dim");
+  const int64_t kv = static_cast<int64_t>(shape.kv_heads) * shape.head_dim;
+  const PagedStream& k = layer.k_latent;
+  const PagedStream& v = layer.v_latent;
+  require(k.width == kv && v.width == kv,
+          "xquant latent: the K and V latents must be kv_heads * head_dim = " + std::to_string(kv) +
+              " wide (got " + std::to_string(k.width) + " and " + std::to_string(v.width) + ")");
+  require(k.per_channel && !v.per_channel,
+          "xquant latent: the K latent is quantized per channel and the V latent per token");
+  require(k.bits >= 1 && k.bits <= 8 && v.bits >= 1 && v.bits <= 8,
+          "xquant latent: bits must be 1..8");
+  require(k.group_code_bytes == packed_bytes(k.bits, kv * 128),
+          "xquant latent: K latent group_code_bytes does not match 128 x kv codes");
+  int64_t row_bytes = 0, row_groups = 0;
+  for (int64_t at = 0; at < kv; at += 128, ++row_groups)
+    row_bytes += static_cast<int64_t>(packed_bytes(v.bits, std::min<int64_t>(128, kv - at)));
+  require(v.row_groups == row_groups && static_cast<int64_t>(v.row_code_bytes) == row_bytes &&
+              v.group_code_bytes == v.row_code_bytes * 128,
+          "xquant latent: V latent row layout does not match groups of 128 channels");
+  require(k.group_offset % 4 == 0 && v.group_offset % 4 == 0 && k.window_offset % 2 == 0 &&
+              layer.outlier_offset % 2 == 0,
+          "xquant latent: misaligned stream offsets");
+  require(window.window_tokens > 0, "xquant latent: the per-channel K latent needs window pages");
+  require(layer.rebuild_k_fp16 != nullptr && layer.rebuild_v != nullptr,
+          "xquant latent: missing rebuild matrices");
+  require(
+      !layer.keep_outlier || layer.outliers_per_token == (layer.per_head_k ? shape.kv_heads : 1),
+      "xquant latent: outliers_per_token must be kv_heads (per-head K latent) or 1 (joint)");
+  require(shard.shards >= 1 && shard.unit >= 1 && shard.index >= 0 && shard.index < shard.shards,
+          "xquant latent: bad sequence shard");
+  require(n_rows >= 0, "xquant latent: negative rows");
+  require(plan.splits >= 1 && plan.splits <= 65535 && plan.tokens_per_split > 0 &&
+              plan.tokens_per_split % kPoolTokens == 0,
+          "xquant latent: splits must be whole pool blocks");
+  require(plan.splits == 1 || scratch != nullptr, "xquant latent: split-K needs scratch");
+  const bool states = target.state_max && target.state_sum && target.state_acc;
+  const bool any_state = target.state_max || target.state_sum || target.state_acc;
+  require((target.out != nullptr) != any_state && (target.out != nullptr || states),
+          "xquant latent: attention target must be either out or all three state buffers");
+  require(static_cast<int64_t>(n_rows) * shape.heads <= INT_MAX, "xquant latent: too many rows");
+  // The split merge holds one merged kv-wide row in (default) shared memory.
+  require(kv * static_cast<int64_t>(sizeof(float)) <= static_cast<int64_t>(kDefaultSharedBytes),
+          "xquant latent: kv beyond " + std::to_string(kDefaultSharedBytes / sizeof(float)));
+}
+
+size_t xquant_latent_scratch_floats(int64_t rows, const AttentionShape& shape,
+                                    const SplitPlan& plan) {
+  const int64_t kv = static_cast<int64_t>(shape.kv_heads) * shape.head_dim;
+  return static_cast<size_t>(rows) * shape.heads * plan.splits * (kv + 2);
+}
+
+void xquant_latent_attention(const PagedArena& pool, const PagedWindow& window,
+                             const PagedLengths& lengths, const XQuantLatentLayer& layer,
+                             const AttentionShape& shape, const StepRow* rows, int32_t n_rows,
+                             const float* q, const float* cos_sin, const ShardSpec& shard,
+                             const SplitPlan& plan, float* scratch, const AttentionTarget& target,
+                             Stream& stream) {
+  xquant_latent_check(window, layer, shape, n_rows, shard, plan, scratch, target);
+  if (n_rows == 0) return;
+  const size_t shared_bytes = decode_shared_bytes(shape, layer.per_head_k);
+  opt_in_shared(shared_bytes);
+  LatentArgs args{pool,
+                  window,
+                  lengths,
+                  layer,
+                  shape,
+                  rows,
+                  q,
+                  cos_sin,
+                  shard,
+                  plan,
+                  1.0f / std::sqrt(static_cast<float>(shape.head_dim)),
+                  scratch,
+                  target};
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(plan.splits),
+                  static_cast<unsigned>(shape.kv_heads));
+  xquant_decode_kernel<<<grid, kThreads, shared_bytes, stream_of(stream)>>>(args);
+  CUDA_CHECK_LAUNCH();
+  if (plan.splits > 1) {
+    const size_t kv = static_cast<size_t>(shape.kv_heads) * shape.head_dim;
+    const int64_t state_rows = static_cast<int64_t>(n_rows) * shape.heads;
+    xquant_merge_kernel<<<static_cast<unsigned>(state_rows), kMergeThreads, kv * sizeof(float),
+                          stream_of(stream)>>>(rows, shard, plan, shape, layer.rebuild_v, scratch,
+                                               target);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace xq::cuda::paged
