@@ -88,12 +88,6 @@ __host__ __device__ inline SharedLayout shared_layout(int32_t head_dim, int32_t 
   return s;
 }
 
-// SequenceShard::position on the device: the global position of local slot `local`.
-__device__ inline int32_t position_of(const ShardSpec& shard, int32_t local) {
-  return local / shard.unit * shard.unit * shard.shards + shard.index * shard.unit +
-         local % shard.unit;
-}
-
 // Code `index` of an LSB-first stream of `bits`-bit codes (kernels/cpu/group_quant.h):
 // bits [index * bits, index * bits + bits), bit k in bit k % 8 of byte k / 8.
 // Reads the second byte only where the code reaches into it.
