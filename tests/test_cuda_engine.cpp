@@ -230,9 +230,10 @@ class CudaEngineVsCpu : public ::testing::TestWithParam<std::tuple<std::string, 
 };
 
 // Every row's logits of one forward pass: 12 rows (the matrix-vector path,
-// rows <= kMatvecMaxRows) and 40 rows (the fp16 GEMM path).
+// rows <= kMatvecMaxRows) and 80 rows (the fp16 GEMM path).
 TEST_P(CudaEngineVsCpu, ForwardLogitsMatch) {
-  for (const int32_t n : {12, 40}) {
+  static_assert(cuda::kMatvecMaxRows >= 12 && cuda::kMatvecMaxRows < 80);
+  for (const int32_t n : {12, 80}) {
     const std::vector<int32_t> prompt = prompt_of(n, 1, vocab_);
     const float bound = logit_bound(*model_, options_, prompt);
     const std::vector<float> cpu = cpu_rows(*model_, options_, prompt, cpu::MatmulPath::kAuto);

@@ -4,7 +4,7 @@
 // test checks that an op then fails with xq::Error instead of crashing.
 //
 // Tolerances, with u = 2^-24 (fp32 unit roundoff):
-//   * int8 matvec (n <= 16): both sides round x to the same int8 blocks and
+//   * int8 matvec (n <= kMatvecMaxRows = 64): both sides round x to the same int8 blocks and
 //     form exact integer block sums; the rest is fp32 arithmetic over about
 //     2 * blocks + 8 rounded steps (per-block scale products, fma chains, the
 //     8-lane reduction, the offset chain). Any two such evaluations differ
@@ -13,7 +13,7 @@
 //     The kernel follows the CPU's order, so a second test expects the bits.
 //   * F32 / F16 matvec: the CPU's single fma chain over cols against the
 //     warp's strided chains and shuffle tree: 2 * (cols + 8) * u * sum|x w|.
-//   * fp16 GEMM (n > 16 or forced): x and the dequantized weights each lose
+//   * fp16 GEMM (n > 64 or forced): x and the dequantized weights each lose
 //     up to 2^-11 relative when rounded to fp16, so a product is within
 //     (2^-10 + 2^-22) |x w|; values below fp16's normal range lose up to
 //     2^-25 absolute (times the other factor: cols * 2^-25 * (max|w| +
@@ -257,7 +257,7 @@ const TensorType kWeightTypes[] = {TensorType::kQ4_0, TensorType::kQ4_1, TensorT
 TEST(CudaDenseOps, MatmulMatchesCpuOnEveryTypeAndRowCount) {
   SKIP_WITHOUT_CUDA_DEVICE();
   for (TensorType type : kWeightTypes) {
-    for (int64_t n : {1, 3, 8, 9, 16, 17, 64}) expect_matmul_matches(type, n, Path::kAuto);
+    for (int64_t n : {1, 3, 8, 9, 16, 17, 64, 65, 96}) expect_matmul_matches(type, n, Path::kAuto);
   }
   // Float weights of a width that is no multiple of 32 (stories260K-like).
   for (int64_t n : {1, 9, 17}) expect_matmul_matches(TensorType::kF32, n, Path::kAuto, 172);
@@ -267,7 +267,7 @@ TEST(CudaDenseOps, ForcedPathsMatchCpu) {
   SKIP_WITHOUT_CUDA_DEVICE();
   for (TensorType type : kWeightTypes) {
     expect_matmul_matches(type, 3, Path::kGemm);     // the GEMM below its row threshold
-    expect_matmul_matches(type, 17, Path::kMatvec);  // the matvec above it, in 3 chunks
+    expect_matmul_matches(type, 70, Path::kMatvec);  // the matvec above it, in 9 chunks
   }
 }
 
@@ -638,17 +638,19 @@ TEST(CudaDenseOps, HostChecksRunWithoutDevice) {
   const xq::WeightMatrix k_quant{TensorType::kQ4_K, bytes.data(), 1, 256, 144};
   EXPECT_FALSE(cuda::device_supports(TensorType::kQ4_K));
   EXPECT_THROW(cuda::device_weight_bytes(k_quant), std::invalid_argument);
-  // The workspace covers the int8 copy of 16 rows and the fp16 copies for 64.
+  // The workspace covers the int8 copy of kMatvecMaxRows rows and the fp16
+  // copies for more.
+  static_assert(cuda::kMatvecMaxRows == 64);
   cuda::DeviceWeight w;
   w.type = TensorType::kQ8_0;
   w.rows = 100;
   w.cols = 64;
   w.row_bytes = 68;
-  EXPECT_GE(cuda::matmul_workspace_bytes(w, 64), cuda::gemm_workspace_bytes(w, 64));
-  EXPECT_GE(cuda::matmul_workspace_bytes(w, 64), cuda::matvec_workspace_bytes(w, 16));
-  EXPECT_GE(cuda::gemm_workspace_bytes(w, 64), size_t{(64 * 64 + 100 * 64) * 2});
-  EXPECT_GE(cuda::matvec_workspace_bytes(w, 16), size_t{16 * 64 + 2 * 16 * 2 * 4});
-  EXPECT_EQ(cuda::matmul_workspace_bytes(w, 16), cuda::matvec_workspace_bytes(w, 16));
+  EXPECT_GE(cuda::matmul_workspace_bytes(w, 128), cuda::gemm_workspace_bytes(w, 128));
+  EXPECT_GE(cuda::matmul_workspace_bytes(w, 128), cuda::matvec_workspace_bytes(w, 64));
+  EXPECT_GE(cuda::gemm_workspace_bytes(w, 128), size_t{(128 * 64 + 100 * 64) * 2});
+  EXPECT_GE(cuda::matvec_workspace_bytes(w, 64), size_t{64 * 64 + 2 * 64 * 2 * 4});
+  EXPECT_EQ(cuda::matmul_workspace_bytes(w, 64), cuda::matvec_workspace_bytes(w, 64));
 }
 
 TEST(CudaDenseOps, WithoutDeviceAnOpThrowsXqError) {

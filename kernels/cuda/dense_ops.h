@@ -43,8 +43,12 @@ size_t matmul_workspace_bytes(const DeviceWeight& w, int64_t max_rows);
 
 // Rows at or below this go through the quantized matrix-vector kernels (int8
 // dot products per 32-value block, as the CPU path); above it, weights are
-// dequantized to fp16 and multiplied with cuBLAS on tensor cores.
-constexpr int64_t kMatvecMaxRows = 16;
+// dequantized to fp16 and multiplied with cuBLAS on tensor cores. 64 keeps
+// decode batches of up to 64 sequences on the int8 path, where a row's
+// result does not depend on the batch and matches the CPU's bits; the
+// matvec re-reads the weights once per 8 rows (mostly from L2), which costs
+// less than dequantizing the whole weight to fp16 for every step.
+constexpr int64_t kMatvecMaxRows = 64;
 
 // y (n, w.rows) = x (n, w.cols) times w^T, all fp32 row-major.
 //   n <= kMatvecMaxRows, 32-value block types (Q4_0, Q4_1, Q8_0): each row
