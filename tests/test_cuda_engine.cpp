@@ -9,8 +9,8 @@
 // * E, the int8 activation noise floor: max |logits with every matmul input
 //   rounded as the int8 path rounds it - logits in fp32| (fp16 cache). The
 //   CPU reads Q4_1 weights with int8 activations, so its own logits carry one
-//   draw of that noise; the device's int8 matrix-vector path (decode, rows <=
-//   16) carries another draw, since any summation-order difference upstream
+//   draw of that noise; the device's int8 matrix-vector path (rows <=
+//   kMatvecMaxRows = 64) carries another draw, since any summation-order difference upstream
 //   re-rounds the activations. The device's fp16 GEMM (prefill) rounds each
 //   input to fp16, at most 2^-11 of the value against the int8 path's
 //   max|x| / 254 of its block, so it adds at most 254 / 2048 of E; its fp32
