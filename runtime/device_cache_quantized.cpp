@@ -60,8 +60,8 @@ namespace paged = cuda::paged;
 constexpr int32_t kBlockTokens = AttentionCache::kBlockTokens;
 
 // Decode steps and small prefill chunks split each row's context for the
-// fused latent kernel (as the fp16 cache does); fixed per cache so that the
-// split scratch never moves.
+// fused kernels (latent and kivi, as the fp16 cache does); fixed per cache so
+// that the split scratch never moves.
 int32_t split_rows_for(int32_t sequences) {
   return std::clamp(sequences, 16, 256);
 }

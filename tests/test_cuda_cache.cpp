@@ -496,12 +496,14 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaCacheTest, ::testing::Values("stories260K",
 // QuantizedCache.
 
 // Tolerances of device attention against the CPU's, by how K and V come back:
-//   kivi: the dequantized K and V are the CPU's values exactly (same codes,
-//     exact decode, kernels/group_quant.h); what differs is RoPE's operation
-//     order (one fp32 rounding) and the order of fp32 sums, as for fp16:
-//     kFp16AttentionTolerance.
-//   xquant on X, xquant-cl: K and V are rebuilt in fp32 over dim (<= 576)
-//     inputs in another order than the CPU's GEMMs: a relative error of about
+//   kivi (the fused kernel, kernels/cuda/paged_kivi.cu): the dequantized K
+//     and V are the CPU's values exactly (same codes, exact decode,
+//     kernels/group_quant.h) and RoPE repeats cpu::rope's operations; what
+//     differs is the order of fp32 sums, as for fp16: kFp16AttentionTolerance.
+//   xquant on X, xquant-cl: K and V are rebuilt by cuBLAS sgemm in fp32 math
+//     (no TF32: its 10-bit mantissa would put the keys ~1e-3 off, beyond
+//     this bound) over dim (<= 576) inputs in another order than the CPU's
+//     GEMMs: a relative error of about
 //     sqrt(576) x 6e-8 = 1.5e-6 of |x||w| per value, up to ~10x that after
 //     cancellation; softmax passes it on unamplified for scores of order 1.
 //     1e-4 leaves a margin of about 5x. XQuant-CL on latents decodes Xhat with
