@@ -967,8 +967,7 @@ void expect_kivi_kernel_matches_cpu(const Model& model, const std::string& mode)
   for (int32_t s = 0; s < sequences; ++s)
     for (int32_t i = 0; i < queries[s]; ++i) step_rows.push_back({s, lengths[s] - queries[s] + i});
   cuda::DeviceMemory rows_device = upload(step_rows, stream);
-  std::vector<float> rope_table = setup.rope;
-  cuda::DeviceMemory cos_sin = upload(rope_table, stream);
+  cuda::DeviceMemory cos_sin = upload(setup.rope, stream);
   const paged::AttentionShape shape = attention_shape_of(c);
   ASSERT_EQ(paged::kivi_unsupported(shape), "");
 
