@@ -45,11 +45,11 @@ std::string device_cache_unsupported(const Model& model, const CacheOptions& opt
 }
 
 std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,
-                                               cuda::Stream& stream, cuda::Blas&) {
+                                               cuda::Stream& stream, cuda::Blas& blas) {
   const std::string why_not = device_cache_unsupported(model, options);
   if (!why_not.empty()) throw Error(why_not);
   if (find_cache_mode(options.mode).quantized())
-    return make_quantized_device_cache(model, options, stream);
+    return make_quantized_device_cache(model, options, stream, blas);
   return make_fp16_device_cache(model, options, stream);
 }
 

@@ -107,11 +107,11 @@ class DeviceCache {
 std::string device_cache_unsupported(const Model& model, const CacheOptions& options);
 
 // The device cache of options.mode for `model`, on the current device, its
-// work on `stream` (`blas` is reserved for products; the caches' own fp32
-// projections run as kernels today). Every mode of the table is held: fp16
+// work on `stream` (the quantized caches run their fp32 projections on
+// `blas`, which must outlive the cache). Every mode of the table is held: fp16
 // (runtime/device_cache_fp16.cpp) and the quantized modes
 // (runtime/device_cache_quantized.cpp, which says which attend through the
-// fused latent kernel and which through dense scratch). Throws xq::Error for a mode
+// fused kernels and which through dense scratch). Throws xq::Error for a mode
 // or option the device does not support, naming it.
 std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,
                                                cuda::Stream& stream, cuda::Blas& blas);

@@ -22,6 +22,6 @@ std::unique_ptr<DeviceCache> make_fp16_device_cache(const ModelConfig& local_con
 // (runtime/device_cache_quantized.cpp).
 std::unique_ptr<DeviceCache> make_quantized_device_cache(const Model& model,
                                                          const CacheOptions& options,
-                                                         cuda::Stream& stream);
+                                                         cuda::Stream& stream, cuda::Blas& blas);
 
 }  // namespace xq

@@ -19,14 +19,21 @@
 // Attention, by layout:
 //   xquant latents (GQA models: X·Uk per channel, X·Uv per token) go through
 //     the fused decode kernel xquant_latent_attention (no dense K or V);
-//   kivi, xquant on X (MHA) and xquant-cl (deltas of X or of their latent)
-//     take the materialize path: per sequence of the step, its stored rows
-//     are dequantized into dense fp32 scratch (sized for the longest context
-//     at construction), XQuant-CL's chain is summed there with the
-//     accumulator rows (and the result kept in them for the next layer, as
-//     the CPU's attend does), K and V are rebuilt with an fp32 projection
-//     where the mode rebuilds, K is rotated at each token's global position,
-//     and a dense attention kernel attends each query row.
+//   kivi goes through the fused kernel kivi_attention (K and V decoded from
+//     their codes tile by tile, no dense K or V), every row of the step in
+//     one launch (prefill rows too: a row reads its context's codes, less
+//     than the materialize path's fp32 rows), where its shape fits
+//     (kivi_unsupported), else the materialize path;
+//   xquant on X (MHA) and xquant-cl (deltas of X or of their latent) take
+//     the materialize path: per sequence of the step, its stored rows are
+//     dequantized into dense fp32 scratch (sized for the longest context at
+//     construction), XQuant-CL's chain is summed there with the accumulator
+//     rows (and the result kept in them for the next layer, as the CPU's
+//     attend does), K and V are rebuilt with fp32 cuBLAS GEMMs over the
+//     scratch's whole capacity (a fixed shape, graph-safe; the cache's Blas
+//     carries a fixed workspace) where the mode rebuilds, K is rotated at
+//     each token's global position, and a dense attention kernel attends
+//     each query row.
 // Every address run_layer uses is fixed once the step's scratch exists (it
 // grows in begin_step, outside any capture, only when a step has more rows
 // than any before; a caller that captured graphs must capture again then, as
@@ -53,8 +60,8 @@ namespace paged = cuda::paged;
 constexpr int32_t kBlockTokens = AttentionCache::kBlockTokens;
 
 // Decode steps and small prefill chunks split each row's context for the
-// fused latent kernel (as the fp16 cache does); fixed per cache so that the
-// split scratch never moves.
+// fused kernels (latent and kivi, as the fp16 cache does); fixed per cache so
+// that the split scratch never moves.
 int32_t split_rows_for(int32_t sequences) {
   return std::clamp(sequences, 16, 256);
 }
@@ -108,8 +115,9 @@ paged::RowProjection input_major(const cuda::DeviceMemory& m, const HostMatrix& 
 
 class QuantizedDeviceCache final : public DeviceCache {
  public:
-  QuantizedDeviceCache(const Model& model, const CacheOptions& options, cuda::Stream& stream)
-      : config_(model.config()), options_(options), stream_(stream) {
+  QuantizedDeviceCache(const Model& model, const CacheOptions& options, cuda::Stream& stream,
+                       cuda::Blas& blas)
+      : config_(model.config()), options_(options), stream_(stream), blas_(blas) {
     CacheOptions twin_options = options;
     twin_options.layout_only = true;
     twin_ = make_cache(model, twin_options);
@@ -151,6 +159,8 @@ class QuantizedDeviceCache final : public DeviceCache {
     shard_spec_.shards = shard_.shards();
     shard_spec_.index = shard_.index();
     shard_spec_.unit = shard_.unit();
+    kivi_fused_ =
+        layout_.kv_source == KvSource::kReadBack && paged::kivi_unsupported(shape_).empty();
     upload_layers();
     allocate_dense_scratch();
     ensure_step_rows(std::max(sequences_, options.max_tokens));
@@ -465,8 +475,23 @@ class QuantizedDeviceCache final : public DeviceCache {
     }
   }
 
-  // Dense scratch of the materialize path: one sequence's whole context.
+  // Split scratch of the fused decode kernels, or dense scratch of the
+  // materialize path (one sequence's whole context, zeroed once: the
+  // projections run over all of it and the rows past a sequence's stored ones
+  // are never read).
   void allocate_dense_scratch() {
+    if (kivi_fused_) {
+      const int32_t max_local = capacity_;
+      split_plan_ = paged::plan_splits(max_local);
+      whole_plan_.splits = 1;
+      whole_plan_.tokens_per_split = split_plan_.splits * split_plan_.tokens_per_split;
+      split_rows_ = split_rows_for(sequences_);
+      if (split_plan_.splits > 1)
+        split_scratch_ = cuda::DeviceMemory(
+            paged::split_scratch_floats(split_rows_, shape_.heads, shape_.head_dim, split_plan_) *
+            sizeof(float));
+      return;
+    }
     if (latent_layout()) {
       const int32_t max_local = capacity_;
       split_plan_ = paged::plan_splits(max_local);
@@ -487,6 +512,8 @@ class QuantizedDeviceCache final : public DeviceCache {
     if (cross_layer() && layout_.layers[0].decode_x.values != nullptr)
       dense_latent_ = cuda::DeviceMemory(
           cap * static_cast<size_t>(layout_.layers[0].decode_x.cols) * sizeof(float));
+    for (const cuda::DeviceMemory* m : {&keys_, &values_, &source_, &dense_latent_})
+      cuda::fill_zero(m->data(), m->bytes(), stream_);
   }
 
   // Floats per step row of the encode scratch.
@@ -568,7 +595,7 @@ class QuantizedDeviceCache final : public DeviceCache {
           float* latent = delta + static_cast<size_t>(step_capacity_) * d;
           const int64_t width = layer.decode_x.cols;
           paged::project_rows(delta, d, step_rows_, input_major(m.decode_x, layer.decode_x, 1),
-                              latent, width, nullptr, nullptr, stream_);
+                              latent, width, blas_, stream_);
           encode_stream(layer.streams[0], latent, width);
         } else {
           encode_stream(layer.streams[0], delta, d);
@@ -582,10 +609,10 @@ class QuantizedDeviceCache final : public DeviceCache {
           const int32_t blocks = static_cast<int32_t>(kv / layer.latent_from_k.cols);
           paged::project_rows(k, kv, step_rows_,
                               input_major(m.latent_from_k, layer.latent_from_k, blocks), k_latent,
-                              kv, nullptr, nullptr, stream_);
+                              kv, blas_, stream_);
         } else {
           paged::project_rows(x, d, step_rows_, output_major(m.encode_k, layer.encode_k), k_latent,
-                              kv, nullptr, nullptr, stream_);
+                              kv, blas_, stream_);
         }
         if (layout_.keep_outlier)
           paged::keep_outlier_channels(arena_view(), layer.outlier_offset,
@@ -597,10 +624,10 @@ class QuantizedDeviceCache final : public DeviceCache {
           const int32_t blocks = static_cast<int32_t>(kv / layer.latent_from_v.cols);
           paged::project_rows(v, kv, step_rows_,
                               input_major(m.latent_from_v, layer.latent_from_v, blocks), v_latent,
-                              kv, nullptr, nullptr, stream_);
+                              kv, blas_, stream_);
         } else {
           paged::project_rows(x, d, step_rows_, output_major(m.encode_v, layer.encode_v), v_latent,
-                              kv, nullptr, nullptr, stream_);
+                              kv, blas_, stream_);
         }
         encode_stream(layer.streams[1], v_latent, kv);
         break;
@@ -637,8 +664,8 @@ class QuantizedDeviceCache final : public DeviceCache {
                                    paged_stream(layer.streams[0]), dense, dense_latent_.as<float>(),
                                    stream_);
           paged::project_rows(dense_latent_.as<const float>(), layer.encode_k.rows, capacity_,
-                              input_major(m.encode_k, layer.encode_k, 1), source, d, &lengths,
-                              &dense, stream_);
+                              input_major(m.encode_k, layer.encode_k, 1), source, d, blas_,
+                              stream_);
         } else {
           paged::quant_materialize(arena_view(), window_view(), lengths,
                                    paged_stream(layer.streams[0]), dense, source, stream_);
@@ -648,9 +675,9 @@ class QuantizedDeviceCache final : public DeviceCache {
                                         source, layer.cross_layer_delta, layer.cross_layer_keeps,
                                         stream_);
         paged::project_rows(source, d, capacity_, output_major(m.rebuild_k, layer.rebuild_k), keys,
-                            kv, &lengths, &dense, stream_);
+                            kv, blas_, stream_);
         paged::project_rows(source, d, capacity_, output_major(m.rebuild_v, layer.rebuild_v),
-                            values, kv, &lengths, &dense, stream_);
+                            values, kv, blas_, stream_);
         break;
       }
       case KvSource::kRebuiltFromLatents:
@@ -691,12 +718,30 @@ class QuantizedDeviceCache final : public DeviceCache {
                                    split ? split_scratch_.as<float>() : nullptr, target, stream_);
   }
 
+  // kivi through the fused kernel: every row of the step in one launch.
+  void attend_kivi(int32_t layer_index, const float* q, const paged::AttentionTarget& target) {
+    const LayerLayout& layer = layout_.layers[layer_index];
+    paged::KiviLayer kivi;
+    kivi.keys = paged_stream(layer.streams[0]);
+    kivi.values = paged_stream(layer.streams[1]);
+    const bool split = split_plan_.splits > 1 && step_rows_ <= split_rows_;
+    paged::kivi_attention(arena_view(), window_view(), lengths_view(), kivi, shape_,
+                          rows_device_.as<const paged::StepRow>(), step_rows_, q,
+                          cos_sin_device_.as<const float>(), shard_spec_,
+                          split ? split_plan_ : whole_plan_,
+                          split ? split_scratch_.as<float>() : nullptr, target, stream_);
+  }
+
   void encode_and_attend(int32_t layer, const float* x, const float* k, const float* v,
                          const float* q, const paged::AttentionTarget& target) {
     if (step_rows_ == 0) return;
     encode(layer, x, k, v);
     if (latent_layout()) {
       attend_latents(layer, q, target);
+      return;
+    }
+    if (kivi_fused_) {
+      attend_kivi(layer, q, target);
       return;
     }
     int32_t row0 = 0;
@@ -709,6 +754,7 @@ class QuantizedDeviceCache final : public DeviceCache {
   ModelConfig config_;
   CacheOptions options_;
   cuda::Stream& stream_;
+  cuda::Blas& blas_;                      // the materialize path's projections
   std::unique_ptr<AttentionCache> twin_;  // layout only: formulas, layout, matrices
   CacheBlockLayout layout_;
   int32_t layers_ = 0, sequences_ = 0;
@@ -730,6 +776,7 @@ class QuantizedDeviceCache final : public DeviceCache {
   paged::ShardSpec shard_spec_;
   paged::SplitPlan split_plan_, whole_plan_;
   int32_t split_rows_ = 0;
+  bool kivi_fused_ = false;  // kivi attends through kivi_attention (else materializes)
 
   std::vector<StepRows> step_;
   int32_t step_rows_ = 0;
@@ -740,8 +787,8 @@ class QuantizedDeviceCache final : public DeviceCache {
 
 std::unique_ptr<DeviceCache> make_quantized_device_cache(const Model& model,
                                                          const CacheOptions& options,
-                                                         cuda::Stream& stream) {
-  return std::make_unique<QuantizedDeviceCache>(model, options, stream);
+                                                         cuda::Stream& stream, cuda::Blas& blas) {
+  return std::make_unique<QuantizedDeviceCache>(model, options, stream, blas);
 }
 
 }  // namespace xq

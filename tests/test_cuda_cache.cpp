@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/device.h"
 #include "kernels/cuda/paged_attention.h"
@@ -26,6 +27,7 @@
 #include "runtime/cache_mode.h"
 #include "runtime/device_cache.h"
 #include "runtime/model.h"
+#include "runtime/sequence_shard.h"
 #include "test_util.h"
 
 namespace xq {
@@ -494,12 +496,14 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaCacheTest, ::testing::Values("stories260K",
 // QuantizedCache.
 
 // Tolerances of device attention against the CPU's, by how K and V come back:
-//   kivi: the dequantized K and V are the CPU's values exactly (same codes,
-//     exact decode, kernels/group_quant.h); what differs is RoPE's operation
-//     order (one fp32 rounding) and the order of fp32 sums, as for fp16:
-//     kFp16AttentionTolerance.
-//   xquant on X, xquant-cl: K and V are rebuilt in fp32 over dim (<= 576)
-//     inputs in another order than the CPU's GEMMs: a relative error of about
+//   kivi (the fused kernel, kernels/cuda/paged_kivi.cu): the dequantized K
+//     and V are the CPU's values exactly (same codes, exact decode,
+//     kernels/group_quant.h) and RoPE repeats cpu::rope's operations; what
+//     differs is the order of fp32 sums, as for fp16: kFp16AttentionTolerance.
+//   xquant on X, xquant-cl: K and V are rebuilt by cuBLAS sgemm in fp32 math
+//     (no TF32: its 10-bit mantissa would put the keys ~1e-3 off, beyond
+//     this bound) over dim (<= 576) inputs in another order than the CPU's
+//     GEMMs: a relative error of about
 //     sqrt(576) x 6e-8 = 1.5e-6 of |x||w| per value, up to ~10x that after
 //     cancellation; softmax passes it on unamplified for scores of order 1.
 //     1e-4 leaves a margin of about 5x. XQuant-CL on latents decodes Xhat with
@@ -853,6 +857,270 @@ void expect_quant_shards_merge_to_cpu(const Model& model, const std::string& mod
   }
 }
 
+// ---------------------------------------------------------------------------
+// The fused KIVI decode kernel (kernels/cuda/paged_kivi.cu) alone, over a CPU
+// kivi cache's blocks uploaded as they are.
+
+// A CPU quantized cache's arena, tables, window pages and stored lengths on
+// the device, as the kernels see them (`local_capacity` local slots a
+// sequence at most; `shard`: the shard whose tokens the cache holds).
+struct UploadedQuantCache {
+  cuda::DeviceMemory arena, tables, window, stored;
+  paged::PagedArena pool;
+  paged::PagedWindow window_view;
+  paged::PagedLengths lengths;
+};
+UploadedQuantCache upload_quant_cache(const AttentionCache& cpu, int32_t local_capacity,
+                                      const SequenceShard& shard, cuda::Stream& stream) {
+  const CacheBlockLayout layout = cpu.block_layout();
+  const int32_t tile = AttentionCache::kBlockTokens;
+  const int32_t table_stride = std::max(1, (local_capacity + tile - 1) / tile);
+  const int32_t window_stride =
+      std::max(1, (tile - 1 + layout.window_tokens - 1) / std::max(1, layout.window_tokens));
+  std::vector<int32_t> tables(static_cast<size_t>(cpu.sequences()) * table_stride, 0);
+  std::vector<int32_t> window(static_cast<size_t>(cpu.sequences()) * window_stride, 0);
+  std::vector<int32_t> stored(static_cast<size_t>(cpu.sequences()), 0);
+  for (int32_t s = 0; s < cpu.sequences(); ++s) {
+    const BlockTable& table = *cpu.blocks(s).table;
+    EXPECT_LE(static_cast<int32_t>(table.groups.size()), table_stride);
+    EXPECT_LE(static_cast<int32_t>(table.window.size()), window_stride);
+    std::copy(table.groups.begin(), table.groups.end(),
+              tables.begin() + static_cast<size_t>(s) * table_stride);
+    std::copy(table.window.begin(), table.window.end(),
+              window.begin() + static_cast<size_t>(s) * window_stride);
+    stored[s] = shard.owned_before(cpu.length(s));
+  }
+  const std::vector<uint8_t> arena(cpu.blocks(0).arena,
+                                   cpu.blocks(0).arena + layout.block_bytes * layout.total_blocks);
+  UploadedQuantCache up;
+  up.arena = upload(arena, stream);
+  up.tables = upload(tables, stream);
+  up.window = upload(window, stream);
+  up.stored = upload(stored, stream);
+  up.pool.arena = up.arena.as<uint8_t>();
+  up.pool.block_bytes = layout.block_bytes;
+  up.pool.tables = up.tables.as<const int32_t>();
+  up.pool.table_stride = table_stride;
+  up.window_view.window = up.window.as<const int32_t>();
+  up.window_view.window_stride = window_stride;
+  up.window_view.window_tokens = layout.window_tokens;
+  up.lengths.stored = up.stored.as<const int32_t>();
+  return up;
+}
+
+paged::PagedStream paged_stream_of(const StreamLayout& s) {
+  paged::PagedStream out;
+  out.width = static_cast<int32_t>(s.width);
+  out.bits = s.bits;
+  out.per_channel = s.axis == QuantAxis::kPerChannel;
+  out.group_offset = s.group_offset;
+  out.window_offset = s.window_offset;
+  out.row_code_bytes = s.row_code_bytes;
+  out.row_groups = static_cast<int32_t>(s.row_groups);
+  out.group_code_bytes = s.group_code_bytes;
+  return out;
+}
+
+paged::KiviLayer kivi_layer_of(const CacheBlockLayout& layout, int32_t layer) {
+  paged::KiviLayer kivi;
+  kivi.keys = paged_stream_of(layout.layers[layer].streams[0]);
+  kivi.values = paged_stream_of(layout.layers[layer].streams[1]);
+  return kivi;
+}
+
+paged::AttentionShape attention_shape_of(const ModelConfig& c) {
+  paged::AttentionShape shape;
+  shape.heads = c.n_heads;
+  shape.kv_heads = c.n_kv_heads;
+  shape.head_dim = c.head_dim;
+  shape.rope_dim = c.rope_dim;
+  shape.rope_layout = c.rope_layout;
+  return shape;
+}
+
+// The kernel over a CPU kivi cache filled with sequences whose lengths end
+// in a partial first group, right at a group's end (the window empty),
+// inside a window spanning pages, and past four groups; queries at the last
+// positions of each against the CPU cache's attend, for a split plan, a
+// single split and the unnormalized-state target. The decoded values are the
+// CPU's bits and RoPE repeats cpu::rope's operations, so only fp32 sums are
+// ordered differently: kFp16AttentionTolerance.
+void expect_kivi_kernel_matches_cpu(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 640;
+  const std::vector<int32_t> lengths = {1, 77, 128, 200, 517};
+  const std::vector<int32_t> queries = {1, 1, 2, 3, 2};  // the last rows of each sequence
+  const int32_t sequences = static_cast<int32_t>(lengths.size());
+  TestCacheSetup setup(c, mode, max_tokens, sequences);
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  for (int32_t s = 0; s < sequences; ++s) {
+    const SequenceRows rows = random_rows(c, lengths[s], 17 + static_cast<uint32_t>(s));
+    for (int32_t layer = 0; layer < c.n_layers; ++layer)
+      cpu->append(s, layer, 0, lengths[s], rows.x[layer].data(), rows.k[layer].data(),
+                  rows.v[layer].data());
+  }
+  cuda::Stream stream;
+  const CacheBlockLayout layout = cpu->block_layout();
+  ASSERT_EQ(layout.kv_source, KvSource::kReadBack);
+  const UploadedQuantCache up = upload_quant_cache(*cpu, max_tokens, SequenceShard(), stream);
+  std::vector<paged::StepRow> step_rows;
+  for (int32_t s = 0; s < sequences; ++s)
+    for (int32_t i = 0; i < queries[s]; ++i) step_rows.push_back({s, lengths[s] - queries[s] + i});
+  cuda::DeviceMemory rows_device = upload(step_rows, stream);
+  cuda::DeviceMemory cos_sin = upload(setup.rope, stream);
+  const paged::AttentionShape shape = attention_shape_of(c);
+  ASSERT_EQ(paged::kivi_unsupported(shape), "");
+
+  const int32_t n_rows = static_cast<int32_t>(step_rows.size());
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const paged::SplitPlan split = paged::plan_splits(max_tokens);
+  ASSERT_GT(split.splits, 1);
+  paged::SplitPlan whole;
+  whole.tokens_per_split = split.splits * split.tokens_per_split;
+  cuda::DeviceMemory scratch(paged::split_scratch_floats(n_rows, c.n_heads, c.head_dim, split) *
+                             sizeof(float));
+  cuda::DeviceMemory out(n_rows * q_width * sizeof(float));
+  const size_t state_rows = static_cast<size_t>(n_rows) * c.n_heads;
+  cuda::DeviceMemory state(state_rows * (c.head_dim + 2) * sizeof(float));
+  for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+    const std::vector<float> q = normal_values(n_rows * q_width, 500 + layer);
+    std::vector<float> expected(n_rows * q_width);
+    size_t row = 0;
+    for (int32_t s = 0; s < sequences; ++s) {
+      cpu->attend(s, layer, lengths[s] - queries[s], queries[s], q.data() + row * q_width,
+                  expected.data() + row * q_width);
+      row += queries[s];
+    }
+    cuda::DeviceMemory q_device = upload(q, stream);
+    const paged::KiviLayer kivi = kivi_layer_of(layout, layer);
+    for (const paged::SplitPlan& plan : {split, whole}) {
+      paged::AttentionTarget target;
+      target.out = out.as<float>();
+      paged::kivi_attention(up.pool, up.window_view, up.lengths, kivi, shape,
+                            rows_device.as<const paged::StepRow>(), n_rows,
+                            q_device.as<const float>(), cos_sin.as<const float>(),
+                            paged::ShardSpec{}, plan, scratch.as<float>(), target, stream);
+      EXPECT_TRUE(close_normalized(download(out, expected.size(), stream), expected,
+                                   kFp16AttentionTolerance))
+          << mode << ", layer " << layer << ", " << plan.splits << " splits";
+    }
+    paged::AttentionTarget target;
+    target.state_max = state.as<float>();
+    target.state_sum = target.state_max + state_rows;
+    target.state_acc = target.state_sum + state_rows;
+    paged::kivi_attention(up.pool, up.window_view, up.lengths, kivi, shape,
+                          rows_device.as<const paged::StepRow>(), n_rows,
+                          q_device.as<const float>(), cos_sin.as<const float>(), paged::ShardSpec{},
+                          split, scratch.as<float>(), target, stream);
+    const std::vector<float> states = download(state, state_rows * (c.head_dim + 2), stream);
+    std::vector<float> normalized(expected.size());
+    for (size_t r = 0; r < state_rows; ++r)
+      for (int32_t d = 0; d < c.head_dim; ++d)
+        normalized[r * c.head_dim + d] =
+            states[2 * state_rows + r * c.head_dim + d] / states[state_rows + r];
+    EXPECT_TRUE(close_normalized(normalized, expected, kFp16AttentionTolerance))
+        << mode << ", layer " << layer << ", states";
+  }
+}
+
+// Sequence sharding: two CPU shard caches (128-token groups dealt in turn)
+// filled with the same rows; per shard, the kernel's states (one split and
+// several) against that shard's attend_partial: the normalized rows
+// (kFp16AttentionTolerance) and the log-sum-exp max + ln sum (absolute 1e-4:
+// scores of order 1-10 computed in fp32 over head_dim terms in another
+// order, ~1e-6 each, and ln of a sum over up to 300 terms), and a row that
+// sees none of a shard's tokens gets the empty state on both.
+void expect_kivi_shard_states_match_cpu(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 640, length = 517, n_queries = 3, shards = 2;
+  TestCacheSetup setup(c, mode, max_tokens, 2);
+  const SequenceRows rows = random_rows(c, length, 5);
+  const int32_t short_length = 100;  // sequence 1: only shard 0 holds its tokens
+  const SequenceRows short_rows = random_rows(c, short_length, 6);
+  const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
+  const paged::AttentionShape shape = attention_shape_of(c);
+  cuda::Stream stream;
+  cuda::DeviceMemory cos_sin = upload(setup.rope, stream);
+  std::vector<paged::StepRow> step_rows;
+  for (int32_t i = 0; i < n_queries; ++i) step_rows.push_back({0, length - n_queries + i});
+  step_rows.push_back({1, short_length - 1});
+  const int32_t n_rows = static_cast<int32_t>(step_rows.size());
+  cuda::DeviceMemory rows_device = upload(step_rows, stream);
+  const size_t state_rows = static_cast<size_t>(n_rows) * c.n_heads;
+  cuda::DeviceMemory state(state_rows * (c.head_dim + 2) * sizeof(float));
+  for (int32_t i = 0; i < shards; ++i) {
+    CacheOptions options = setup.options;
+    options.sequence_shards = shards;
+    options.sequence_shard = i;
+    std::unique_ptr<AttentionCache> part = make_cache(model, options);
+    const SequenceShard shard(shards, i, AttentionCache::kBlockTokens);
+    for (int32_t l = 0; l < c.n_layers; ++l) {
+      part->append(0, l, 0, length, rows.x[l].data(), rows.k[l].data(), rows.v[l].data());
+      part->append(1, l, 0, short_length, short_rows.x[l].data(), short_rows.k[l].data(),
+                   short_rows.v[l].data());
+    }
+    const int32_t local_capacity = shard.owned_before(max_tokens);
+    const UploadedQuantCache up = upload_quant_cache(*part, local_capacity, shard, stream);
+    const CacheBlockLayout layout = part->block_layout();
+    paged::ShardSpec spec;
+    spec.shards = shards;
+    spec.index = i;
+    spec.unit = AttentionCache::kBlockTokens;
+    const paged::SplitPlan split = paged::plan_splits(local_capacity);
+    ASSERT_GT(split.splits, 1);
+    paged::SplitPlan whole;
+    whole.tokens_per_split = split.splits * split.tokens_per_split;
+    cuda::DeviceMemory scratch(paged::split_scratch_floats(n_rows, c.n_heads, c.head_dim, split) *
+                               sizeof(float));
+    for (int32_t layer = 0; layer < c.n_layers; ++layer) {
+      const std::vector<float> q = normal_values(n_rows * q_width, 70 + layer);
+      cpu::PartialAttention expected, short_expected;
+      part->attend_partial(0, layer, length - n_queries, n_queries, q.data(), expected);
+      part->attend_partial(1, layer, short_length - 1, 1, q.data() + n_queries * q_width,
+                           short_expected);
+      std::vector<float> want_max(expected.max), want_sum(expected.sum);
+      want_max.insert(want_max.end(), short_expected.max.begin(), short_expected.max.end());
+      want_sum.insert(want_sum.end(), short_expected.sum.begin(), short_expected.sum.end());
+      std::vector<float> want_acc(expected.acc.begin(), expected.acc.end());
+      want_acc.insert(want_acc.end(), short_expected.acc.begin(), short_expected.acc.end());
+      ASSERT_EQ(want_max.size(), state_rows);
+      cuda::DeviceMemory q_device = upload(q, stream);
+      for (const paged::SplitPlan& plan : {split, whole}) {
+        SCOPED_TRACE(mode + ", shard " + std::to_string(i) + ", layer " + std::to_string(layer) +
+                     ", " + std::to_string(plan.splits) + " splits");
+        paged::AttentionTarget target;
+        target.state_max = state.as<float>();
+        target.state_sum = target.state_max + state_rows;
+        target.state_acc = target.state_sum + state_rows;
+        paged::kivi_attention(up.pool, up.window_view, up.lengths, kivi_layer_of(layout, layer),
+                              shape, rows_device.as<const paged::StepRow>(), n_rows,
+                              q_device.as<const float>(), cos_sin.as<const float>(), spec, plan,
+                              scratch.as<float>(), target, stream);
+        const std::vector<float> got = download(state, state_rows * (c.head_dim + 2), stream);
+        std::vector<float> got_rows, want_rows;
+        for (size_t r = 0; r < state_rows; ++r) {
+          const float got_max = got[r], got_sum = got[state_rows + r];
+          if (want_sum[r] == 0.0f) {  // the empty state: this shard holds none of the row's tokens
+            EXPECT_EQ(got_max, -INFINITY) << "row " << r;
+            EXPECT_EQ(got_sum, 0.0f) << "row " << r;
+            for (int32_t d = 0; d < c.head_dim; ++d)
+              EXPECT_EQ(got[2 * state_rows + r * c.head_dim + d], 0.0f) << "row " << r;
+            continue;
+          }
+          EXPECT_NEAR(got_max + std::log(got_sum), want_max[r] + std::log(want_sum[r]), 1e-4)
+              << "row " << r;
+          for (int32_t d = 0; d < c.head_dim; ++d) {
+            got_rows.push_back(got[2 * state_rows + r * c.head_dim + d] / got_sum);
+            want_rows.push_back(want_acc[r * c.head_dim + d] / want_sum[r]);
+          }
+        }
+        EXPECT_FALSE(want_rows.empty());
+        EXPECT_TRUE(close_normalized(got_rows, want_rows, kFp16AttentionTolerance));
+      }
+    }
+  }
+}
+
 struct QuantCase {
   const char* model;
   const char* mode;
@@ -890,6 +1158,94 @@ TEST_P(CudaQuantCacheTest, PoolExhaustionChangesNothing) {
 
 TEST_P(CudaQuantCacheTest, ShardStatesMergeToCpuAttend) {
   expect_quant_shards_merge_to_cpu(*model_, mode());
+}
+
+class CudaKiviKernelTest : public ::testing::TestWithParam<QuantCase> {
+ protected:
+  void SetUp() override {
+    SKIP_WITHOUT_CUDA_DEVICE();
+    model_ = load_model(GetParam().model);
+    if (!model_) GTEST_SKIP() << GetParam().model << " not found (models/" << kSmolLm2 << ")";
+  }
+  std::string mode() const { return GetParam().mode; }
+  std::unique_ptr<Model> model_;
+};
+
+TEST_P(CudaKiviKernelTest, KernelOverCpuBlocksMatchesAttend) {
+  expect_kivi_kernel_matches_cpu(*model_, mode());
+}
+
+TEST_P(CudaKiviKernelTest, ShardStatesMatchAttendPartial) {
+  expect_kivi_shard_states_match_cpu(*model_, mode());
+}
+
+// stories260K: head_dim 8 (one run of 8 codes per head, the whole row one
+// V group of 32 channels); SmolLM2: head_dim 64, kv 192 (V rows of a full
+// 128-channel group and a 64-channel one; K runs of 4-, 3- and 2-bit codes
+// at byte offsets that are and are not aligned to a load's width).
+INSTANTIATE_TEST_SUITE_P(
+    Modes, CudaKiviKernelTest,
+    ::testing::Values(QuantCase{"stories260K", "kivi-4"}, QuantCase{"stories260K", "kivi-3"},
+                      QuantCase{"stories260K", "kivi-2"}, QuantCase{"SmolLM2", "kivi-4"},
+                      QuantCase{"SmolLM2", "kivi-3"}, QuantCase{"SmolLM2", "kivi-2"}),
+    [](const ::testing::TestParamInfo<QuantCase>& info) {
+      std::string name = std::string(info.param.model) + "_" + info.param.mode;
+      std::replace(name.begin(), name.end(), '-', '_');
+      return name;
+    });
+
+// Runs everywhere: the fused KIVI kernel's argument checks accept a CPU kivi
+// cache's layout and name what is wrong with a broken one.
+TEST(CudaCache, KiviKernelChecksItsArguments) {
+  auto model = load_model("stories260K");
+  const ModelConfig& c = model->config();
+  TestCacheSetup setup(c, "kivi-3", 256, 1);
+  std::unique_ptr<AttentionCache> cpu = make_cache(*model, setup.options);
+  const CacheBlockLayout layout = cpu->block_layout();
+  const paged::KiviLayer good = kivi_layer_of(layout, 0);
+  const paged::AttentionShape shape = attention_shape_of(c);
+  paged::PagedWindow window;
+  window.window_tokens = layout.window_tokens;
+  paged::AttentionTarget out;
+  float dummy = 0.0f;
+  out.out = &dummy;
+  const paged::SplitPlan plan = paged::plan_splits(256);
+  EXPECT_EQ(paged::kivi_unsupported(shape), "");
+  EXPECT_NO_THROW(
+      paged::kivi_attention_check(window, good, shape, 4, paged::ShardSpec{}, plan, &dummy, out));
+  auto rejects = [&](const paged::KiviLayer& layer, const paged::AttentionShape& s,
+                     const paged::ShardSpec& shard, const paged::SplitPlan& p, const float* scratch,
+                     const paged::AttentionTarget& target, const std::string& words) {
+    try {
+      paged::kivi_attention_check(window, layer, s, 4, shard, p, scratch, target);
+      ADD_FAILURE() << "accepted; expected: " << words;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    }
+  };
+  paged::KiviLayer swapped = good;
+  std::swap(swapped.keys, swapped.values);
+  rejects(swapped, shape, {}, plan, &dummy, out, "per channel");
+  paged::KiviLayer narrow = good;
+  narrow.values.width -= 8;
+  rejects(narrow, shape, {}, plan, &dummy, out, "wide");
+  paged::KiviLayer wrong_bytes = good;
+  wrong_bytes.keys.group_code_bytes += 1;
+  rejects(wrong_bytes, shape, {}, plan, &dummy, out, "group_code_bytes");
+  paged::AttentionShape odd = shape;
+  odd.head_dim = 12;
+  EXPECT_NE(paged::kivi_unsupported(odd), "");
+  rejects(good, odd, {}, plan, &dummy, out, "multiple of 8");
+  paged::ShardSpec token_shards;
+  token_shards.shards = 2;
+  rejects(good, shape, token_shards, plan, &dummy, out, "128-token groups");
+  paged::SplitPlan ragged = plan;
+  ragged.tokens_per_split = 100;
+  rejects(good, shape, {}, ragged, &dummy, out, "whole pool blocks");
+  rejects(good, shape, {}, plan, nullptr, out, "scratch");
+  paged::AttentionTarget both = out;
+  both.state_max = &dummy;
+  rejects(good, shape, {}, plan, &dummy, both, "either out");
 }
 
 // stories260K (dim = 2 kv_dim): kivi, xquant on X, xquant-cl on deltas of X;

@@ -155,11 +155,13 @@ void fill_zero(void* device_dst, size_t bytes, Stream& stream) {
   CUDA_CHECK(cudaMemsetAsync(device_dst, 0, bytes, stream_of(stream)));
 }
 
-Blas::Blas(Stream& stream) {
+// The workspace is allocated first (a member), so a failure leaves no handle behind.
+Blas::Blas(Stream& stream) : workspace_(kWorkspaceBytes) {
   cublasHandle_t handle = nullptr;
   CUBLAS_CHECK(cublasCreate(&handle));
   handle_ = handle;
   CUBLAS_CHECK(cublasSetStream(handle, stream_of(stream)));
+  CUBLAS_CHECK(cublasSetWorkspace(handle, workspace_.data(), workspace_.bytes()));
   // Tensor cores for fp16 inputs; fp32 products keep full fp32 math.
   CUBLAS_CHECK(cublasSetMathMode(handle, CUBLAS_DEFAULT_MATH));
 }

@@ -107,16 +107,24 @@ class PinnedMemory {
   size_t bytes_ = 0;
 };
 
-// A cuBLAS handle bound to one stream, with tensor-core math allowed.
+// A cuBLAS handle bound to one stream, with tensor-core math allowed, and a
+// fixed workspace of kWorkspaceBytes set on it: cuBLAS calls inside a CUDA
+// graph capture must not allocate, so it never falls back to its own pool.
+// cublasSetStream resets the workspace to the default pool, so every caller
+// that sets the stream sets workspace() again right after it.
 class Blas {
  public:
+  static constexpr size_t kWorkspaceBytes = size_t{32} << 20;
   explicit Blas(Stream& stream);
   ~Blas();
   Blas(const Blas&) = delete;
   Blas& operator=(const Blas&) = delete;
   void* handle() const { return handle_; }  // the cublasHandle_t
+  void* workspace() const { return workspace_.data(); }
+  size_t workspace_bytes() const { return workspace_.bytes(); }
 
  private:
+  DeviceMemory workspace_;
   void* handle_ = nullptr;
 };
 

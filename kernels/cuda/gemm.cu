@@ -91,6 +91,7 @@ void gemm_fp16(const DeviceWeight& w, const float* x, int64_t n, float* y, void*
   // (x^T, k = cols, n).
   const auto handle = static_cast<cublasHandle_t>(blas.handle());
   CUBLAS_CHECK(cublasSetStream(handle, cuda_stream));
+  CUBLAS_CHECK(cublasSetWorkspace(handle, blas.workspace(), blas.workspace_bytes()));
   const float alpha = 1.0f, beta = 0.0f;
   const int m_rows = static_cast<int>(w.rows), n_cols = static_cast<int>(n);
   const int k_inner = static_cast<int>(w.cols);

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "kernels/cuda/device.h"
 #include "kernels/elementwise.h"
@@ -120,6 +121,16 @@ void fp16_attention(const PagedArena& pool, const Fp16KvShape& shape, int32_t la
 // out (rows, width) = acc / sum.
 void merge_partial_states(const float* gathered, int32_t ranks, int64_t rows, int64_t width,
                           float* out, Stream& stream);
+
+// The merge of a split decode's records (kernels/cuda/paged_fp16.cu): scratch
+// holds per (row, head, split) a max, a sum and head_dim acc values
+// (split_scratch_floats); each (row, head) merges its used splits (those that
+// start inside owned_before(pos + 1)) in split order with
+// attention_state::merge_row and writes `target`. The decode kernels whose
+// records have this layout (fp16, kivi) share it.
+void merge_split_states(const StepRow* rows, int32_t n_rows, const ShardSpec& shard,
+                        const SplitPlan& plan, int32_t heads, int32_t head_dim,
+                        const float* scratch, const AttentionTarget& target, Stream& stream);
 
 // ---------------------------------------------------------------------------
 // Quantized streams (runtime/row_store.h, runtime/cache_layout.h).
@@ -303,8 +314,13 @@ void cross_layer_accumulate(const PagedArena& pool, size_t accumulator_offset, i
 
 // out[r, b * out_width + j] = Σ_{c < in_width} in[r * in_stride + b * in_width + c] *
 //   matrix[b * block_stride + c * in_step + j * out_step] for `blocks` diagonal
-// blocks, in fp32, c ascending. Rows [0, rows), or where `dense` is given,
-// only the sequence's stored rows of them.
+// blocks and rows [0, rows), in fp32 (cublasSgemm, strided-batched over the
+// blocks, on `blas` bound to `cuda_stream` with its fixed workspace: no
+// allocation, so it may sit in a captured graph). The matrix is contiguous
+// along its inputs (in_step 1) or its outputs (out_step 1). Every row is
+// computed whatever it holds: the materialize path passes its scratch's whole
+// capacity (a fixed shape), and the rows past a sequence's stored ones are
+// never read.
 struct RowProjection {
   const float* matrix = nullptr;
   int32_t blocks = 1;
@@ -312,8 +328,7 @@ struct RowProjection {
   int64_t block_stride = 0, in_step = 0, out_step = 0;
 };
 void project_rows(const float* in, int64_t in_stride, int32_t rows, const RowProjection& projection,
-                  float* out, int64_t out_stride, const PagedLengths* lengths,
-                  const DenseRows* dense, Stream& cuda_stream);
+                  float* out, int64_t out_stride, Blas& blas, Stream& cuda_stream);
 
 // RoPE of dense keys (capacity, kv_heads * head_dim) in place: local slot t
 // at its global position (SequenceShard::position), as cpu::rope.
@@ -329,5 +344,42 @@ void rope_dense_keys(float* keys, const PagedLengths& lengths, const DenseRows& 
 void dense_attention(const float* keys, const float* values, const StepRow* rows, int32_t n_rows,
                      const float* q, const AttentionShape& shape, const ShardSpec& shard,
                      const AttentionTarget& target, Stream& cuda_stream);
+
+// ---------------------------------------------------------------------------
+// The fused KIVI decode (kernels/cuda/paged_kivi.cu): attention straight from
+// kivi-B's packed codes, no dense K or V.
+
+// One layer of kivi-B: K before RoPE per channel (width kv = kv_heads *
+// head_dim; the partial group's tokens in the fp16 window), V per token
+// (groups of 128 channels along the row).
+struct KiviLayer {
+  PagedStream keys;
+  PagedStream values;
+};
+
+// Why kivi_attention cannot take this shape ("" when it can): at most
+// kMaxGroup query heads per KV head, head_dim a multiple of 8 and at most
+// kMaxHeadDim, rope_dim even and at most head_dim.
+std::string kivi_unsupported(const AttentionShape& shape);
+
+// Attention of q (n_rows, heads, head_dim, after RoPE) over layer `layer`'s
+// K and V of each row's sequence, slots [0, owned_before(pos + 1)): K decoded
+// from its per-channel codes (quantized groups below floor(stored / 128) *
+// 128) or read from the window (the rest), rotated at each slot's global
+// position with the table `cos_sin` (cpu::rope_table's layout), V decoded
+// per token. Splits, scratch (split_scratch_floats) and targets as
+// fp16_attention. Equal to QuantizedCache::attend for kivi up to the order of
+// fp32 sums.
+void kivi_attention(const PagedArena& pool, const PagedWindow& window, const PagedLengths& lengths,
+                    const KiviLayer& layer, const AttentionShape& shape, const StepRow* rows,
+                    int32_t n_rows, const float* q, const float* cos_sin, const ShardSpec& shard,
+                    const SplitPlan& plan, float* scratch, const AttentionTarget& target,
+                    Stream& stream);
+// The argument checks of kivi_attention alone (no device needed): throws
+// std::invalid_argument naming the first problem.
+void kivi_attention_check(const PagedWindow& window, const KiviLayer& layer,
+                          const AttentionShape& shape, int32_t n_rows, const ShardSpec& shard,
+                          const SplitPlan& plan, const float* scratch,
+                          const AttentionTarget& target);
 
 }  // namespace xq::cuda::paged

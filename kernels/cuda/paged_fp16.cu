@@ -369,13 +369,20 @@ void fp16_attention(const PagedArena& pool, const Fp16KvShape& shape, int32_t la
                   static_cast<unsigned>(shape.kv_heads));
   fp16_decode_kernel<<<grid, kDecodeThreads, shared_bytes, stream_of(stream)>>>(args);
   CUDA_CHECK_LAUNCH();
-  if (plan.splits > 1) {
-    const int64_t state_rows = static_cast<int64_t>(n_rows) * shape.heads;
-    require(state_rows <= INT_MAX, "fp16_attention: too many rows");
-    merge_splits_kernel<<<static_cast<unsigned>(state_rows), kMergeThreads, 0, stream_of(stream)>>>(
-        rows, shard, plan, shape.heads, shape.head_dim, scratch, target);
-    CUDA_CHECK_LAUNCH();
-  }
+  if (plan.splits > 1)
+    merge_split_states(rows, n_rows, shard, plan, shape.heads, shape.head_dim, scratch, target,
+                       stream);
+}
+
+void merge_split_states(const StepRow* rows, int32_t n_rows, const ShardSpec& shard,
+                        const SplitPlan& plan, int32_t heads, int32_t head_dim,
+                        const float* scratch, const AttentionTarget& target, Stream& stream) {
+  const int64_t state_rows = static_cast<int64_t>(n_rows) * heads;
+  require(state_rows <= INT_MAX, "merge_split_states: too many rows");
+  if (state_rows <= 0) return;
+  merge_splits_kernel<<<static_cast<unsigned>(state_rows), kMergeThreads, 0, stream_of(stream)>>>(
+      rows, shard, plan, heads, head_dim, scratch, target);
+  CUDA_CHECK_LAUNCH();
 }
 
 void merge_partial_states(const float* gathered, int32_t ranks, int64_t rows, int64_t width,

@@ -20,6 +20,7 @@
 // arrays that begin_step writes, so the launches of run_layer can be captured
 // in a CUDA graph; only quant_group_to_window (truncation, host-driven) takes
 // block ids as arguments.
+#include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -392,23 +393,6 @@ __global__ void cross_layer_accumulate_kernel(PagedArena pool, size_t accumulato
   if (keep) row[i % dim] = value;
 }
 
-// A thread per (row, output column): one fp32 dot product, c ascending.
-__global__ void project_rows_kernel(const float* in, int64_t in_stride, int32_t rows,
-                                    RowProjection p, float* out, int64_t out_stride,
-                                    const int32_t* stored, const StepRow* seq_row) {
-  const int64_t columns = static_cast<int64_t>(p.blocks) * p.out_width;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= rows * columns) return;
-  const int64_t r = i / columns, column = i % columns;
-  if (stored != nullptr && r >= stored[seq_row->seq]) return;
-  const int64_t b = column / p.out_width, j = column % p.out_width;
-  const float* x = in + r * in_stride + b * p.in_width;
-  const float* m = p.matrix + b * p.block_stride + j * p.out_step;
-  float sum = 0.0f;
-  for (int32_t c = 0; c < p.in_width; ++c) sum = fmaf(x[c], m[c * p.in_step], sum);
-  out[r * out_stride + column] = sum;
-}
-
 // A thread per (slot, KV head, pair): the pair rotated at the slot's global position.
 __global__ void rope_dense_kernel(float* keys, PagedLengths lengths, DenseRows dense,
                                   AttentionShape shape, const float* cos_sin, ShardSpec shard) {
@@ -592,17 +576,41 @@ void cross_layer_accumulate(const PagedArena& pool, size_t accumulator_offset, i
 }
 
 void project_rows(const float* in, int64_t in_stride, int32_t rows, const RowProjection& projection,
-                  float* out, int64_t out_stride, const PagedLengths* lengths,
-                  const DenseRows* dense, Stream& cuda_stream) {
-  require(projection.blocks >= 1 && projection.in_width > 0 && projection.out_width > 0,
-          "project_rows: empty projection");
-  require((lengths == nullptr) == (dense == nullptr), "project_rows: lengths go with dense rows");
+                  float* out, int64_t out_stride, Blas& blas, Stream& cuda_stream) {
+  const RowProjection& p = projection;
+  require(p.blocks >= 1 && p.in_width > 0 && p.out_width > 0, "project_rows: empty projection");
+  require(p.in_step == 1 || p.out_step == 1,
+          "project_rows: the matrix must be contiguous along its inputs or its outputs");
+  require(in_stride >= static_cast<int64_t>(p.blocks) * p.in_width &&
+              out_stride >= static_cast<int64_t>(p.blocks) * p.out_width,
+          "project_rows: row strides narrower than the blocks");
+  require(in_stride <= INT_MAX && out_stride <= INT_MAX && p.in_step <= INT_MAX &&
+              p.out_step <= INT_MAX,
+          "project_rows: strides exceed cuBLAS's int range");
   if (rows <= 0) return;
-  const int64_t items = static_cast<int64_t>(rows) * projection.blocks * projection.out_width;
-  project_rows_kernel<<<blocks_for(items, kThreads), kThreads, 0, stream_of(cuda_stream)>>>(
-      in, in_stride, rows, projection, out, out_stride,
-      lengths != nullptr ? lengths->stored : nullptr, dense != nullptr ? dense->seq_row : nullptr);
-  CUDA_CHECK_LAUNCH();
+  // cuBLAS is column-major: the row-major (rows, stride) buffers read as
+  // (stride x rows) matrices, so out^T (out_width x rows) = W^T (out_width x
+  // in_width) · in^T (in_width x rows), W^T[j, c] = matrix[c * in_step + j *
+  // out_step]. Output-major storage (in_step 1) is W^T's transpose stored
+  // column-major with ld out_step (op T); input-major (out_step 1) is W^T
+  // itself with ld in_step (op N). Diagonal blocks are a strided batch.
+  const bool inputs_contiguous = p.in_step == 1;
+  const cublasOperation_t op_w = inputs_contiguous ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int ld_w = static_cast<int>(inputs_contiguous ? p.out_step : p.in_step);
+  const auto handle = static_cast<cublasHandle_t>(blas.handle());
+  CUBLAS_CHECK(cublasSetStream(handle, stream_of(cuda_stream)));
+  CUBLAS_CHECK(cublasSetWorkspace(handle, blas.workspace(), blas.workspace_bytes()));
+  const float alpha = 1.0f, beta = 0.0f;
+  if (p.blocks == 1) {
+    CUBLAS_CHECK(cublasSgemm(handle, op_w, CUBLAS_OP_N, p.out_width, rows, p.in_width, &alpha,
+                             p.matrix, ld_w, in, static_cast<int>(in_stride), &beta, out,
+                             static_cast<int>(out_stride)));
+    return;
+  }
+  CUBLAS_CHECK(cublasSgemmStridedBatched(handle, op_w, CUBLAS_OP_N, p.out_width, rows, p.in_width,
+                                         &alpha, p.matrix, ld_w, p.block_stride, in,
+                                         static_cast<int>(in_stride), p.in_width, &beta, out,
+                                         static_cast<int>(out_stride), p.out_width, p.blocks));
 }
 
 void rope_dense_keys(float* keys, const PagedLengths& lengths, const DenseRows& dense,
