@@ -996,6 +996,10 @@ bool CudaEngine::graphs_enabled() const {
   return impl_->graphs_enabled;
 }
 
+void CudaEngine::fill_with_zeros(int32_t seq, int32_t tokens) {
+  impl_->cache->fill_with_zeros(seq, tokens);
+}
+
 void CudaEngine::set_graphs_enabled(bool enabled) {
   impl_->graphs_enabled = enabled;
   if (!enabled) {

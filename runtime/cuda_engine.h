@@ -107,6 +107,10 @@ class CudaEngine final : public Engine {
   // that compare the two. A capture the device refuses turns graphs off too
   // (that step runs kernel by kernel); device_summary() then says why.
   void set_graphs_enabled(bool enabled);
+  // For benchmarks: `seq` holds `tokens` tokens of zeros in its cache
+  // (DeviceCache::fill_with_zeros), so decode can be timed at a long context
+  // without its prefill.
+  void fill_with_zeros(int32_t seq, int32_t tokens);
   bool graphs_enabled() const;
 
  private:

@@ -99,6 +99,12 @@ class DeviceCache {
   // the stream's work is done; read it through table(seq).
   virtual void download_arena(std::vector<uint8_t>& arena) const = 0;
   virtual const BlockTable& table(int32_t seq) const = 0;
+  // For benchmarks: `seq` holds `tokens` tokens whose stored bytes are all
+  // zero (its blocks taken from the pool and cleared), without running the
+  // model, so a decode step can be timed at a long context without its
+  // prefill. Attention costs the same whatever the values. Replaces what the
+  // sequence held; PoolExhausted where the pool lacks the blocks.
+  virtual void fill_with_zeros(int32_t seq, int32_t tokens) = 0;
 };
 
 // Why the device cannot hold options.mode for `model` ("" where it can): the

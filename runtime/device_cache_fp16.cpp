@@ -103,6 +103,20 @@ class Fp16DeviceCache final : public DeviceCache {
     truncate_now(check_seq(seq), from);
   }
 
+  void fill_with_zeros(int32_t seq, int32_t tokens) override {
+    if (in_step_) throw Error("device cache: fill inside a step");
+    check_seq(seq);
+    if (tokens < 0 || tokens > options_.max_tokens)
+      throw Error("device cache: cannot fill " + std::to_string(tokens) + " tokens");
+    truncate_now(seq, 0);
+    resize_table(pool_, tables_[seq], blocks_for_tokens(tokens), 0);  // PoolExhausted: unchanged
+    for (int32_t block : tables_[seq].groups)
+      cuda::fill_zero(arena_.as<uint8_t>() + static_cast<size_t>(block) * layout_.block_bytes,
+                      layout_.block_bytes, stream_);
+    lengths_[seq] = tokens;
+    upload_tables();
+  }
+
   void begin_step(const std::vector<StepRows>& segments) override {
     if (in_step_) throw Error("device cache: begin_step before the previous step's end_step");
     std::set<int32_t> seen;

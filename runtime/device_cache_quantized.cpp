@@ -292,6 +292,26 @@ class QuantizedDeviceCache final : public DeviceCache {
     in_step_ = false;
   }
 
+  void fill_with_zeros(int32_t seq, int32_t tokens) override {
+    if (in_step_) throw Error("device cache: fill inside a step");
+    check_seq(seq);
+    if (tokens < 0 || tokens > options_.max_tokens)
+      throw Error("device cache: cannot fill " + std::to_string(tokens) + " tokens");
+    truncate(seq, 0);
+    const int32_t local = shard_.owned_before(tokens);
+    // Zero codes with zero scales and zero points decode to 0; zero window
+    // rows are fp16 zeros; the CL accumulator starts at zero.
+    resize_table(pool_, tables_[seq], (local + kBlockTokens - 1) / kBlockTokens,
+                 window_pages(local % kBlockTokens));
+    for (const std::vector<int32_t>* blocks : {&tables_[seq].groups, &tables_[seq].window})
+      for (int32_t block : *blocks)
+        cuda::fill_zero(arena_.as<uint8_t>() + static_cast<size_t>(block) * layout_.block_bytes,
+                        layout_.block_bytes, stream_);
+    lengths_[seq] = tokens;
+    upload_tables();
+    upload_lengths();
+  }
+
   void import_blocks(const AttentionCache& cpu) override {
     if (in_step_) throw Error("device cache: import inside a step");
     const CacheBlockLayout theirs = cpu.block_layout();
