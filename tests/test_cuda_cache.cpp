@@ -1289,6 +1289,47 @@ TEST(CudaCache, LocalConfigFp16CacheHasTheCpuLayout) {
   }
 }
 
+// The benchmarks' fill: every mode holds the tokens asked for in exactly the
+// blocks its CPU twin would, attention over them is zero (zero values), and
+// a fill the pool cannot hold changes nothing.
+TEST(CudaCache, FillWithZerosHoldsTheBlocksOfItsLength) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  auto model = load_model("stories260K");
+  const ModelConfig& c = model->config();
+  for (const CacheModeSpec& mode : cache_modes()) {
+    TestCacheSetup setup(c, std::string(mode.name), 512, 2);
+    cuda::Stream stream;
+    cuda::Blas blas(stream);
+    std::unique_ptr<DeviceCache> device = make_device_cache(*model, setup.options, stream, blas);
+    const int32_t free_before = device->free_blocks();
+    device->fill_with_zeros(1, 300);
+    EXPECT_EQ(device->length(1), 300) << mode.name;
+    EXPECT_EQ(free_before - device->free_blocks(), device->blocks_for_tokens(300)) << mode.name;
+    // One decode row at position 300 over the zeros (its own row zero too).
+    const int64_t q_width = static_cast<int64_t>(c.n_heads) * c.head_dim;
+    cuda::DeviceMemory x(sizeof(float) * c.dim), k(sizeof(float) * c.kv_dim()),
+        v(sizeof(float) * c.kv_dim()), q(sizeof(float) * q_width), out(sizeof(float) * q_width);
+    for (cuda::DeviceMemory* m : {&x, &k, &v}) cuda::fill_zero(m->data(), m->bytes(), stream);
+    std::vector<float> query(static_cast<size_t>(q_width), 0.5f);
+    cuda::copy_to_device(q.data(), query.data(), q.bytes(), stream);
+    device->begin_step({StepRows{1, 300, 1}});
+    for (int32_t layer = 0; layer < c.n_layers; ++layer)
+      device->run_layer(layer, x.as<float>(), k.as<float>(), v.as<float>(), q.as<float>(),
+                        out.as<float>());
+    device->end_step();
+    std::vector<float> result(static_cast<size_t>(q_width), 1.0f);
+    cuda::copy_to_host(result.data(), out.data(), out.bytes(), stream);
+    stream.synchronize();
+    for (float value : result) ASSERT_EQ(value, 0.0f) << mode.name;
+    EXPECT_THROW(device->fill_with_zeros(0, 512 * 64), Error) << "beyond max_tokens";
+    const int32_t free_now = device->free_blocks();
+    if (device->blocks_for_tokens(512) > free_now) {
+      EXPECT_THROW(device->fill_with_zeros(0, 512), PoolExhausted);
+      EXPECT_EQ(device->free_blocks(), free_now);
+    }
+  }
+}
+
 // Runs everywhere: every mode of the table is held on the device for both
 // kinds of model; an unknown mode is an error.
 TEST(CudaCache, EveryModeIsSupported) {
