@@ -15,16 +15,20 @@
 // the embedding and the layers, hands blocks back (end_step), and only then
 // runs the output head over the wanted rows and copies their logits out.
 //
-// Graphs: a decode step (every segment one token) whose row count has been
-// seen before is captured once, embedding and layers, and replayed after;
+// Graphs: a decode step (every segment one token) whose shape has been seen
+// before is captured once, embedding and layers, and replayed after;
 // everything that changes between such steps is read from the device buffers
-// above and the cache's tables. The first step of a row count runs kernel by
-// kernel, which also makes every lazy initialization (module loading, cuBLAS
-// state) happen outside a capture. The output head and sampling are outside
-// the graph: their row count follows the segments that want logits. A
-// capture the device refuses turns graphs off for the engine; that step runs
-// kernel by kernel. A step whose device work fails still ends its cache step,
-// each sequence cut back to what it held, so the engine stays usable.
+// above and the cache's tables. A shape is the row count and the cache's
+// step_shape_key() (known once begin_step ran: the materialize path's dense
+// rows, a few buckets of the context; 0 elsewhere). The first step of a shape
+// runs kernel by kernel, which also makes every lazy initialization (module
+// loading, cuBLAS state) happen outside a capture. Shapes are few (row counts
+// up to the sequences, times the few buckets), and at most kMaxDecodeGraphs
+// graphs are held, the least recently launched going first beyond that. The output head and
+// sampling are outside the graph: their row count follows the segments that want logits. A capture
+// the device refuses turns graphs off for the engine; that step runs kernel by kernel. A step whose
+// device work fails still ends its cache step, each sequence cut back to what it held, so the
+// engine stays usable.
 //
 // Tensor parallelism (a group of more than one, never captured in a graph):
 // Wo and down outputs are summed across the group in place, as on the CPU.
@@ -47,6 +51,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/ops.h"
@@ -73,6 +78,11 @@ namespace {
 // Every piece of the device allocations starts on 256 bytes: what
 // cudaMalloc guarantees, so vector loads in any kernel stay aligned.
 constexpr size_t kDeviceAlignment = 256;
+// Decode graphs held at most. Decode shapes are few (a row count up to the
+// sequences, times the cache's few step keys), so this bound only matters
+// for many sequences over many context buckets; beyond it the least recently
+// launched graph goes (it is captured again when its shape comes back).
+constexpr size_t kMaxDecodeGraphs = 128;
 
 size_t align_up(size_t bytes) {
   return (bytes + kDeviceAlignment - 1) / kDeviceAlignment * kDeviceAlignment;
@@ -259,8 +269,15 @@ struct CudaEngine::Impl {
 
   bool graphs_enabled = true;
   std::string graphs_refused;  // why the device refused a capture ("" if it never did)
-  std::map<int32_t, std::unique_ptr<cuda::Graph>> graphs;  // decode rows -> captured step
-  std::set<int32_t> decode_rows_seen;
+  // A decode step's shape: its rows and the cache's step_shape_key().
+  using StepShape = std::pair<int32_t, int64_t>;
+  struct CapturedStep {
+    std::unique_ptr<cuda::Graph> graph;
+    int64_t last_launch = 0;  // the value of `launches` at its latest launch
+  };
+  std::map<StepShape, CapturedStep> graphs;
+  std::set<StepShape> decode_shapes_seen;
+  int64_t launches = 0;
   int64_t captures = 0, replays = 0;
 };
 
@@ -667,11 +684,13 @@ void CudaEngine::Impl::run_step(const std::vector<Segment>& segments,
     layer_loop(hidden, rows);
   };
   cache_step(segments, [&] {
-    auto found = graphs.find(rows);
+    const StepShape shape{rows, cache->step_shape_key()};  // the cache's step is begun
+    auto found = graphs.find(shape);
     if (graphable && found != graphs.end()) {
-      found->second->launch(stream);
+      found->second.graph->launch(stream);
+      found->second.last_launch = ++launches;
       ++replays;
-    } else if (graphable && decode_rows_seen.count(rows) != 0) {
+    } else if (graphable && decode_shapes_seen.count(shape) != 0) {
       // Nothing was enqueued by a capture the device refused (the stream is
       // back to normal once the capture ends), so the step then runs kernel by
       // kernel and the engine stays consistent: its cache's step is begun and
@@ -697,7 +716,16 @@ void CudaEngine::Impl::run_step(const std::vector<Segment>& segments,
         ++captures;
         graph->launch(stream);
         ++replays;
-        graphs[rows] = std::move(graph);
+        if (graphs.size() >= kMaxDecodeGraphs) {
+          // A dropped graph still in flight is freed by CUDA once its launch
+          // completes (cudaGraphExecDestroy).
+          auto oldest =
+              std::min_element(graphs.begin(), graphs.end(), [](const auto& a, const auto& b) {
+                return a.second.last_launch < b.second.last_launch;
+              });
+          graphs.erase(oldest);
+        }
+        graphs[shape] = CapturedStep{std::move(graph), ++launches};
       } else {
         graphs_enabled = false;
         graphs.clear();
@@ -705,7 +733,7 @@ void CudaEngine::Impl::run_step(const std::vector<Segment>& segments,
         enqueue_layers();
       }
     } else {
-      if (graphable) decode_rows_seen.insert(rows);
+      if (graphable) decode_shapes_seen.insert(shape);
       enqueue_layers();
     }
   });
@@ -1004,7 +1032,7 @@ void CudaEngine::set_graphs_enabled(bool enabled) {
   impl_->graphs_enabled = enabled;
   if (!enabled) {
     impl_->graphs.clear();
-    impl_->decode_rows_seen.clear();
+    impl_->decode_shapes_seen.clear();
   }
 }
 

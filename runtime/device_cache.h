@@ -15,10 +15,15 @@
 // positions, sequence lengths, block tables) from device memory that
 // begin_step writes at fixed addresses, so a CUDA graph captured for one
 // shape of step (rows per segment) replays for any positions and tables.
+// Where a cache's kernel arguments also follow the step's context (the
+// materialize path's dense rows, sized to the step's longest sequence in a
+// few buckets), step_shape_key() names that part, and a caller keys its
+// graphs by it too.
 //
 // Built with the CUDA backend only. Plain C++ header.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -41,6 +46,21 @@ struct StepRows {
   int32_t pos0 = 0;
   int32_t n = 0;
 };
+
+// The materialize path's dense rows for a step whose sequences hold at most
+// `stored` local slots (once its rows are in), in a cache whose sequences
+// hold at most `capacity`: stored rounded up to a power of two times
+// kMaterializeUnit tokens, at most capacity; 0 where stored is 0. A step
+// computes at most twice its context's rows (or kMaterializeUnit), and a
+// cache meets few values (ceil(log2(capacity / kMaterializeUnit)) + 1 at
+// most: 6 for 32K tokens), so few graphs are keyed by them.
+constexpr int32_t kMaterializeUnit = 1024;
+inline int32_t materialize_rows(int32_t stored, int32_t capacity) {
+  if (stored <= 0 || capacity <= 0) return 0;
+  int64_t rows = kMaterializeUnit;
+  while (rows < stored) rows *= 2;
+  return static_cast<int32_t>(std::min<int64_t>(rows, capacity));
+}
 
 class DeviceCache {
  public:
@@ -90,6 +110,13 @@ class DeviceCache {
                                  float* state_acc) = 0;
   // Lengths advance to the step's ends; blocks beyond them go back.
   virtual void end_step() = 0;
+  // Between begin_step and end_step: the part of the step's shape, beyond
+  // its rows per segment, that run_layer's kernel arguments depend on. Two
+  // steps of the same rows and key launch the same kernels with the same
+  // arguments (a graph captured for one replays for the other). 0 where the
+  // rows alone decide (fp16, the fused quantized modes); the materialize
+  // path's dense rows for the step (materialize_rows) where it attends.
+  virtual int64_t step_shape_key() const { return 0; }
 
   // For tests and tools, outside a step. Takes the blocks, tables and
   // lengths of `cpu`, a CPU cache of the same mode and options with an arena

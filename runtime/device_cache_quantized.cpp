@@ -29,11 +29,16 @@
 //     dequantized into dense fp32 scratch (sized for the longest context at
 //     construction), XQuant-CL's chain is summed there with the accumulator
 //     rows (and the result kept in them for the next layer, as the CPU's
-//     attend does), K and V are rebuilt with fp32 cuBLAS GEMMs over the
-//     scratch's whole capacity (a fixed shape, graph-safe; the cache's Blas
-//     carries a fixed workspace) where the mode rebuilds, K is rotated at
-//     each token's global position, and a dense attention kernel attends
-//     each query row.
+//     attend does), K and V are rebuilt with fp32 cuBLAS GEMMs where the
+//     mode rebuilds (the cache's Blas carries a fixed workspace), K is
+//     rotated at each token's global position, and a dense attention kernel
+//     attends each query row. The dequantize, accumulate, GEMM and RoPE
+//     launches cover the step's dense rows, materialize_rows of its longest
+//     sequence (runtime/device_cache.h): a step costs the context it has, not
+//     the cache's capacity, and the few bucket sizes are the step's shape key
+//     (step_shape_key), so a graph captured for a row count and a bucket
+//     replays for any step of the same two. Rows past a sequence's stored
+//     slots are computed from whatever the scratch holds and never read.
 // Every address run_layer uses is fixed once the step's scratch exists (it
 // grows in begin_step, outside any capture, only when a step has more rows
 // than any before; a caller that captured graphs must capture again then, as
@@ -184,6 +189,7 @@ class QuantizedDeviceCache final : public DeviceCache {
     return twin_->blocks_for_step(from, to);
   }
   int32_t length(int32_t seq) const override { return lengths_.at(check_seq(seq)); }
+  int64_t step_shape_key() const override { return dense_rows_; }
 
   void truncate(int32_t seq, int32_t from) override {
     if (in_step_) throw Error("device cache: truncate inside a step");
@@ -231,6 +237,12 @@ class QuantizedDeviceCache final : public DeviceCache {
     for (const StepRows& s : segments) {
       if (s.pos0 < lengths_[s.seq]) truncate_now(s.seq, s.pos0, heads);  // cannot fail: counted
     }
+    // The materialize path's scratch rows for this step: enough for the
+    // longest sequence it attends over, in a few sizes (materialize_rows).
+    int32_t longest = 0;
+    for (const StepRows& s : segments)
+      if (s.n > 0) longest = std::max(longest, shard_.owned_before(s.pos0 + s.n));
+    dense_rows_ = materializes() ? materialize_rows(longest, capacity_) : 0;
     host_rows_.clear();
     host_rows_.reserve(static_cast<size_t>(rows));
     for (const StepRows& s : segments) {
@@ -289,6 +301,7 @@ class QuantizedDeviceCache final : public DeviceCache {
     }
     step_.clear();
     step_rows_ = 0;
+    dense_rows_ = 0;
     in_step_ = false;
   }
 
@@ -379,6 +392,8 @@ class QuantizedDeviceCache final : public DeviceCache {
 
   bool latent_layout() const { return layout_.kv_source == KvSource::kRebuiltFromLatents; }
   bool cross_layer() const { return layout_.kv_source == KvSource::kCrossLayerDeltas; }
+  // Whether attention goes through dense scratch (not a fused kernel).
+  bool materializes() const { return !latent_layout() && !kivi_fused_; }
 
   // QuantizedCache::truncate at rest: the table keeps the groups of the kept
   // tokens and the window pages of the partial group; where the cut falls
@@ -496,9 +511,9 @@ class QuantizedDeviceCache final : public DeviceCache {
   }
 
   // Split scratch of the fused decode kernels, or dense scratch of the
-  // materialize path (one sequence's whole context, zeroed once: the
-  // projections run over all of it and the rows past a sequence's stored ones
-  // are never read).
+  // materialize path (one sequence's whole context, zeroed once: a step's
+  // projections run over its first dense_rows_ rows, and the rows past a
+  // sequence's stored ones are never read).
   void allocate_dense_scratch() {
     if (kivi_fused_) {
       const int32_t max_local = capacity_;
@@ -665,7 +680,7 @@ class QuantizedDeviceCache final : public DeviceCache {
     const paged::StepRow* rows = rows_device_.as<const paged::StepRow>() + row0;
     paged::DenseRows dense;
     dense.seq_row = rows;
-    dense.capacity = capacity_;
+    dense.capacity = dense_rows_;  // at least the sequence's stored slots
     const paged::PagedLengths lengths = lengths_view();
     float* keys = keys_.as<float>();
     float* values = values_.as<float>();
@@ -683,7 +698,7 @@ class QuantizedDeviceCache final : public DeviceCache {
           paged::quant_materialize(arena_view(), window_view(), lengths,
                                    paged_stream(layer.streams[0]), dense, dense_latent_.as<float>(),
                                    stream_);
-          paged::project_rows(dense_latent_.as<const float>(), layer.encode_k.rows, capacity_,
+          paged::project_rows(dense_latent_.as<const float>(), layer.encode_k.rows, dense_rows_,
                               input_major(m.encode_k, layer.encode_k, 1), source, d, blas_,
                               stream_);
         } else {
@@ -694,9 +709,9 @@ class QuantizedDeviceCache final : public DeviceCache {
           paged::cross_layer_accumulate(arena_view(), layout_.accumulator_offset, d, lengths, dense,
                                         source, layer.cross_layer_delta, layer.cross_layer_keeps,
                                         stream_);
-        paged::project_rows(source, d, capacity_, output_major(m.rebuild_k, layer.rebuild_k), keys,
-                            kv, blas_, stream_);
-        paged::project_rows(source, d, capacity_, output_major(m.rebuild_v, layer.rebuild_v),
+        paged::project_rows(source, d, dense_rows_, output_major(m.rebuild_k, layer.rebuild_k),
+                            keys, kv, blas_, stream_);
+        paged::project_rows(source, d, dense_rows_, output_major(m.rebuild_v, layer.rebuild_v),
                             values, kv, blas_, stream_);
         break;
       }
@@ -800,6 +815,7 @@ class QuantizedDeviceCache final : public DeviceCache {
 
   std::vector<StepRows> step_;
   int32_t step_rows_ = 0;
+  int32_t dense_rows_ = 0;  // the step's materialize rows (materialize_rows); 0 if fused
   bool in_step_ = false;
 };
 

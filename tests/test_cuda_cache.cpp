@@ -556,10 +556,12 @@ StepInputs gather_step(const ModelConfig& c, const std::vector<SequenceRows>& ro
 
 // One step through the CPU cache (truncation, then per layer append and
 // attend of every segment) and the device cache, attention compared per
-// layer (failures recorded, the step finished either way).
+// layer (failures recorded, the step finished either way). `shape_key`, where
+// given, receives the device cache's step_shape_key() of the step.
 void run_step_on_both(const Model& model, const std::string& mode, AttentionCache& cpu,
                       DeviceCache& device, const std::vector<SequenceRows>& rows,
-                      const std::vector<StepRows>& step, uint32_t& seed, cuda::Stream& stream) {
+                      const std::vector<StepRows>& step, uint32_t& seed, cuda::Stream& stream,
+                      int64_t* shape_key = nullptr) {
   const ModelConfig& c = model.config();
   const size_t q_width = static_cast<size_t>(c.n_heads) * c.head_dim;
   int32_t n_rows = 0;
@@ -567,6 +569,7 @@ void run_step_on_both(const Model& model, const std::string& mode, AttentionCach
   for (const StepRows& s : step)
     if (s.pos0 < cpu.length(s.seq)) cpu.truncate(s.seq, s.pos0);
   device.begin_step(step);
+  if (shape_key != nullptr) *shape_key = device.step_shape_key();
   for (int32_t layer = 0; layer < c.n_layers; ++layer) {
     const StepInputs in = gather_step(c, rows, step, layer);
     const std::vector<float> q = normal_values(n_rows * q_width, seed++);
@@ -759,6 +762,44 @@ void expect_quant_steps_match_cpu(const Model& model, const std::string& mode,
     EXPECT_EQ(stored.differing, 0) << "of " << stored.bytes << " bytes";
     // Xhat = dequantized delta + previous Xhat: the same fp32 additions.
     EXPECT_EQ(stored.device_accumulator, stored.cpu_accumulator);
+  }
+}
+
+// The materialize path over a cache of 2560 tokens whose steps attend over
+// contexts in three buckets of dense rows (materialize_rows: 1024, 2048, and
+// the capacity): attention matches the CPU's in each, across a crossing up,
+// a truncation back down (the scratch rows past the bucket and past the
+// sequence then hold an older, longer context's values, never read) and a
+// prefill to the capacity's bucket. step_shape_key() is each step's bucket.
+void expect_materialize_steps_follow_their_context(const Model& model, const std::string& mode) {
+  const ModelConfig& c = model.config();
+  const int32_t max_tokens = 2560, sequences = 2;
+  TestCacheSetup setup(c, mode, max_tokens, sequences);
+  std::unique_ptr<AttentionCache> cpu = make_cache(model, setup.options);
+  cuda::Stream stream;
+  cuda::Blas blas(stream);
+  std::unique_ptr<DeviceCache> device = make_device_cache(model, setup.options, stream, blas);
+  const std::vector<SequenceRows> rows = {random_rows(c, 1200, 60), random_rows(c, 2200, 61)};
+  struct KeyedStep {
+    std::vector<StepRows> step;
+    int64_t key;  // the longest stored context rounded up as materialize_rows says
+  };
+  const std::vector<KeyedStep> steps = {
+      {{{0, 0, 1000}, {1, 0, 300}}, 1024},   // prefills in the first bucket
+      {{{0, 1000, 24}, {1, 300, 1}}, 1024},  // seq 0 ends exactly at the bucket's end
+      {{{0, 1024, 1}}, 2048},                // one slot past it
+      {{{0, 1025, 100}, {1, 301, 1}}, 2048},
+      {{{0, 600, 1}}, 1024},  // truncation back into the first bucket
+      {{{1, 302, 1}, {0, 601, 1}}, 1024},
+      {{{1, 303, 1800}, {0, 602, 1}}, 2560},  // past 2048: the capacity
+  };
+  uint32_t seed = 1200;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    SCOPED_TRACE(mode + ", step " + std::to_string(i));
+    int64_t key = -1;
+    run_step_on_both(model, mode, *cpu, *device, rows, steps[i].step, seed, stream, &key);
+    EXPECT_EQ(key, steps[i].key);
+    for (int32_t s = 0; s < sequences; ++s) EXPECT_EQ(device->length(s), cpu->length(s));
   }
 }
 
@@ -1152,6 +1193,15 @@ TEST_P(CudaQuantCacheTest, StepsWithOutlierChannelMatchCpu) {
   expect_quant_steps_match_cpu(*model_, mode(), true);
 }
 
+// The materialize modes on an MHA model (kivi attends through its fused
+// kernel there).
+TEST(CudaCache, MaterializeStepsFollowTheirContext) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  auto model = load_model("stories260K");
+  for (const char* mode : {"xquant-4", "xquant-cl-3"})
+    expect_materialize_steps_follow_their_context(*model, mode);
+}
+
 TEST_P(CudaQuantCacheTest, PoolExhaustionChangesNothing) {
   expect_quant_pool_exhaustion_changes_nothing(*model_, mode());
 }
@@ -1262,6 +1312,66 @@ INSTANTIATE_TEST_SUITE_P(
       std::replace(name.begin(), name.end(), '-', '_');
       return name;
     });
+
+// Runs everywhere: the materialize path's dense rows cover the step's
+// context, at most doubled (or one 1024-token unit), never beyond the
+// capacity, and take few values (the graphs keyed by them are few).
+TEST(CudaCache, MaterializeRowsBucketTheContext) {
+  EXPECT_EQ(materialize_rows(0, 4096), 0);
+  EXPECT_EQ(materialize_rows(1, 4096), 1024);
+  EXPECT_EQ(materialize_rows(1024, 4096), 1024);
+  EXPECT_EQ(materialize_rows(1025, 4096), 2048);
+  EXPECT_EQ(materialize_rows(2049, 4096), 4096);
+  EXPECT_EQ(materialize_rows(100, 256), 256);     // a cache shorter than one unit
+  EXPECT_EQ(materialize_rows(2049, 3000), 3000);  // the last bucket is the capacity
+  EXPECT_EQ(materialize_rows(16384, 32768), 16384);
+  EXPECT_EQ(materialize_rows(16385, 32768), 32768);
+  for (const int32_t capacity : {256, 1024, 3000, 32768}) {
+    std::vector<int32_t> values;
+    int32_t previous = 0;
+    for (int32_t stored = 1; stored <= capacity; ++stored) {
+      const int32_t rows = materialize_rows(stored, capacity);
+      ASSERT_GE(rows, stored) << capacity;
+      ASSERT_LE(rows, capacity) << stored;
+      ASSERT_TRUE(rows == 1024 || rows == capacity || rows < 2 * stored) << stored;
+      ASSERT_GE(rows, previous) << stored;
+      if (rows != previous) values.push_back(rows);
+      previous = rows;
+    }
+    // 1024, 2048, ... up to the capacity: ceil(log2(capacity / 1024)) + 1.
+    const size_t expected = capacity <= 1024 ? 1 : capacity == 3000 ? 3 : 6;
+    EXPECT_EQ(values.size(), expected) << capacity;
+  }
+}
+
+// Each device mode's step key on stories260K, decoding at 301 tokens in a
+// cache of 2560: the first bucket (1024) where attention materializes (xquant
+// on X and xquant-cl, kivi where its fused kernel refuses the shape), 0 where
+// a fused kernel attends (fp16, kivi, latents) and the row count alone
+// shapes the step.
+TEST(CudaCache, StepShapeKeyIsTheMaterializeRows) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  auto model = load_model("stories260K");
+  const ModelConfig& c = model->config();
+  for (const CacheModeSpec& spec : cache_modes()) {
+    const std::string mode(spec.name);
+    TestCacheSetup setup(c, mode, 2560, 1);
+    cuda::Stream stream;
+    cuda::Blas blas(stream);
+    std::unique_ptr<DeviceCache> device = make_device_cache(*model, setup.options, stream, blas);
+    bool materializes = false;
+    if (spec.family != "fp16") {
+      const KvSource source = layout_for(spec, c).kv_source;
+      materializes = source == KvSource::kRebuiltFromX || source == KvSource::kCrossLayerDeltas ||
+                     (source == KvSource::kReadBack &&
+                      !paged::kivi_unsupported(attention_shape_of(c)).empty());
+    }
+    device->fill_with_zeros(0, 300);
+    device->begin_step({StepRows{0, 300, 1}});
+    EXPECT_EQ(device->step_shape_key(), materializes ? 1024 : 0) << mode;
+    device->end_step();
+  }
+}
 
 // The fp16 cache over one tensor-parallel rank's heads: the layout of the
 // CPU's Fp16KvCache over the same local config, and quantized modes refused.

@@ -599,6 +599,65 @@ INSTANTIATE_TEST_SUITE_P(Models, CudaEngineVsCpu,
                            return name;
                          });
 
+// xquant-cl-3 on stories260K (MHA: the materialize path) decoding across the
+// dense-row buckets of its cache (1024, 2048, then 4096 stored tokens, in a
+// cache of 4096): a graph is keyed by the step's rows and bucket, so each
+// bucket runs once kernel by kernel, is captured at its second step and
+// replayed after, the captures growing by one per bucket crossed; the logits
+// are the same bits as launching kernel by kernel at every step (a graph
+// replayed in another bucket would attend over the wrong rows).
+TEST(CudaEngineGraphs, DecodeAcrossMaterializeBucketsMatchesWithoutGraphs) {
+  SKIP_WITHOUT_CUDA_DEVICE();
+  const std::string path = model_file("stories260K");
+  if (!testing::file_exists(path)) GTEST_SKIP() << path << " absent";
+  std::unique_ptr<Model> model = Model::load(path);
+  const int32_t vocab = model->config().vocab_size;
+  EngineOptions options;
+  options.cache_mode = "xquant-cl-3";
+  options.max_tokens = 4096;
+  CUDA_ENGINE_OR_SKIP(with_graphs, *model, options);
+  CUDA_ENGINE_OR_SKIP(without, *model, options);
+  without->set_graphs_enabled(false);
+  std::vector<float> a(static_cast<size_t>(vocab)), b(a.size());
+  int32_t pos = 0, next = 0;
+  auto prefill = [&](int32_t n, int32_t salt) {
+    const std::vector<int32_t> prompt = prompt_of(n, salt, vocab);
+    with_graphs->forward(0, prompt.data(), n, pos, a.data(), n - 1);
+    without->forward(0, prompt.data(), n, pos, b.data(), n - 1);
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "prefill at " << pos;
+    pos += n;
+    next = argmax(a.data(), vocab);
+  };
+  // Steps and captures per bucket, counted from the stored length after each
+  // step (the bucket's bounds written out, not taken from materialize_rows).
+  int32_t steps_in_bucket[3] = {0, 0, 0};
+  auto decode = [&](int32_t steps) {
+    for (int32_t step = 0; step < steps; ++step) {
+      with_graphs->forward(0, &next, 1, pos, a.data(), 0);
+      without->forward(0, &next, 1, pos, b.data(), 0);
+      ++pos;
+      ASSERT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+          << "decode to " << pos << " tokens";
+      ++steps_in_bucket[pos <= 1024 ? 0 : pos <= 2048 ? 1 : 2];
+      int64_t captures = 0, replays = 0;
+      for (const int32_t seen : steps_in_bucket) {
+        captures += seen >= 2;
+        replays += std::max(0, seen - 1);
+      }
+      EXPECT_EQ(with_graphs->graph_captures(), captures) << pos << " tokens";
+      EXPECT_EQ(with_graphs->graph_replays(), replays) << pos << " tokens";
+      next = argmax(a.data(), vocab);
+    }
+  };
+  prefill(1019, 8);
+  decode(12);  // 1020 .. 1031 tokens: five in the first bucket, seven in the second
+  EXPECT_EQ(with_graphs->graph_captures(), 2);
+  prefill(2045 - pos, 9);
+  decode(6);  // 2046 .. 2051 tokens: three more in the second bucket, three in the third
+  EXPECT_EQ(with_graphs->graph_captures(), 3);
+  EXPECT_EQ(without->graph_captures(), 0);
+}
+
 // ---------------------------------------------------------------------------
 // Tensor parallelism on the device: two ranks in one process, each a thread
 // with its own CudaEngine on device 0, over a communicator that combines

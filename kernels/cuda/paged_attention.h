@@ -292,8 +292,11 @@ void cross_layer_delta(const PagedArena& pool, size_t accumulator_offset, int64_
                        float* delta, const ShardSpec& shard, Stream& cuda_stream);
 
 // One sequence's dense rows: the sequence of step row `seq_row`, its slots
-// [0, lengths.stored[seq]) of `capacity` (scratch rows), everything else of
-// the scratch left as it was.
+// [0, lengths.stored[seq]) of the first `capacity` scratch rows (the rows a
+// launch covers: at least stored, at most the scratch's; the caches pass the
+// step's materialize_rows, runtime/device_cache.h), everything else of the
+// scratch left as it was. A launch's grid follows capacity; the threads of
+// rows at or past stored leave, so a larger capacity costs idle threads only.
 struct DenseRows {
   const StepRow* seq_row = nullptr;
   int32_t capacity = 0;
@@ -318,8 +321,9 @@ void cross_layer_accumulate(const PagedArena& pool, size_t accumulator_offset, i
 // blocks, on `blas` bound to `cuda_stream` with its fixed workspace: no
 // allocation, so it may sit in a captured graph). The matrix is contiguous
 // along its inputs (in_step 1) or its outputs (out_step 1). Every row is
-// computed whatever it holds: the materialize path passes its scratch's whole
-// capacity (a fixed shape), and the rows past a sequence's stored ones are
+// computed whatever it holds: the materialize path passes the step's dense
+// rows (DenseRows::capacity, a bucket of the step's longest context, part of
+// the step's graph key), and the rows past a sequence's stored ones are
 // never read.
 struct RowProjection {
   const float* matrix = nullptr;
@@ -331,14 +335,16 @@ void project_rows(const float* in, int64_t in_stride, int32_t rows, const RowPro
                   float* out, int64_t out_stride, Blas& blas, Stream& cuda_stream);
 
 // RoPE of dense keys (capacity, kv_heads * head_dim) in place: local slot t
-// at its global position (SequenceShard::position), as cpu::rope.
+// < stored at its global position (SequenceShard::position), as cpu::rope.
 void rope_dense_keys(float* keys, const PagedLengths& lengths, const DenseRows& dense,
                      const AttentionShape& shape, const float* cos_sin, const ShardSpec& shard,
                      Stream& cuda_stream);
 
 // Attention of step rows [0, n_rows) of one sequence (rows and q start at
 // its first row) over dense keys and values (capacity, kv_heads * head_dim):
-// row r sees slots [0, owned_before(pos_r + 1)). head_dim at most
+// row r sees slots [0, owned_before(pos_r + 1)), its work following that
+// context (a CTA per row and head, looping over the visible slots), never
+// the scratch's size. head_dim at most
 // kMaxHeadDim. target as fp16_attention's, its rows starting at the
 // sequence's first row too.
 void dense_attention(const float* keys, const float* values, const StepRow* rows, int32_t n_rows,

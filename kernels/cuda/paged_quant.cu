@@ -342,9 +342,9 @@ __global__ void cross_layer_delta_kernel(PagedArena pool, size_t accumulator_off
 // ---------------------------------------------------------------------------
 // Materialize path
 
-// A thread per (slot, channel) of the dense scratch; slots past the
-// sequence's stored rows leave. Consecutive threads read consecutive codes
-// of one row (token-major per channel, along the row per token).
+// A thread per (slot, channel) of the dense rows the launch covers
+// (DenseRows::capacity); slots past the sequence's stored rows leave. Consecutive threads read
+// consecutive codes of one row (token-major per channel, along the row per token).
 __global__ void materialize_kernel(PagedArena pool, PagedWindow window, PagedLengths lengths,
                                    PagedStream stream, DenseRows dense, float* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
