@@ -4,9 +4,10 @@
 // on the device, and all work on one stream per rank. Only token ids go in,
 // and only logits a caller asks for (or sampled ids) come out.
 //
-// Decode steps whose shape repeats (the same rows per segment) are captured
-// once as a CUDA graph and replayed: a small model's step is hundreds of
-// short kernels whose launch cost would otherwise dominate.
+// Decode steps whose shape repeats (the same number of rows, and the same
+// DeviceCache::step_shape_key: the context bucket of a materializing cache)
+// are captured once as a CUDA graph and replayed: a small model's step is
+// hundreds of short kernels whose launch cost would otherwise dominate.
 //
 // Tensor parallelism runs over a Communicator whose buffers are device
 // memory (parallel/nccl_communicator.h); a group of one needs none. Built
