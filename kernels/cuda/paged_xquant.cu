@@ -23,6 +23,7 @@
 #include <climits>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "kernels/attention_state.h"
 #include "kernels/cuda/check.h"
@@ -40,6 +41,7 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kPoolTokens = 128;  // tokens per pool block and per quantization group
 constexpr int kSubTile = 64;      // tokens rebuilt, rotated and scored at once
 constexpr int kChunk = 64;        // latent channels staged per MMA pass
+constexpr int kRun = 8;           // codes unpacked per load: 8 codes of b bits are b whole bytes
 constexpr int kMma = 16;          // WMMA tile edge (16x16x16, fp16 in, fp32 out)
 constexpr int kHalfPad = 8;       // fp16 row padding: WMMA wants ldm % 8, and it spreads banks
 constexpr int kFloatPad = 4;      // fp32 row padding: WMMA wants ldm % 4; float4 rows stay aligned
@@ -88,6 +90,78 @@ __host__ __device__ inline SharedLayout shared_layout(int32_t head_dim, int32_t 
   return s;
 }
 
+// The eight codes [8 i, 8 i + 8) of an LSB-first stream of `Bits`-bit codes
+// (kernels/cpu/group_quant.h): exactly Bits whole bytes starting at byte
+// i * Bits, code j in bits [j * Bits, j * Bits + Bits) of the result. One load
+// where Bits is 1, 2 or 4 (the address is a multiple of Bits, the stream
+// 4-byte aligned), two for 8, byte loads for 3, 5, 6 and 7.
+template <int Bits>
+__device__ inline uint64_t load_run(const uint8_t* bytes) {
+  if constexpr (Bits == 1) {
+    return __ldg(bytes);
+  } else if constexpr (Bits == 2) {
+    return __ldg(reinterpret_cast<const unsigned short*>(bytes));
+  } else if constexpr (Bits == 4) {
+    return __ldg(reinterpret_cast<const unsigned int*>(bytes));
+  } else if constexpr (Bits == 8) {
+    const unsigned int* words = reinterpret_cast<const unsigned int*>(bytes);
+    return __ldg(words) | static_cast<uint64_t>(__ldg(words + 1)) << 32;
+  } else {
+    uint64_t run = 0;
+#pragma unroll
+    for (int i = 0; i < Bits; ++i) run |= static_cast<uint64_t>(__ldg(bytes + i)) << (8 * i);
+    return run;
+  }
+}
+
+// Code j of a run as a float, without an int-to-float conversion: 2^23 + code
+// has the code in its low mantissa bits, and the subtraction is exact.
+template <int Bits>
+__device__ inline float run_code(uint64_t run, int j) {
+  const uint32_t code = static_cast<uint32_t>(run >> (j * Bits)) & ((1u << Bits) - 1u);
+  return __uint_as_float(0x4b000000u | code) - 8388608.0f;
+}
+
+// Calls body(std::integral_constant<int, bits>) for bits 1..8, so that the
+// code shifts of the unpacking are constants.
+template <typename Body>
+__device__ inline void with_bits(int bits, Body&& body) {
+  switch (bits) {
+    case 1:
+      body(std::integral_constant<int, 1>{});
+      break;
+    case 2:
+      body(std::integral_constant<int, 2>{});
+      break;
+    case 3:
+      body(std::integral_constant<int, 3>{});
+      break;
+    case 4:
+      body(std::integral_constant<int, 4>{});
+      break;
+    case 5:
+      body(std::integral_constant<int, 5>{});
+      break;
+    case 6:
+      body(std::integral_constant<int, 6>{});
+      break;
+    case 7:
+      body(std::integral_constant<int, 7>{});
+      break;
+    default:
+      body(std::integral_constant<int, 8>{});
+      break;
+  }
+}
+
+// Eight fp32 values rounded to fp16 (nearest) and stored as one 16-byte word.
+__device__ inline void store_run_fp16(__half* to, const float* values) {
+  __half2 pairs[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(values[2 * i], values[2 * i + 1]);
+  *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(pairs);
+}
+
 // Code `index` of an LSB-first stream of `bits`-bit codes (kernels/cpu/group_quant.h):
 // bits [index * bits, index * bits + bits), bit k in bit k % 8 of byte k / 8.
 // Reads the second byte only where the code reaches into it.
@@ -123,6 +197,72 @@ struct LatentArgs {
   float* split_states;  // (rows * heads, splits, 2 + kv) when plan.splits > 1
   AttentionTarget target;
 };
+
+// Stages `width` channels (a multiple of 8) of the K latent from `channel0` on,
+// for the tile's tokens [first, first + count) of a block, into `to` (kSubTile
+// rows of `stride` halves; rows from count on are zeros): thread per run of 8
+// channels, which loads the run's `bits` code bytes at once, keeps the run's 8
+// channel parameters in registers for all its tokens, and stores 8 fp16
+// values in one 16-byte word. Consecutive threads take consecutive runs of a
+// token (contiguous bytes). Quantized groups decode code · scale + zero
+// (group_decode, exact in fp32) and round to fp16; window rows are fp16
+// already; a kept outlier replaces the stored zero.
+__device__ inline void stage_key_latent(const LatentArgs& a, __half* to, int32_t stride,
+                                        int32_t width, int32_t channel0, int32_t count,
+                                        int32_t first, bool quantized, const uint8_t* k_codes,
+                                        const uint32_t* k_params, const uint16_t* outliers,
+                                        const int32_t* pages) {
+  const int32_t kv = a.layer.k_latent.width, hd = a.shape.head_dim;
+  const int32_t runs = width / kRun;
+  // Tokens staged side by side: runs * token_step threads, each on one run.
+  const int32_t token_step = max(1, kThreads / runs);
+  for (int32_t item = threadIdx.x; item < token_step * runs; item += kThreads) {
+    const int32_t run = item % runs, channel = channel0 + run * kRun;
+    const bool outlier =
+        a.layer.keep_outlier && channel % hd == 0 && channel / hd < a.layer.outliers_per_token;
+    float scale[kRun], zero[kRun];
+    if (quantized) {
+#pragma unroll
+      for (int32_t j = 0; j < kRun; ++j) {
+        const GroupGrid grid = read_grid(k_params + channel + j);
+        scale[j] = grid.scale;
+        zero[j] = grid.zero;
+      }
+    }
+    for (int32_t t = item / runs; t < kSubTile; t += token_step) {
+      float values[kRun];
+      if (t >= count) {
+#pragma unroll
+        for (int32_t j = 0; j < kRun; ++j) values[j] = 0.0f;
+      } else if (quantized) {
+        const uint8_t* bytes = k_codes + (static_cast<int64_t>(first + t) * kv + channel) / kRun *
+                                             a.layer.k_latent.bits;
+        with_bits(a.layer.k_latent.bits, [&](auto bits) {
+          const uint64_t codes = load_run<decltype(bits)::value>(bytes);
+#pragma unroll
+          for (int32_t j = 0; j < kRun; ++j)
+            values[j] = fmaf(run_code<decltype(bits)::value>(codes, j), scale[j], zero[j]);
+        });
+      } else {
+        const int32_t o = first + t;
+        const uint16_t* window_row =
+            reinterpret_cast<const uint16_t*>(
+                a.pool.arena +
+                static_cast<size_t>(pages[o / a.window.window_tokens]) * a.pool.block_bytes +
+                a.layer.k_latent.window_offset) +
+            static_cast<int64_t>(o % a.window.window_tokens) * kv + channel;
+#pragma unroll
+        for (int32_t j = 0; j < kRun; ++j)
+          values[j] = __half2float(__ushort_as_half(window_row[j]));
+      }
+      // The quantized stream (or the window) holds 0 at a kept outlier channel.
+      if (outlier && t < count)
+        values[0] = __half2float(
+            __ushort_as_half(outliers[(first + t) * a.layer.outliers_per_token + channel / hd]));
+      store_run_fp16(to + t * stride + run * kRun, values);
+    }
+  }
+}
 
 // Tiling: a CTA (4 warps) per (query row, KV head g, split). It keeps B_g (the
 // head's rows of rebuild_k, fp16) in shared memory for its whole life and walks
@@ -213,31 +353,8 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
       const int32_t width = min(kChunk, k_width - c0);
       // The previous tile's scores are read and the previous chunk's MMAs are done.
       __syncthreads();
-      for (int32_t i = tid; i < kSubTile * width; i += kThreads) {
-        const int32_t t = i / width, c = i % width;
-        __half value = __float2half_rn(0.0f);
-        if (t < count) {
-          const int32_t o = first + t, channel = channel_base + c0 + c;
-          if (a.layer.keep_outlier && channel % hd == 0 &&
-              channel / hd < a.layer.outliers_per_token) {
-            // The quantized stream (or the window) holds 0 here.
-            value = __ushort_as_half(outliers[o * a.layer.outliers_per_token + channel / hd]);
-          } else if (quantized) {
-            const int code =
-                read_code(k_codes, (static_cast<int64_t>(o) * kv + channel) * ks.bits, ks.bits);
-            value = __float2half_rn(group_decode(code, read_grid(k_params + channel)));
-          } else {
-            const int32_t page = pages[o / a.window.window_tokens];
-            const uint16_t* window_row =
-                reinterpret_cast<const uint16_t*>(a.pool.arena +
-                                                  static_cast<size_t>(page) * a.pool.block_bytes +
-                                                  ks.window_offset) +
-                static_cast<int64_t>(o % a.window.window_tokens) * kv;
-            value = __ushort_as_half(window_row[channel]);
-          }
-        }
-        latent_s[t * s.latent_stride + c] = value;
-      }
+      stage_key_latent(a, latent_s, s.latent_stride, width, channel_base + c0, count, first,
+                       quantized, k_codes, k_params, outliers, pages);
       __syncthreads();
       for (int32_t tile = warp; tile < (kSubTile / kMma) * n_tiles; tile += kWarps) {
         const int32_t tm = tile / n_tiles, tn = tile % n_tiles;
@@ -547,6 +664,8 @@ void xquant_latent_attention(const PagedArena& pool, const PagedWindow& window,
                              Stream& stream) {
   xquant_latent_check(window, layer, shape, n_rows, shard, plan, scratch, target);
   if (n_rows == 0) return;
+  // Runs of 2, 4 or 8 code bytes are read as 16- and 32-bit words.
+  require(pool.block_bytes % 4 == 0, "xquant latent: block_bytes must be a multiple of 4");
   const size_t shared_bytes = decode_shared_bytes(shape, layer.per_head_k);
   opt_in_shared(shared_bytes);
   LatentArgs args{pool,
