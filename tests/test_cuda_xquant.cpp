@@ -248,6 +248,7 @@ ReferenceState reference_attention(const SequenceBlocks& s, const LatentLayerHos
   for (int32_t t = 0; t < visible; ++t) {
     const std::vector<float> latent = key_latent_row(s, l, kv, hd, t, unpacked);
     values[t] = value_latent_row(s, l, kv, t);
+    for (float& value : values[t]) value = operand(value);
     const float* table = cos_sin.data() + static_cast<size_t>(shard.position(t)) * pairs * 2;
     for (int32_t g = 0; g < c.n_kv_heads; ++g) {
       std::vector<double> key(hd);

@@ -55,7 +55,12 @@ struct SharedLayout {
   int32_t b_stride = 0;       // halves per row of the rebuild matrix tile
   int32_t latent_stride = 0;  // halves per row of the staged latent chunk
   int32_t key_stride = 0;     // floats per row of the rebuilt keys
-  size_t rebuild = 0, latent = 0, keys = 0, queries = 0, acc = 0, probs = 0, stats = 0;
+  int32_t value_stride = 0;   // halves per row of the staged V-latent tile
+  int32_t acc_rows = 0;       // the group's query heads rounded up to whole WMMA tiles
+  int32_t acc_stride = 0;     // floats per row of the V-latent accumulators
+  int32_t weight_stride = 0;  // halves per row of the fp16 attention weights
+  size_t rebuild = 0, latent = 0, keys = 0, values = 0, queries = 0, acc = 0, weights = 0,
+         probs = 0, stats = 0;
   size_t bytes = 0;
 };
 
@@ -71,6 +76,10 @@ __host__ __device__ inline SharedLayout shared_layout(int32_t head_dim, int32_t 
   s.b_stride = k_width + kHalfPad;
   s.latent_stride = kChunk + kHalfPad;
   s.key_stride = head_dim + kFloatPad;
+  s.value_stride = kv + kHalfPad;
+  s.acc_rows = (group + kMma - 1) / kMma * kMma;
+  s.acc_stride = kv + kFloatPad;
+  s.weight_stride = kSubTile + kHalfPad;
   size_t at = 0;
   s.rebuild = at;  // (head_dim, k_width) fp16: B_g, resident for the whole CTA
   at = align_shared(at + static_cast<size_t>(head_dim) * s.b_stride * 2);
@@ -78,10 +87,14 @@ __host__ __device__ inline SharedLayout shared_layout(int32_t head_dim, int32_t 
   at = align_shared(at + static_cast<size_t>(kSubTile) * s.latent_stride * 2);
   s.keys = at;  // (kSubTile, head_dim) fp32: rebuilt keys, then rotated
   at = align_shared(at + static_cast<size_t>(kSubTile) * s.key_stride * 4);
+  s.values = at;  // (kSubTile, kv) fp16: the tile's dequantized V latent
+  at = align_shared(at + static_cast<size_t>(kSubTile) * s.value_stride * 2);
   s.queries = at;  // (group, head_dim) fp32
   at = align_shared(at + static_cast<size_t>(group) * head_dim * 4);
-  s.acc = at;  // (group, kv) fp32: the V-latent accumulators
-  at = align_shared(at + static_cast<size_t>(group) * kv * 4);
+  s.acc = at;  // (acc_rows, kv) fp32: the V-latent accumulators (rows past the group stay 0)
+  at = align_shared(at + static_cast<size_t>(s.acc_rows) * s.acc_stride * 4);
+  s.weights = at;  // 2 x (acc_rows, kSubTile) fp16: the weights' high and low halves
+  at = align_shared(at + static_cast<size_t>(2) * s.acc_rows * s.weight_stride * 2);
   s.probs = at;  // (group, kSubTile) fp32: scores, then probabilities
   at = align_shared(at + static_cast<size_t>(group) * kSubTile * 4);
   s.stats = at;  // max, sum, rescale: (group) fp32 each
@@ -160,17 +173,6 @@ __device__ inline void store_run_fp16(__half* to, const float* values) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(values[2 * i], values[2 * i + 1]);
   *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(pairs);
-}
-
-// Code `index` of an LSB-first stream of `bits`-bit codes (kernels/cpu/group_quant.h):
-// bits [index * bits, index * bits + bits), bit k in bit k % 8 of byte k / 8.
-// Reads the second byte only where the code reaches into it.
-__device__ inline int read_code(const uint8_t* stream, int64_t bit, int bits) {
-  const int64_t byte = bit >> 3;
-  const int shift = static_cast<int>(bit & 7);
-  unsigned int word = __ldg(stream + byte);
-  if (shift + bits > 8) word |= static_cast<unsigned int>(__ldg(stream + byte + 1)) << 8;
-  return static_cast<int>((word >> shift) & ((1u << bits) - 1u));
 }
 
 // A GroupParams (fp16 scale, fp16 zero; little-endian) as the grid it stores.
@@ -264,6 +266,44 @@ __device__ inline void stage_key_latent(const LatentArgs& a, __half* to, int32_t
   }
 }
 
+// Stages `width` channels (a multiple of 8) of the per-token V latent from
+// `channel0` on, for the tile's tokens, into `to` (kSubTile rows of `stride`
+// halves; rows from count on are zeros), with stage_key_latent's thread
+// mapping: a run of 8 channels never straddles a 128-channel group (groups are
+// multiples of 8 wide), so its `bits` code bytes sit at byte (t · kv +
+// channel) / 8 · bits of the block's rows and share one GroupParams.
+__device__ inline void stage_value_latent(const LatentArgs& a, __half* to, int32_t stride,
+                                          int32_t width, int32_t channel0, int32_t count,
+                                          int32_t first, const uint8_t* v_codes,
+                                          const uint32_t* v_params) {
+  const PagedStream& vs = a.layer.v_latent;
+  const int32_t runs = width / kRun;
+  const int32_t token_step = max(1, kThreads / runs);
+  for (int32_t item = threadIdx.x; item < token_step * runs; item += kThreads) {
+    const int32_t run = item % runs, channel = channel0 + run * kRun;
+    for (int32_t t = item / runs; t < kSubTile; t += token_step) {
+      float values[kRun];
+      if (t >= count) {
+#pragma unroll
+        for (int32_t j = 0; j < kRun; ++j) values[j] = 0.0f;
+      } else {
+        const int32_t o = first + t;
+        const uint8_t* bytes =
+            v_codes + (static_cast<int64_t>(o) * vs.width + channel) / kRun * vs.bits;
+        const GroupGrid grid =
+            read_grid(v_params + static_cast<int64_t>(o) * vs.row_groups + channel / kPoolTokens);
+        with_bits(vs.bits, [&](auto bits) {
+          const uint64_t codes = load_run<decltype(bits)::value>(bytes);
+#pragma unroll
+          for (int32_t j = 0; j < kRun; ++j)
+            values[j] = fmaf(run_code<decltype(bits)::value>(codes, j), grid.scale, grid.zero);
+        });
+      }
+      store_run_fp16(to + t * stride + run * kRun, values);
+    }
+  }
+}
+
 // Tiling: a CTA (4 warps) per (query row, KV head g, split). It keeps B_g (the
 // head's rows of rebuild_k, fp16) in shared memory for its whole life and walks
 // the split's tokens in 64-token tiles (two per pool block). Per tile:
@@ -297,7 +337,10 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
   __half* latent_s = reinterpret_cast<__half*>(shared + s.latent);
   float* key_s = reinterpret_cast<float*>(shared + s.keys);
   float* q_s = reinterpret_cast<float*>(shared + s.queries);
+  __half* value_s = reinterpret_cast<__half*>(shared + s.values);
   float* acc_s = reinterpret_cast<float*>(shared + s.acc);
+  __half* weight_hi_s = reinterpret_cast<__half*>(shared + s.weights);
+  __half* weight_lo_s = weight_hi_s + s.acc_rows * s.weight_stride;
   float* prob_s = reinterpret_cast<float*>(shared + s.probs);
   float* max_s = reinterpret_cast<float*>(shared + s.stats);
   float* sum_s = max_s + group;
@@ -320,7 +363,10 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
     b_s[(i / k_width) * s.b_stride + i % k_width] = b_global[i];
   for (int32_t i = tid; i < group * hd; i += kThreads)
     q_s[i] = a.q[static_cast<int64_t>(row) * heads * hd + static_cast<int64_t>(g) * group * hd + i];
-  for (int32_t i = tid; i < group * kv; i += kThreads) acc_s[i] = 0.0f;
+  for (int32_t i = tid; i < s.acc_rows * s.acc_stride; i += kThreads) acc_s[i] = 0.0f;
+  // Rows past the group stay zero: their accumulator rows stay zero too.
+  for (int32_t i = tid; i < 2 * s.acc_rows * s.weight_stride; i += kThreads)
+    weight_hi_s[i] = __float2half_rn(0.0f);
   if (tid < group) {
     max_s[tid] = -INFINITY;
     sum_s[tid] = 0.0f;
@@ -335,7 +381,6 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
   const int32_t channel_base = per_head ? g * hd : 0;
   const int32_t pairs = a.shape.rope_dim / 2;
   const int32_t n_tiles = hd / kMma;
-  const int32_t v_group_bits = 16 * vs.bits * 8;  // a full 128-channel group of a V row
 
   for (int32_t t0 = begin; t0 < end; t0 += kSubTile) {
     const int32_t count = min(kSubTile, end - t0);
@@ -347,6 +392,9 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
     const uint32_t* k_params =
         reinterpret_cast<const uint32_t*>(block + ks.group_offset + ks.group_code_bytes);
     const uint16_t* outliers = reinterpret_cast<const uint16_t*>(block + a.layer.outlier_offset);
+    const uint8_t* v_codes = block + vs.group_offset;
+    const uint32_t* v_params =
+        reinterpret_cast<const uint32_t*>(block + vs.group_offset + vs.group_code_bytes);
 
     // 1 + 2: K (count x hd) = latent · B_gᵀ, a chunk of latent channels at a time.
     for (int32_t c0 = 0; c0 < k_width; c0 += kChunk) {
@@ -355,6 +403,9 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
       __syncthreads();
       stage_key_latent(a, latent_s, s.latent_stride, width, channel_base + c0, count, first,
                        quantized, k_codes, k_params, outliers, pages);
+      // The V latent's loads go out beside the K latent's.
+      if (c0 == 0)
+        stage_value_latent(a, value_s, s.value_stride, kv, 0, count, first, v_codes, v_params);
       __syncthreads();
       for (int32_t tile = warp; tile < (kSubTile / kMma) * n_tiles; tile += kWarps) {
         const int32_t tm = tile / n_tiles, tn = tile % n_tiles;
@@ -421,9 +472,13 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
       const float new_max = attention_state::larger(old_max, block_max);
       const float rescale = old_max == -INFINITY ? 0.0f : expf(old_max - new_max);
       float block_sum = 0.0f;
-      for (int32_t t = lane; t < count; t += kWarpSize) {
-        const float p = expf(head_scores[t] - new_max);
-        head_scores[t] = p;
+      for (int32_t t = lane; t < kSubTile; t += kWarpSize) {
+        const float p = t < count ? expf(head_scores[t] - new_max) : 0.0f;
+        // p = high + low to ~2^-22 relative: the mix multiplies both halves
+        // (fp16 operands, exact products) and sums them in fp32.
+        const __half high = __float2half_rn(p);
+        weight_hi_s[h * s.weight_stride + t] = high;
+        weight_lo_s[h * s.weight_stride + t] = __float2half_rn(p - __half2float(high));
         block_sum += p;
       }
       block_sum = warp_sum(block_sum);
@@ -436,31 +491,35 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
     }
     __syncthreads();
 
-    // 5: the V-latent mix: every query head of the group mixes whole rows.
-    const uint8_t* v_codes = block + vs.group_offset;
-    const uint32_t* v_params =
-        reinterpret_cast<const uint32_t*>(block + vs.group_offset + vs.group_code_bytes);
-    for (int32_t c = tid; c < kv; c += kThreads) {
-      float acc[kMaxGroup];
-#pragma unroll
-      for (int32_t h = 0; h < kMaxGroup; ++h)
-        acc[h] = h < group ? acc_s[h * kv + c] * rescale_s[h] : 0.0f;
-      // Groups of 128 channels along the row, each starting on a byte.
-      const int64_t bit_in_row = static_cast<int64_t>(c / kPoolTokens) * v_group_bits +
-                                 static_cast<int64_t>(c % kPoolTokens) * vs.bits;
-      for (int32_t t = 0; t < count; ++t) {
-        const int32_t o = first + t;
-        const int code =
-            read_code(v_codes + static_cast<int64_t>(o) * vs.row_code_bytes, bit_in_row, vs.bits);
-        const float value = group_decode(
-            code, read_grid(v_params + static_cast<int64_t>(o) * vs.row_groups + c / kPoolTokens));
-#pragma unroll
-        for (int32_t h = 0; h < kMaxGroup; ++h)
-          if (h < group) acc[h] += prob_s[h * kSubTile + t] * value;
+    // 5: the V-latent mix on tensor cores.
+    // The accumulators of each head scale to the new max (thread per value),
+    for (int32_t i = tid; i < group * kv; i += kThreads) {
+      const int32_t h = i / kv, c = i % kv;
+      acc_s[h * s.acc_stride + c] *= rescale_s[h];
+    }
+    __syncthreads();
+    // then warp w adds tiles w, w + 8, ... of (weights (acc_rows x kSubTile)) x
+    // (V latent (kSubTile x kv)), high and low halves of the weights, with
+    // WMMA 16x16x16 (fp16 in, fp32 accumulate), the accumulator tile loaded
+    // from and stored back to shared memory. Token steps past count are
+    // skipped (their weights and values are zero).
+    const int32_t value_tiles = kv / kMma;
+    for (int32_t tile = warp; tile < (s.acc_rows / kMma) * value_tiles; tile += kWarps) {
+      const int32_t tm = tile / value_tiles, tn = tile % value_tiles;
+      float* acc_tile = acc_s + tm * kMma * s.acc_stride + tn * kMma;
+      wmma::fragment<wmma::accumulator, kMma, kMma, kMma, float> acc;
+      wmma::load_matrix_sync(acc, acc_tile, s.acc_stride, wmma::mem_row_major);
+      for (int32_t k = 0; k < count; k += kMma) {
+        wmma::fragment<wmma::matrix_a, kMma, kMma, kMma, __half, wmma::row_major> high, low;
+        wmma::fragment<wmma::matrix_b, kMma, kMma, kMma, __half, wmma::row_major> values;
+        wmma::load_matrix_sync(high, weight_hi_s + tm * kMma * s.weight_stride + k,
+                               s.weight_stride);
+        wmma::load_matrix_sync(low, weight_lo_s + tm * kMma * s.weight_stride + k, s.weight_stride);
+        wmma::load_matrix_sync(values, value_s + k * s.value_stride + tn * kMma, s.value_stride);
+        wmma::mma_sync(acc, high, values, acc);
+        wmma::mma_sync(acc, low, values, acc);
       }
-#pragma unroll
-      for (int32_t h = 0; h < kMaxGroup; ++h)
-        if (h < group) acc_s[h * kv + c] = acc[h];
+      wmma::store_matrix_sync(acc_tile, acc, s.acc_stride, wmma::mem_row_major);
     }
   }
   __syncthreads();
@@ -469,7 +528,8 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
   if (!direct) {
     for (int32_t i = tid; i < group * kv; i += kThreads) {
       const int32_t h = i / kv, c = i % kv;
-      a.split_states[((first_state + h) * a.plan.splits + split) * (kv + 2) + 2 + c] = acc_s[i];
+      a.split_states[((first_state + h) * a.plan.splits + split) * (kv + 2) + 2 + c] =
+          acc_s[h * s.acc_stride + c];
     }
     if (tid < group) {
       float* record = a.split_states + ((first_state + tid) * a.plan.splits + split) * (kv + 2);
@@ -484,7 +544,8 @@ __global__ void __launch_bounds__(kThreads) xquant_decode_kernel(LatentArgs a) {
     const int32_t h = item / hd, j = item % hd;
     const float* matrix_row = a.layer.rebuild_v + (static_cast<int64_t>(g) * hd + j) * kv;
     float dot = 0.0f;
-    for (int32_t c = lane; c < kv; c += kWarpSize) dot += acc_s[h * kv + c] * matrix_row[c];
+    for (int32_t c = lane; c < kv; c += kWarpSize)
+      dot += acc_s[h * s.acc_stride + c] * matrix_row[c];
     dot = warp_sum(dot);
     if (lane == 0) {
       const int64_t at = (first_state + h) * hd + j;
