@@ -17,16 +17,9 @@
 #include "kernels/cpu/quant.h"
 #include "kernels/cuda/backend.h"
 #include "kernels/error.h"
+#include "tests/cuda_test_util.h"
 
 namespace {
-
-#define SKIP_WITHOUT_CUDA_DEVICE()                   \
-  do {                                               \
-    std::string why_not;                             \
-    if (!xq::cuda::device_available(&why_not)) {     \
-      GTEST_SKIP() << "no CUDA device: " << why_not; \
-    }                                                \
-  } while (0)
 
 std::vector<float> random_values(int64_t n, float scale, uint32_t seed) {
   std::mt19937 rng(seed);

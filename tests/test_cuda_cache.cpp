@@ -29,17 +29,10 @@
 #include "runtime/model.h"
 #include "runtime/sequence_shard.h"
 #include "test_util.h"
+#include "tests/cuda_test_util.h"
 
 namespace xq {
 namespace {
-
-#define SKIP_WITHOUT_CUDA_DEVICE()                   \
-  do {                                               \
-    std::string why_not;                             \
-    if (!cuda::device_available(&why_not)) {         \
-      GTEST_SKIP() << "no CUDA device: " << why_not; \
-    }                                                \
-  } while (0)
 
 namespace paged = cuda::paged;
 

@@ -43,6 +43,7 @@
 #include "runtime/engine.h"
 #include "runtime/model.h"
 #include "test_util.h"
+#include "tests/cuda_test_util.h"
 
 #if defined(XQ_HAVE_CUDA)
 #include "cache_mode_params.h"
@@ -121,14 +122,6 @@ TEST(EngineFactory, CudaUnavailableIsAClearError) {
 
 // ---------------------------------------------------------------------------
 // The CUDA engine against the CPU's.
-
-#define SKIP_WITHOUT_CUDA_DEVICE()                   \
-  do {                                               \
-    std::string why_not;                             \
-    if (!xq::cuda::device_available(&why_not)) {     \
-      GTEST_SKIP() << "no CUDA device: " << why_not; \
-    }                                                \
-  } while (0)
 
 constexpr float kRedraws = 2.0f;  // see the head of this file
 constexpr int32_t kMaxTokens = 256;

@@ -41,19 +41,12 @@
 #include "kernels/cuda/dense_ops.h"
 #include "kernels/error.h"
 #include "runtime/sampler.h"
+#include "tests/cuda_test_util.h"
 
 namespace {
 
 using xq::TensorType;
 namespace cuda = xq::cuda;
-
-#define SKIP_WITHOUT_CUDA_DEVICE()                   \
-  do {                                               \
-    std::string why_not;                             \
-    if (!xq::cuda::device_available(&why_not)) {     \
-      GTEST_SKIP() << "no CUDA device: " << why_not; \
-    }                                                \
-  } while (0)
 
 constexpr double kUnit = 0x1p-24;
 
