@@ -54,6 +54,23 @@ void resize_table(BlockPool& pool, BlockTable& table, int32_t groups, int32_t wi
   while (static_cast<int32_t>(table.window.size()) < window) table.window.push_back(pool.take());
 }
 
+BlockPool pool_around(size_t block_bytes, int32_t blocks, const std::vector<BlockTable>& tables) {
+  std::vector<bool> held(static_cast<size_t>(blocks), false);
+  for (const BlockTable& table : tables)
+    for (const std::vector<int32_t>* ids : {&table.groups, &table.window})
+      for (int32_t id : *ids) {
+        if (id < 0 || id >= blocks || held[static_cast<size_t>(id)])
+          throw Error("cache pool: block " + std::to_string(id) + " is out of range or held twice");
+        held[static_cast<size_t>(id)] = true;
+      }
+  BlockPool pool(block_bytes, blocks, /*allocate=*/false);
+  std::vector<int32_t> all;
+  while (pool.free_blocks() > 0) all.push_back(pool.take());
+  for (int32_t id : all)
+    if (!held[static_cast<size_t>(id)]) pool.give(id);
+  return pool;
+}
+
 int32_t blocks_in_budget(size_t pool_bytes, size_t block_bytes, int32_t default_blocks) {
   if (pool_bytes == 0) return default_blocks;
   const size_t blocks = pool_bytes / block_bytes;

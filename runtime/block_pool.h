@@ -74,6 +74,12 @@ struct BlockTable {
 // table and the pool unchanged, when the pool cannot cover the difference.
 void resize_table(BlockPool& pool, BlockTable& table, int32_t groups, int32_t window);
 
+// A pool of `blocks` blocks (no arena: the blocks live elsewhere) whose free
+// blocks are exactly those none of `tables` holds: the bookkeeping of a cache
+// whose blocks were filled by another one (a device cache importing a CPU
+// cache's arena). Throws xq::Error for a block id out of range or held twice.
+BlockPool pool_around(size_t block_bytes, int32_t blocks, const std::vector<BlockTable>& tables);
+
 // The number of blocks of `block_bytes` a budget of `pool_bytes` holds, or
 // `default_blocks` for a budget of 0. Throws xq::Error for a budget too small
 // for one block.

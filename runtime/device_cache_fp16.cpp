@@ -211,19 +211,11 @@ class Fp16DeviceCache final : public DeviceCache {
     const CacheBlocksView view = cpu.blocks(0);
     if (view.arena == nullptr) throw Error("device cache: import from a cache without an arena");
     cuda::copy_to_device(arena_.data(), view.arena, arena_.bytes(), stream_);
-    std::vector<bool> held(static_cast<size_t>(layout_.total_blocks), false);
     for (int32_t s = 0; s < sequences_; ++s) {
       tables_[s] = *cpu.blocks(s).table;
       lengths_[s] = cpu.length(s);
-      for (int32_t b : tables_[s].groups) held.at(static_cast<size_t>(b)) = true;
-      for (int32_t b : tables_[s].window) held.at(static_cast<size_t>(b)) = true;
     }
-    // A pool whose free blocks are exactly those no table holds.
-    pool_ = BlockPool(layout_.block_bytes, layout_.total_blocks, /*allocate=*/false);
-    std::vector<int32_t> all;
-    while (pool_.free_blocks() > 0) all.push_back(pool_.take());
-    for (int32_t b : all)
-      if (!held[static_cast<size_t>(b)]) pool_.give(b);
+    pool_ = pool_around(layout_.block_bytes, layout_.total_blocks, tables_);
     upload_tables();
     stream_.synchronize();  // the host arena may go once this returns
   }

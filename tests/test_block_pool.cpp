@@ -60,6 +60,33 @@ TEST(BlockPool, TakesGivesAndResizesTablesAllOrNothing) {
   EXPECT_THROW(blocks_in_budget(63, 64, 7), Error);
 }
 
+// A pool rebuilt around tables filled elsewhere (a device cache importing a
+// CPU cache's blocks) hands out exactly the blocks no table holds.
+TEST(BlockPool, PoolAroundTablesFreesExactlyTheUnheldBlocks) {
+  BlockPool source(128, 9);
+  std::vector<BlockTable> tables(3);
+  resize_table(source, tables[0], 2, 1);
+  resize_table(source, tables[2], 3, 0);
+  BlockPool rebuilt = pool_around(128, 9, tables);
+  EXPECT_EQ(rebuilt.free_blocks(), source.free_blocks());
+  EXPECT_EQ(rebuilt.arena(), nullptr);
+  std::vector<int32_t> taken;
+  while (rebuilt.free_blocks() > 0) taken.push_back(rebuilt.take());
+  for (const BlockTable& table : tables)
+    for (const std::vector<int32_t>* ids : {&table.groups, &table.window})
+      for (int32_t id : *ids)
+        EXPECT_EQ(std::count(taken.begin(), taken.end(), id), 0) << "held block " << id << " freed";
+  std::vector<int32_t> expected;
+  while (source.free_blocks() > 0) expected.push_back(source.take());
+  std::sort(taken.begin(), taken.end());
+  std::sort(expected.begin(), expected.end());
+  EXPECT_EQ(taken, expected);
+  tables[1].groups = {tables[0].groups[0]};  // one block in two tables
+  EXPECT_THROW(pool_around(128, 9, tables), Error);
+  tables[1].groups = {9};  // out of range
+  EXPECT_THROW(pool_around(128, 9, tables), Error);
+}
+
 // Each token's rows come from its own seed (content, layer, position), so
 // any split of a sequence into steps feeds the same rows.
 struct Rows {
