@@ -2,6 +2,8 @@
 // what it does not.
 #include "runtime/device_cache.h"
 
+#include <algorithm>
+#include <set>
 #include <string>
 
 #include "kernels/cuda/paged_attention.h"
@@ -42,6 +44,37 @@ std::string unsupported_for(const ModelConfig& c, const CacheOptions& options) {
 
 std::string device_cache_unsupported(const Model& model, const CacheOptions& options) {
   return unsupported_for(model.config(), options);
+}
+
+int64_t check_step(const DeviceCache& cache, const std::vector<StepRows>& segments,
+                   int32_t max_tokens) {
+  std::set<int32_t> seen;
+  int64_t rows = 0, taken = 0, given = 0;
+  for (const StepRows& s : segments) {
+    if (s.seq < 0 || s.seq >= cache.sequences())
+      throw Error("device cache: sequence " + std::to_string(s.seq) + " out of range");
+    if (!seen.insert(s.seq).second)
+      throw Error("device cache: sequence " + std::to_string(s.seq) + " twice in one step");
+    if (s.n < 0 || s.pos0 < 0 || s.pos0 + s.n > max_tokens)
+      throw Error("device cache: positions [" + std::to_string(s.pos0) + ", " +
+                  std::to_string(s.pos0 + s.n) + ") exceed the cache capacity of " +
+                  std::to_string(max_tokens) + " tokens");
+    const int32_t held_length = cache.length(s.seq);
+    if (s.pos0 > held_length)
+      throw Error("device cache: position " + std::to_string(s.pos0) + " leaves a gap after the " +
+                  std::to_string(held_length) + " tokens of sequence " + std::to_string(s.seq));
+    const int32_t held = cache.table(s.seq).held();
+    const int32_t kept = s.pos0 < held_length ? cache.blocks_for_tokens(s.pos0) : held;
+    const int32_t peak = std::max(kept, cache.blocks_for_step(s.pos0, s.pos0 + s.n));
+    given += std::max(0, held - kept);
+    taken += std::max(0, peak - kept);
+    rows += s.n;
+  }
+  if (taken > cache.free_blocks() + given)
+    throw PoolExhausted("device cache: the step needs " + std::to_string(taken) +
+                        " more blocks, the pool has " +
+                        std::to_string(cache.free_blocks() + given));
+  return rows;
 }
 
 std::unique_ptr<DeviceCache> make_device_cache(const Model& model, const CacheOptions& options,

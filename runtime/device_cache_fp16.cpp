@@ -5,7 +5,6 @@
 // block for block (a sequence holds blocks_for_tokens(length) group blocks,
 // no window) and uploads them with the step's rows at begin_step.
 #include <algorithm>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -119,35 +118,7 @@ class Fp16DeviceCache final : public DeviceCache {
 
   void begin_step(const std::vector<StepRows>& segments) override {
     if (in_step_) throw Error("device cache: begin_step before the previous step's end_step");
-    std::set<int32_t> seen;
-    int64_t rows = 0;
-    // The blocks the step takes, net of what its truncations give back;
-    // checked before anything changes.
-    int64_t taken = 0, given = 0;
-    for (const StepRows& s : segments) {
-      check_seq(s.seq);
-      if (!seen.insert(s.seq).second)
-        throw Error("device cache: sequence " + std::to_string(s.seq) + " twice in one step");
-      if (s.n < 0 || s.pos0 < 0 || s.pos0 + s.n > options_.max_tokens)
-        throw Error("device cache: positions [" + std::to_string(s.pos0) + ", " +
-                    std::to_string(s.pos0 + s.n) + ") exceed the cache capacity of " +
-                    std::to_string(options_.max_tokens) + " tokens");
-      const int32_t held_length = lengths_[s.seq];
-      if (s.pos0 > held_length)
-        throw Error("device cache: position " + std::to_string(s.pos0) +
-                    " leaves a gap after the " + std::to_string(held_length) +
-                    " tokens of sequence " + std::to_string(s.seq));
-      const int32_t held = tables_[s.seq].held();
-      const int32_t kept = s.pos0 < held_length ? blocks_for_tokens(s.pos0) : held;
-      const int32_t peak = std::max(kept, blocks_for_step(s.pos0, s.pos0 + s.n));
-      given += held - kept;
-      taken += peak - kept;
-      rows += s.n;
-    }
-    if (taken > pool_.free_blocks() + given)
-      throw PoolExhausted("device cache: the step needs " + std::to_string(taken) +
-                          " more blocks, the pool has " +
-                          std::to_string(pool_.free_blocks() + given));
+    const int64_t rows = check_step(*this, segments, options_.max_tokens);
     for (const StepRows& s : segments) {
       if (s.pos0 < lengths_[s.seq]) truncate_now(s.seq, s.pos0);
     }

@@ -2,7 +2,9 @@
 // (runtime/device_cache.h). Private to runtime/device_cache*.cpp.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "runtime/device_cache.h"
 
@@ -17,6 +19,14 @@ std::unique_ptr<DeviceCache> make_fp16_device_cache(const Model& model, const Ca
 std::unique_ptr<DeviceCache> make_fp16_device_cache(const ModelConfig& local_config,
                                                     const CacheOptions& options,
                                                     cuda::Stream& stream);
+
+// What every device cache's begin_step checks before anything changes: each
+// segment names a slot once, stays within max_tokens and leaves no gap after
+// what its sequence holds, and the pool covers the blocks the step takes net
+// of what its truncations give back (PoolExhausted otherwise). Returns the
+// step's rows.
+int64_t check_step(const DeviceCache& cache, const std::vector<StepRows>& segments,
+                   int32_t max_tokens);
 
 // The quantized modes (runtime/cache_quantized.h's layouts) on the device
 // (runtime/device_cache_quantized.cpp).

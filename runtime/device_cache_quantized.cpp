@@ -44,7 +44,6 @@
 // than any before; a caller that captured graphs must capture again then, as
 // the CUDA engine does when its own activations grow at the same moment).
 #include <algorithm>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -203,35 +202,7 @@ class QuantizedDeviceCache final : public DeviceCache {
 
   void begin_step(const std::vector<StepRows>& segments) override {
     if (in_step_) throw Error("device cache: begin_step before the previous step's end_step");
-    std::set<int32_t> seen;
-    int64_t rows = 0;
-    // The blocks the step takes, net of what its truncations give back;
-    // checked before anything changes.
-    int64_t taken = 0, given = 0;
-    for (const StepRows& s : segments) {
-      check_seq(s.seq);
-      if (!seen.insert(s.seq).second)
-        throw Error("device cache: sequence " + std::to_string(s.seq) + " twice in one step");
-      if (s.n < 0 || s.pos0 < 0 || s.pos0 + s.n > options_.max_tokens)
-        throw Error("device cache: positions [" + std::to_string(s.pos0) + ", " +
-                    std::to_string(s.pos0 + s.n) + ") exceed the cache capacity of " +
-                    std::to_string(options_.max_tokens) + " tokens");
-      const int32_t held_length = lengths_[s.seq];
-      if (s.pos0 > held_length)
-        throw Error("device cache: position " + std::to_string(s.pos0) +
-                    " leaves a gap after the " + std::to_string(held_length) +
-                    " tokens of sequence " + std::to_string(s.seq));
-      const int32_t held = tables_[s.seq].held();
-      const int32_t kept = s.pos0 < held_length ? blocks_for_tokens(s.pos0) : held;
-      const int32_t peak = std::max(kept, blocks_for_step(s.pos0, s.pos0 + s.n));
-      given += std::max(0, held - kept);
-      taken += std::max(0, peak - kept);
-      rows += s.n;
-    }
-    if (taken > pool_.free_blocks() + given)
-      throw PoolExhausted("device cache: the step needs " + std::to_string(taken) +
-                          " more blocks, the pool has " +
-                          std::to_string(pool_.free_blocks() + given));
+    const int64_t rows = check_step(*this, segments, options_.max_tokens);
     ensure_step_rows(rows);  // outside any capture: may move the step scratch
     std::vector<PendingHead> heads;
     for (const StepRows& s : segments) {
