@@ -55,12 +55,34 @@ def health_status(channel, service, timeout=2.0):
     return reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0
 
 
-def reflection_services(channel, timeout=5.0):
-    """The raw reply of a list_services request (service names appear in it)."""
+def health_watch_first(channel, service, timeout=5.0):
+    """The first status grpc.health.v1 Watch streams for `service`."""
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
+                                 request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    call = watch(_string_field(1, service), timeout=timeout)
+    try:
+        reply = next(iter(call))
+    finally:
+        call.cancel()
+    return reply[1] if len(reply) >= 2 and reply[0] == 0x08 else 0
+
+
+def _reflect(channel, request, timeout):
     info = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
                                  request_serializer=lambda b: b, response_deserializer=lambda b: b)
-    replies = info(iter([_string_field(7, "")]), timeout=timeout)
-    return b"".join(replies)
+    return b"".join(info(iter([request]), timeout=timeout))
+
+
+def reflection_services(channel, timeout=5.0):
+    """The raw reply of a list_services request (service names appear in it)."""
+    return _reflect(channel, _string_field(7, ""), timeout)
+
+
+def reflection_file_of(channel, symbol, timeout=5.0):
+    """The raw reply of file_containing_symbol (= 4): the serialized
+    FileDescriptorProto that declares `symbol`, which is what lets grpcurl
+    call a method without the .proto files."""
+    return _reflect(channel, _string_field(4, symbol), timeout)
 
 
 class Cluster:

@@ -112,9 +112,16 @@ def check_standard_services(c, pb, stubs, replica_channel):
         expect(cl.health_status(channel, "") == 1, name + ": health '' is not SERVING")
         expect(cl.health_status(channel, "xquant.v1.Generation") == 1,
                name + ": health xquant.v1.Generation is not SERVING")
+        expect(cl.health_watch_first(channel, "xquant.v1.Generation") == 1,
+               name + ": health Watch does not stream SERVING")
         listing = cl.reflection_services(channel)
         for service in (b"xquant.v1.Generation", b"grpc.health.v1.Health"):
             expect(service in listing, "%s: reflection does not list %s" % (name, service.decode()))
+        for symbol, file_name in (("xquant.v1.Generation", b"xquant/v1/xquant.proto"),
+                                  ("xquant.v1.GenerateRequest", b"xquant/v1/xquant.proto"),
+                                  ("grpc.health.v1.Health", b"grpc/health/v1/health.proto")):
+            expect(file_name in cl.reflection_file_of(channel, symbol),
+                   "%s: reflection gives no descriptor for %s" % (name, symbol))
     expect(b"xquant.v1.Control" in cl.reflection_services(replica_channel),
            "replica: reflection does not list xquant.v1.Control")
     info = stubs["Generation"].GetModelInfo(pb.GetModelInfoRequest(), metadata=c.metadata(), timeout=10)
