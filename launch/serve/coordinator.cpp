@@ -92,6 +92,7 @@ struct Replica {
   bool registered = false;
   Clock::time_point last_heartbeat{};
   int failed_polls = 0;
+  bool streak_has_call_failure = false;  // see on_load
   bool down = false;
   bool removed = false;  // replaced in the table; no more polls or traffic
   bool poll_in_flight = false;
@@ -334,7 +335,9 @@ struct Coordinator::Impl {
     std::unique_ptr<grpc::ClientReader<v1::GenerateResponse>> reader =
         replica->generation->Generate(call.get(), request);
     v1::GenerateResponse message;
+    bool left_early = false;  // stopped reading before the replica ended the stream
     while (reader->Read(&message)) {
+      left_early = true;
       const bool retryable_error = message.has_error() && message.error().retryable();
       if (verdict == Verdict::kNone)
         verdict = retryable_error ? Verdict::kFailure : Verdict::kSuccess;
@@ -367,9 +370,12 @@ struct Coordinator::Impl {
         break;
       }
       if (terminal) break;
+      left_early = false;
     }
-    // Ends the replica's side of a call left early; the replica aborts it.
-    if (!terminal) call->TryCancel();
+    // Ends the replica's side of a call left early (the replica aborts it).
+    // Not after the stream ended: a cancel before Finish would replace the
+    // replica's status with CANCELLED.
+    if (left_early && !terminal) call->TryCancel();
     const grpc::Status replica_status = reader->Finish();
     const bool relayed = attempt.relayed;
     const bool rerouted_by_down = attempt.reroute;
@@ -423,11 +429,13 @@ struct Coordinator::Impl {
     std::lock_guard<std::mutex> lock(mutex);
     replica->attempts.erase(&attempt);
     const Clock::time_point now = Clock::now();
-    if (verdict == Verdict::kSuccess)
+    if (verdict == Verdict::kSuccess) {
       replica->breaker.on_success();
-    else if (verdict == Verdict::kFailure)
+      replica->streak_has_call_failure = false;
+    } else if (verdict == Verdict::kFailure) {
       replica->breaker.on_failure(now);
-    else if (waiter.trial)
+      replica->streak_has_call_failure = true;
+    } else if (waiter.trial)
       replica->breaker.release_trial();
     waiter.trial = false;
     release_locked(waiter);
@@ -547,6 +555,7 @@ struct Coordinator::Impl {
       if (!is_replica_failure(status.error_code()) || context->IsCancelled()) return status;
       std::lock_guard<std::mutex> lock(mutex);
       replica->breaker.on_failure(Clock::now());
+      replica->streak_has_call_failure = true;
     }
     return {grpc::StatusCode::UNAVAILABLE, "no replica is ready"};
   }
@@ -744,7 +753,14 @@ struct Coordinator::Impl {
         replica->load = poll.load;
         replica->has_load = true;
         replica->failed_polls = 0;
-        replica->breaker.on_success();
+        // A poll answered says the replica is up, not that its calls work:
+        // it ends a streak of poll failures, or a half-open trial, but not
+        // a streak that holds a failed call.
+        if (!replica->streak_has_call_failure ||
+            replica->breaker.state(Clock::now()) == CircuitBreaker::State::kHalfOpen) {
+          replica->breaker.on_success();
+          replica->streak_has_call_failure = false;
+        }
         if (replica->down && !(replica->registered && Clock::now() - replica->last_heartbeat >
                                                           kMissedBeforeDown * options.heartbeat))
           replica->down = false;

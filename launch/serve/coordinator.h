@@ -6,7 +6,9 @@
 // Replicas come from Registry.Register (repeated every heartbeat; missing
 // for three heartbeats is down) or from a static list. A poller keeps each
 // replica's load fresh (Control.GetLoad every poll interval, ServerInfo on
-// (re)registration); failed calls and polls feed a circuit breaker.
+// (re)registration); failed calls and polls feed a circuit breaker. An
+// answered poll ends a streak of failed polls but not one that holds a
+// failed call (a replica can answer polls and still fail every request).
 //
 // A replica may take a request while it is up, its breaker closed (or
 // half-open with its one trial free), ready, and not saturated: the requests
