@@ -54,6 +54,7 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
   std::atomic<Failure> failure{Failure::kNone};
   std::atomic<int> max_sequences{4};
   std::atomic<bool> ready{true};
+  std::atomic<bool> polls_fail{false};  // GetLoad answers UNAVAILABLE
 
   std::atomic<int> generate_calls{0}, completed{0}, cancelled{0}, unary_calls{0}, polls{0};
   std::atomic<int> active{0};
@@ -127,6 +128,7 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
   grpc::Status GetLoad(grpc::ServerContext*, const v1::GetLoadRequest*,
                        v1::Load* response) override {
     ++polls;
+    if (polls_fail) return {grpc::StatusCode::UNAVAILABLE, "fake: not answering"};
     // Every call counts as waiting, so max_sequences bounds what it takes.
     response->set_queued_requests(active);
     response->set_free_cache_bytes(1'000'000'000);
@@ -355,6 +357,28 @@ TEST_F(CoordinatorTest, BreakerOpensOnAReplicaThatKeepsFailingThoughItAnswersPol
   EXPECT_EQ(a_->generate_calls, 2);
   EXPECT_EQ(state_of("fake-a").state(), "open");
   EXPECT_EQ(state_of("fake-b").state(), "up");
+}
+
+TEST_F(CoordinatorTest, ARequestWaitingOnAReplicaMarkedDownIsRerouted) {
+  // fake-a (first by id) takes the request and sits on it; then its polls
+  // fail, so it is marked down and the request, not yet streamed, moves.
+  a_->delay_ms = 20'000;
+  options_.breaker_failures = 100;  // down by failed polls, not by the breaker
+  start();
+  std::thread unblock([&] {
+    ASSERT_TRUE(eventually([&] { return a_->active == 1; }));
+    a_->polls_fail = true;
+  });
+  const auto started = std::chrono::steady_clock::now();
+  const Stream s = generate(channel_, simple_request());
+  unblock.join();
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ASSERT_EQ(s.terminals(), 1);
+  ASSERT_TRUE(s.last().has_finished()) << s.last().DebugString();
+  EXPECT_EQ(s.last().finished().replica_id(), "fake-b");
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 10s);
+  EXPECT_TRUE(eventually([&] { return a_->cancelled == 1; }));
+  EXPECT_EQ(state_of("fake-a").state(), "down");
 }
 
 TEST_F(CoordinatorTest, EveryReplicaFailingEndsWithOneRetryableError) {

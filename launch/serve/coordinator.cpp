@@ -459,9 +459,12 @@ struct Coordinator::Impl {
 
   // ------------------------------------------------------------ routing
 
+  // Needs the replica's ServerInfo too: its shape feeds the policies, and a
+  // static replica takes its id from it (so the id is settled before any
+  // request holds the replica).
   bool eligible_locked(Replica& replica, Clock::time_point now) const {
-    return !replica.removed && !replica.down && replica.has_load && replica.load.ready() &&
-           replica.breaker.available(now) && !replica.saturated();
+    return !replica.removed && !replica.down && replica.has_info && replica.has_load &&
+           replica.load.ready() && replica.breaker.available(now) && !replica.saturated();
   }
 
   RouteCandidate candidate_of(const Replica& replica) const {
