@@ -1,7 +1,7 @@
 // The coordinator in-process against fake replicas: small gRPC servers
 // implementing Generation and Control that stream N deltas with a delay,
 // can fail before or after the first delta, and count calls and cancels.
-// Every server binds port 0.
+// A fake streams one delta per max_tokens. Every server binds port 0.
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
@@ -49,7 +49,6 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   const std::string& id() const { return id_; }
 
-  std::atomic<int> deltas{5};
   std::atomic<int> delay_ms{2};
   std::atomic<Failure> failure{Failure::kNone};
   std::atomic<int> max_sequences{4};
@@ -62,6 +61,10 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
     ++generate_calls;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      arrivals_.push_back(request->request_id());
+    }
     ActiveCount count(active);
     switch (failure.load()) {
       case Failure::kStatusBeforeDelta:
@@ -80,7 +83,8 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
       default:
         break;
     }
-    for (int i = 0; i < deltas.load(); ++i) {
+    const int deltas = request->sampling().max_tokens();
+    for (int i = 0; i < deltas; ++i) {
       const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(delay_ms);
       while (std::chrono::steady_clock::now() < until) {
         if (context->IsCancelled()) {
@@ -150,6 +154,12 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
 
   static constexpr double kReplicaQueueSeconds = 0.25;
 
+  // Request ids in the order their calls arrived.
+  std::vector<std::string> arrivals() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return arrivals_;
+  }
+
  private:
   struct ActiveCount {
     explicit ActiveCount(std::atomic<int>& n) : n_(n) { ++n_; }
@@ -157,6 +167,8 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
     std::atomic<int>& n_;
   };
   std::string id_;
+  mutable std::mutex mutex_;
+  std::vector<std::string> arrivals_;
   int port_ = 0;
   std::unique_ptr<grpc::Server> server_;
 };
@@ -285,7 +297,6 @@ TEST_F(CoordinatorTest, RelaysEveryMessageAndAddsItsQueueTime) {
 
 TEST_F(CoordinatorTest, SpreadsConcurrentRequestsOverTheReplicas) {
   a_->delay_ms = b_->delay_ms = 10;
-  a_->deltas = b_->deltas = 10;
   start();
   constexpr int kRequests = 8;
   std::vector<Stream> streams(kRequests);
@@ -424,7 +435,6 @@ TEST_F(CoordinatorTest, TheRequestsOwnFaultPassesThroughUnchanged) {
 TEST_F(CoordinatorTest, AFullQueueAnswersResourceExhaustedWithRetryAfter) {
   // Two fakes taking max(2, 2/2) = 2 each, a queue of one.
   a_->max_sequences = b_->max_sequences = 2;
-  a_->deltas = b_->deltas = 40;
   a_->delay_ms = b_->delay_ms = 20;
   options_.max_queued_requests = 1;
   start();
@@ -450,9 +460,36 @@ TEST_F(CoordinatorTest, AFullQueueAnswersResourceExhaustedWithRetryAfter) {
   EXPECT_EQ(a_->generate_calls + b_->generate_calls, 5);
 }
 
+TEST_F(CoordinatorTest, HigherPriorityIsAdmittedFirst) {
+  // One replica with two places: a short and a long request fill it; then
+  // a low and a high priority request wait, the low one first. The short
+  // one's end frees one place: the high one takes it.
+  b_->ready = false;
+  a_->max_sequences = 2;
+  a_->delay_ms = 20;
+  start(1);
+  auto named = [](const std::string& id, int max_tokens) {
+    v1::GenerateRequest request = simple_request(max_tokens);
+    request.set_request_id(id);
+    return request;
+  };
+  std::vector<std::thread> clients;
+  clients.emplace_back([&] { generate(channel_, named("short", 10)); });
+  clients.emplace_back([&] { generate(channel_, named("long", 100)); });
+  ASSERT_TRUE(eventually([&] { return a_->active == 2; }));
+  clients.emplace_back([&] { generate(channel_, named("low", 5), {{"x-priority", "0"}}); });
+  ASSERT_TRUE(eventually([&] { return coordinator_->list_replicas().queued_requests() == 1; }));
+  clients.emplace_back([&] { generate(channel_, named("high", 5), {{"x-priority", "5"}}); });
+  ASSERT_TRUE(eventually([&] { return coordinator_->list_replicas().queued_requests() == 2; }));
+  for (std::thread& t : clients) t.join();
+  const std::vector<std::string> arrivals = a_->arrivals();
+  ASSERT_EQ(arrivals.size(), 4u);
+  EXPECT_EQ(arrivals[2], "high");
+  EXPECT_EQ(arrivals[3], "low");
+}
+
 TEST_F(CoordinatorTest, QueuedRequestsLeaveAtTheirDeadline) {
   a_->max_sequences = b_->max_sequences = 2;
-  a_->deltas = b_->deltas = 40;
   a_->delay_ms = b_->delay_ms = 20;
   start();
   std::vector<std::thread> clients;
@@ -544,7 +581,6 @@ TEST_F(CoordinatorTest, AWrongKeyIsRejectedBeforeAnyReplicaCall) {
 }
 
 TEST_F(CoordinatorTest, AClientCancelReachesTheReplicaAsACancelledCall) {
-  a_->deltas = b_->deltas = 1000;
   a_->delay_ms = b_->delay_ms = 10;
   start();
   const Stream s =
