@@ -28,6 +28,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "launch/coordinator_tool.h"
 #include "launch/engine_factory.h"
 #include "parallel/device_grid.h"
 #include "parallel/grid.h"
@@ -579,7 +580,8 @@ int usage(FILE* out) {
                "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
                "  tokenize     print the token ids of a text\n"
                "  modes        list the attention cache modes\n"
-               "  batch        run a JSONL file of requests through the batch scheduler\n\n"
+               "  batch        run a JSONL file of requests through the batch scheduler\n"
+               "  coordinator  serve the Generation API, routing requests to replicas\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -591,9 +593,13 @@ int main(int argc, char** argv) {
   if (argc < 2) return xq::usage(stderr);
   const std::string command = argv[1];
   std::map<std::string, std::function<int(int, char**)>> commands = {
-      {"perplexity", xq::run_perplexity}, {"generate", xq::run_generate},
-      {"worker", xq::run_worker},         {"tokenize", xq::run_tokenize},
-      {"modes", xq::run_modes},           {"batch", xq::run_batch},
+      {"perplexity", xq::run_perplexity},
+      {"generate", xq::run_generate},
+      {"worker", xq::run_worker},
+      {"tokenize", xq::run_tokenize},
+      {"modes", xq::run_modes},
+      {"batch", xq::run_batch},
+      {"coordinator", xq::run_coordinator},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);

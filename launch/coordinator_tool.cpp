@@ -1,0 +1,107 @@
+#include "launch/coordinator_tool.h"
+
+#include <pthread.h>
+
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <limits>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+#include "launch/arguments.h"
+#include "launch/serve/coordinator.h"
+
+namespace xq {
+namespace {
+
+std::vector<std::string> split_addresses(const std::string& list) {
+  std::vector<std::string> addresses;
+  std::stringstream in(list);
+  for (std::string address; std::getline(in, address, ',');)
+    if (!address.empty()) addresses.push_back(address);
+  return addresses;
+}
+
+}  // namespace
+
+int run_coordinator(int argc, char** argv) {
+  Arguments args("coordinator",
+                 "Serve the xquant.v1 Generation API and route each request to a replica\n"
+                 "(`xq worker --serve`). Replicas register themselves (Registry.Register) or are\n"
+                 "listed with --replica. Stops on SIGINT/SIGTERM after draining.");
+  args.option("listen", "127.0.0.1:50051", "address to serve on (host:port)");
+  args.option("routing", "least-load", "least-load, power-of-two, round-robin or session");
+  args.option("replica", "", "static replicas, host:port[,host:port...]");
+  args.option("max-queued-requests", "256", "requests the coordinator's queue holds");
+  args.option("max-queued-tokens", "1048576",
+              "tokens (prompt bound + max_tokens) the coordinator's queue holds");
+  args.option("poll-ms", "100", "how often each replica's load is polled");
+  args.option("heartbeat-ms", "1000", "registration interval asked of replicas (3 missed: down)");
+  args.option("breaker-failures", "3", "consecutive failures that open a replica's breaker");
+  args.option("breaker-cooldown-ms", "5000", "how long an open breaker keeps traffic away");
+  args.option("stall-timeout", "30", "seconds a stream write may block before the call ends");
+  args.option("max-attempts", "3", "replicas tried for a request that fails before streaming");
+  args.option("api-key", "", "require 'authorization: Bearer KEY' (also sent to replicas)");
+  args.option("tls-cert", "", "PEM certificate: serve TLS (with --tls-key)");
+  args.option("tls-key", "", "PEM private key for --tls-cert");
+  args.option("tls-ca", "", "PEM roots: call replicas over TLS");
+  args.option("tls-server-name", "", "the name replicas' certificates carry");
+  args.option("max-request-bytes", "4194304", "largest request message accepted");
+  args.flag("reflection", "serve gRPC reflection");
+  if (!args.parse(argc, argv)) return 0;
+
+  serve::CoordinatorOptions options;
+  options.listen = args.get("listen");
+  const std::optional<serve::RoutingPolicy> routing =
+      serve::parse_routing_policy(args.get("routing"));
+  if (!routing)
+    throw Error("coordinator: --routing '" + args.get("routing") + "' is not a policy (one of " +
+                serve::routing_policy_names() + ")");
+  options.routing = *routing;
+  options.static_replicas = split_addresses(args.get("replica"));
+  options.max_queued_requests = static_cast<int32_t>(args.get_int("max-queued-requests", 0));
+  options.max_queued_tokens =
+      args.get_int("max-queued-tokens", 0, std::numeric_limits<int64_t>::max());
+  options.poll_interval = std::chrono::milliseconds(args.get_int("poll-ms", 1, 60000));
+  options.heartbeat = std::chrono::milliseconds(args.get_int("heartbeat-ms", 10, 3600000));
+  options.breaker_failures = static_cast<int>(args.get_int("breaker-failures", 1, 1000));
+  options.breaker_cooldown =
+      std::chrono::milliseconds(args.get_int("breaker-cooldown-ms", 0, 3600000));
+  const double stall = args.get_float("stall-timeout");
+  if (stall < 0) throw Error("coordinator: --stall-timeout must be >= 0 (0: off)");
+  options.stall_timeout = std::chrono::milliseconds(static_cast<int64_t>(stall * 1000));
+  options.max_attempts = static_cast<int>(args.get_int("max-attempts", 1, 100));
+  options.security.api_key = args.get("api-key");
+  options.security.tls_cert = args.get("tls-cert");
+  options.security.tls_key = args.get("tls-key");
+  options.security.tls_ca = args.get("tls-ca");
+  options.security.tls_server_name = args.get("tls-server-name");
+  options.max_request_bytes = static_cast<int>(args.get_int("max-request-bytes", 1024));
+  options.reflection = args.has("reflection");
+
+  serve::warn_unless_loopback(options.listen, "the coordinator");
+  // Blocked before any thread starts, so every thread inherits the mask and
+  // the signals wait for sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  serve::Coordinator coordinator(options);
+  coordinator.start();
+  std::fprintf(stderr, "coordinator: listening on %s (port %d), routing %s, %zu static replicas\n",
+               options.listen.c_str(), coordinator.port(),
+               serve::routing_policy_name(options.routing), options.static_replicas.size());
+  int received = 0;
+  sigwait(&stop_signals, &received);
+  std::fprintf(stderr, "coordinator: %s, draining\n", received == SIGTERM ? "SIGTERM" : "SIGINT");
+  coordinator.shutdown(std::chrono::seconds(10));
+  return 0;
+}
+
+}  // namespace xq
