@@ -1,8 +1,10 @@
 #include "launch/serve_tool.h"
 
-#include <pthread.h>
+#include <fcntl.h>
+#include <mpi.h>
+#include <unistd.h>
 
-#include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <climits>
 #include <csignal>
@@ -78,40 +80,61 @@ parallel::RankCache own_cache(const parallel::PipelineEngine& engine) {
   return cache;
 }
 
-// SIGTERM / SIGINT to begin_drain; a second one ends the process at once.
+// SIGTERM / SIGINT reach rank 0 through a pipe (the handler only writes a
+// byte: any thread may take the signal, including threads that libraries
+// started before main), read by a thread that calls begin_drain; a second
+// signal ends the process at once.
+int shutdown_pipe[2] = {-1, -1};
+
+extern "C" void on_shutdown_signal(int signal) {
+  const char byte = static_cast<char>(signal);
+  const ssize_t ignored = write(shutdown_pipe[1], &byte, 1);
+  (void)ignored;
+}
+
+void catch_shutdown_signals() {
+  if (pipe2(shutdown_pipe, O_CLOEXEC) != 0) throw Error("worker: cannot create a pipe for signals");
+  struct sigaction action {};
+  action.sa_handler = on_shutdown_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+}
+
 class SignalThread {
  public:
   explicit SignalThread(serve::ReplicaServer& server)
-      : thread_([this, &server] {
-          sigset_t set;
-          sigemptyset(&set);
-          sigaddset(&set, SIGTERM);
-          sigaddset(&set, SIGINT);
-          int received = 0;
+      : thread_([&server] {
           for (int count = 0;; ++count) {
-            if (sigwait(&set, &received) != 0) return;
-            if (stopping_.load()) return;
+            char byte = 0;
+            const ssize_t n = read(shutdown_pipe[0], &byte, 1);
+            if (n < 0 && errno == EINTR) {
+              --count;
+              continue;
+            }
+            if (n != 1 || byte == 0) return;  // 0: the server is done
             if (count == 0) {
               std::fprintf(stderr, "replica: %s: draining (a second signal exits at once)\n",
-                           strsignal(received));
+                           strsignal(byte));
               server.begin_drain();
             } else {
               std::fprintf(stderr, "replica: %s again: exiting without draining\n",
-                           strsignal(received));
+                           strsignal(byte));
               std::fflush(stderr);
               std::_Exit(1);
             }
           }
         }) {}
   ~SignalThread() {
-    stopping_.store(true);
-    pthread_kill(thread_.native_handle(), SIGTERM);
+    const char done = 0;
+    const ssize_t ignored = write(shutdown_pipe[1], &done, 1);
+    (void)ignored;
     thread_.join();
   }
 
  private:
-  std::atomic<bool> stopping_{false};
-  std::thread thread_;  // last: starts once stopping_ exists
+  std::thread thread_;
 };
 
 }  // namespace
@@ -142,17 +165,19 @@ void add_serve_options(Arguments& args) {
               "the request is cancelled (0: no limit)");
 }
 
-void block_shutdown_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+void ignore_shutdown_signals() {
+  std::signal(SIGTERM, SIG_IGN);
+  std::signal(SIGINT, SIG_IGN);
 }
 
 int run_worker_serve(const Arguments& args, int tp, int pp,
                      const std::function<void()>& grid_formed) {
   serve::ReplicaOptions options = replica_options(args, tp, pp);
+  int world_rank = 0;
+  parallel::check_mpi(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank), "MPI_Comm_rank");
+  // Rank 0 drains on a signal from now on (a drain before it is ready
+  // exits once warm); the other ranks leave it to rank 0.
+  if (world_rank == 0) catch_shutdown_signals();
   const BatchOptions scheduling = scheduling_options(args);
   const BackendChoice backend = backend_choice(args);
   (void)backend;

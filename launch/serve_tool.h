@@ -13,10 +13,10 @@ class Arguments;
 
 // The replica's options, added to `xq worker`'s.
 void add_serve_options(Arguments& args);
-// Blocks SIGTERM and SIGINT in the calling thread and every thread it starts
-// later (MPI's included), so that only the replica's signal thread sees them:
-// call before MPI_Init.
-void block_shutdown_signals();
+// Ignores SIGTERM and SIGINT: a signal to the whole job must not end a rank
+// that rank 0 still needs; rank 0 then catches them to drain
+// (run_worker_serve). Call before MPI_Init.
+void ignore_shutdown_signals();
 // The replica on this rank, with MPI initialized. `grid_formed` is called once
 // the grid's communicators exist (the worker's start-up watchdog).
 int run_worker_serve(const Arguments& args, int tp, int pp,

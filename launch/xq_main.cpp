@@ -441,9 +441,8 @@ int run_worker(int argc, char** argv) {
   add_batch_options(args);
   add_serve_options(args);
   if (!args.parse(argc, argv)) return 0;
-  // Before MPI_Init, so that MPI's own threads never take the signal that
-  // drains a replica.
-  if (args.has("serve")) block_shutdown_signals();
+  // A replica's ranks end through rank 0's drain, not by the signal.
+  if (args.has("serve")) ignore_shutdown_signals();
   // No rank may outlive the process that started it (mpirun, or orted on
   // another host): Open MPI 4.1's mpirun ends an aborted job by sending its
   // ranks SIGTERM and returns without waiting for them, and a rank that

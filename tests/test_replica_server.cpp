@@ -68,11 +68,13 @@ class SlowableExecutor final : public StepExecutor {
   void execute(const StepPlan& plan, float* logits) override {
     const auto delay = std::max(next_delay_.exchange(0ms), every_delay_.load());
     if (delay > 0ms) std::this_thread::sleep_for(delay);
+    if (lose_rank_.load()) throw LostRank("a peer did not answer", 1, "all_reduce_sum", 1);
     local_.execute(plan, logits);
   }
   Engine& engine() override { return local_.engine(); }
   std::atomic<std::chrono::milliseconds> next_delay_{0ms};
-  std::atomic<std::chrono::milliseconds> every_delay_{0ms};  // requests long enough to watch
+  std::atomic<std::chrono::milliseconds> every_delay_{0ms};
+  std::atomic<bool> lose_rank_{false};  // requests long enough to watch
 
  private:
   LocalExecutor local_;
@@ -641,6 +643,82 @@ TEST_F(ReplicaServerTest, AHungStepFailsLiveRequestsUnavailableRetryable) {
   EXPECT_EQ(generate(replica, text_request("Hi", 4)).status.error_code(),
             grpc::StatusCode::UNAVAILABLE);
   EXPECT_NE(replica.drain(), 0);
+}
+
+// A step that loses a rank: the step's requests (and every other live one)
+// end with a retryable UNAVAILABLE, not the engine error the scheduler made
+// of it, and run() returns non-zero.
+TEST_F(ReplicaServerTest, ALostRankFailsLiveRequestsUnavailableRetryable) {
+  Replica replica(base_options());
+  grpc::ClientContext context;
+  v1::GenerateRequest request = text_request("Once upon a time", 200);
+  request.mutable_sampling()->set_ignore_eos(true);
+  auto reader = replica.generation().Generate(&context, request);
+  v1::GenerateResponse message;
+  ASSERT_TRUE(reader->Read(&message));
+  replica.executor().lose_rank_ = true;
+  StreamResult rest = read_all(*reader);
+  ASSERT_TRUE(rest.status.ok()) << rest.status.error_message();
+  EXPECT_EQ(rest.errors, 1);
+  EXPECT_EQ(rest.error.code(), static_cast<int32_t>(grpc::StatusCode::UNAVAILABLE));
+  EXPECT_TRUE(rest.error.retryable());
+  EXPECT_NE(rest.error.message().find("a peer did not answer"), std::string::npos);
+  EXPECT_EQ(replica.drain(), 1);
+  EXPECT_NE(replica.server().failure().find("rank"), std::string::npos);
+  EXPECT_EQ(replica.health("xquant.v1.Generation"),
+            grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+}
+
+// A coordinator's Registry that records what replicas send.
+class RecordingRegistry final : public v1::Registry::Service {
+ public:
+  grpc::Status Register(grpc::ServerContext* context, const v1::RegisterRequest* request,
+                        v1::RegisterResponse* response) override {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto& metadata = context->client_metadata();
+    auto key = metadata.find("authorization");
+    keys.push_back(key == metadata.end() ? ""
+                                         : std::string(key->second.data(), key->second.size()));
+    requests.push_back(*request);
+    response->set_heartbeat_ms(50);
+    return grpc::Status::OK;
+  }
+  std::mutex mutex;
+  std::vector<v1::RegisterRequest> requests;
+  std::vector<std::string> keys;
+};
+
+TEST_F(ReplicaServerTest, RegistersWithTheCoordinatorEveryHeartbeat) {
+  RecordingRegistry registry;
+  grpc::ServerBuilder builder;
+  int coordinator_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &coordinator_port);
+  builder.RegisterService(&registry);
+  std::unique_ptr<grpc::Server> coordinator = builder.BuildAndStart();
+  ASSERT_NE(coordinator_port, 0);
+  serve::ReplicaOptions options = base_options();
+  options.coordinator = "127.0.0.1:" + std::to_string(coordinator_port);
+  options.security.api_key = "k";
+  Replica replica(options);
+  auto count = [&] {
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    return registry.requests.size();
+  };
+  // The first at once, then every 50 ms as the coordinator asked.
+  EXPECT_TRUE(eventually([&] { return count() >= 4; }, 5s));
+  {
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    const std::string address = "127.0.0.1:" + std::to_string(replica.server().port());
+    EXPECT_EQ(registry.requests[0].address(), address);
+    EXPECT_EQ(registry.requests[0].info().replica_id(), address);
+    EXPECT_EQ(registry.requests[0].info().max_sequences(), kSequences);
+    EXPECT_EQ(registry.keys[0], "Bearer k");
+  }
+  EXPECT_EQ(replica.drain(), 0);
+  const size_t after_drain = count();
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(count(), after_drain);  // no heartbeat once drained
+  coordinator->Shutdown();
 }
 
 TEST_F(ReplicaServerTest, TokenizeAndModelInfo) {

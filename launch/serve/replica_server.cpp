@@ -57,6 +57,7 @@ struct Call {
   void deliver(std::vector<RequestEvent>& batch) {
     {
       std::lock_guard<std::mutex> lock(mutex);
+      if (error) return;  // the replica failed it first: that is its end
       for (RequestEvent& e : batch) {
         if (e.kind == RequestEvent::Kind::kFinished) finished = true;
         events.push_back(std::move(e));
@@ -284,8 +285,8 @@ void ReplicaServer::Impl::start() {
   }
   if (options_.replica_id.empty()) options_.replica_id = advertise_;
   watchdog_thread_ = std::thread([this] { watchdog(); });
-  std::fprintf(stderr, "replica: listening on %s (port %d)%s\n", options_.listen.c_str(), port_,
-               options_.security.api_key.empty() ? "" : ", API key required");
+  std::fprintf(stderr, "replica: listening on %s (advertised as %s)%s\n", options_.listen.c_str(),
+               advertise_.c_str(), options_.security.api_key.empty() ? "" : ", API key required");
 }
 
 void ReplicaServer::Impl::shutdown() {
@@ -570,7 +571,12 @@ int ReplicaServer::Impl::run() {
       const int64_t before = scheduler_->stats().steps;
       scheduler_->step();
       stepped = scheduler_->stats().steps != before;
-      if (!lost_rank()) route(scheduler_->take_events());
+      // A lost rank failed the step's requests as an engine error; they get
+      // the replica's retryable error instead, before any event is routed.
+      if (lost_rank())
+        fail_replica("a rank was lost: " + executor_.lost(), grpc::StatusCode::UNAVAILABLE);
+      else
+        route(scheduler_->take_events());
     }
     if (!lost_rank() && (stepped || Clock::now() >= next_gather)) {
       gather_cache();
