@@ -277,9 +277,14 @@ void add_batch_options(Arguments& args) {
 BatchOptions batch_options(const Arguments& args, const char* tool) {
   if (!args.has("input") || !args.has("output"))
     throw Error(std::string(tool) + ": --input and --output are required (see --help)");
-  BatchOptions b;
+  BatchOptions b = scheduling_options(args);
   b.input = args.get("input");
   b.output = args.get("output");
+  return b;
+}
+
+BatchOptions scheduling_options(const Arguments& args) {
+  BatchOptions b;
   b.scheduler.max_batch_tokens = static_cast<int32_t>(args.get_int("max-batch-tokens", 1));
   b.scheduler.max_sequences = static_cast<int32_t>(args.get_int("max-sequences", 1, 4096));
   b.scheduler.max_decode_only_steps =

@@ -49,6 +49,9 @@ struct BatchOptions {
 };
 // Throws xq::Error naming `tool` for a missing file or a bad value.
 BatchOptions batch_options(const Arguments& args, const char* tool);
+// The same without the files (left empty): the scheduler and the pool
+// budget, for a server that takes its requests from the network.
+BatchOptions scheduling_options(const Arguments& args);
 
 // The `xq batch` command (argv after the command name).
 int run_batch(int argc, char** argv);

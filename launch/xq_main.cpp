@@ -30,6 +30,7 @@
 #include "launch/batch_tool.h"
 #include "launch/coordinator_tool.h"
 #include "launch/engine_factory.h"
+#include "launch/serve_tool.h"
 #include "parallel/device_grid.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
@@ -430,7 +431,8 @@ int run_worker(int argc, char** argv) {
                  "One rank of a parallel run, started by mpirun: mpirun -np T*P xq worker --tp T "
                  "--pp P --prompt TEXT (generation), --file TEXT_FILE (perplexity) or --input "
                  "REQUESTS.jsonl --output RESULTS.jsonl (a batch of requests, as xq batch: rank 0 "
-                 "schedules, every rank runs each step). Rank 0 prints the result.");
+                 "schedules, every rank runs each step) or --serve (a replica: rank 0 serves "
+                 "gRPC). Rank 0 prints the result.");
   add_model_options(args);
   add_generation_options(args);
   add_perplexity_options(args);
@@ -438,7 +440,10 @@ int run_worker(int argc, char** argv) {
   args.option("pp", "1", "pipeline stages");
   args.option("micro-batch", "64", "prefill tokens per pipeline micro-batch");
   add_batch_options(args);
+  add_serve_options(args);
   if (!args.parse(argc, argv)) return 0;
+  // A replica's ranks end through rank 0's drain, not by the signal.
+  if (args.has("serve")) ignore_shutdown_signals();
   // No rank may outlive the process that started it (mpirun, or orted on
   // another host): Open MPI 4.1's mpirun ends an aborted job by sending its
   // ranks SIGTERM and returns without waiting for them, and a rank that
@@ -456,6 +461,11 @@ int run_worker(int argc, char** argv) {
     const int tp = static_cast<int>(args.get_int("tp", 1, 4096));
     const int pp = static_cast<int>(args.get_int("pp", 1, 4096));
     backend_choice(args);  // an unusable --backend fails here, before the grid forms
+    if (args.has("serve")) {
+      const int status = run_worker_serve(args, tp, pp, [&watchdog] { watchdog.finished(); });
+      MPI_Finalize();
+      return status;
+    }
     if (args.has("input") || args.has("output")) {
       const int status = run_worker_batch(args, tp, pp, watchdog);
       MPI_Finalize();

@@ -74,11 +74,13 @@ struct Scheduler::Sequence {
   int32_t max_generated = 0;  // max_tokens within the context
   int32_t cached = 0;         // tokens [0, cached) are in the engine's cache
   int32_t slot = -1;
-  int32_t held_blocks = 0;      // by the ledger: blocks_for_tokens of what the plan has run
-  int32_t reserved_blocks = 0;  // kReserve
-  uint64_t admission = 0;       // larger: admitted more recently
-  int64_t planned_step = -1;    // the step whose plan holds a segment of it
-  bool resumed = false;         // preempted: goes before every new request
+  int32_t held_blocks = 0;        // by the ledger: blocks_for_tokens of what the plan has run
+  int32_t reserved_blocks = 0;    // kReserve
+  uint64_t admission = 0;         // larger: admitted more recently
+  int64_t planned_step = -1;      // the step whose plan holds a segment of it
+  bool resumed = false;           // preempted: goes before every new request
+  bool reserved = false;          // runs on the reserved slot
+  BlockLedger* ledger = nullptr;  // the share of the pool it draws on
   Clock::time_point submitted, admitted, first_token;
   bool ever_admitted = false, has_first_token = false;
 
@@ -101,11 +103,31 @@ Scheduler::Scheduler(StepExecutor& executor, const SchedulerOptions& options)
   eos_ = engine.model().tokenizer().eos_id();
   if (block_tokens_ < 1 || total_blocks_ < 1)
     throw Error("scheduler: the engine's cache pool has no blocks");
-  const int32_t slots = engine.sequence_slots();
+  if (options_.reserved_slot_tokens < 0 || options_.reserved_slot_tokens > context_)
+    throw Error("scheduler: reserved slot tokens must be from 0 to the context of " +
+                std::to_string(context_) + ", got " +
+                std::to_string(options_.reserved_slot_tokens));
+  const bool has_reserve = options_.reserved_slot_tokens > 0;
+  const int32_t slots = engine.sequence_slots() - (has_reserve ? 1 : 0);
   if (options_.max_sequences == 0) options_.max_sequences = slots;
   if (options_.max_sequences < 1 || options_.max_sequences > slots)
     throw Error("scheduler: max sequences must be from 1 to the engine's " + std::to_string(slots) +
-                " sequence slots, got " + std::to_string(options_.max_sequences));
+                " sequence slots" + (has_reserve ? " (one more is the reserved slot)" : "") +
+                ", got " + std::to_string(options_.max_sequences));
+  public_.total = total_blocks_;
+  if (has_reserve) {
+    // Its largest step: a prefill from empty, or a decode at any length.
+    const int32_t n = options_.reserved_slot_tokens;
+    reserve_.total = std::max(engine.blocks_for_step(0, n), engine.blocks_for_step(n - 1, n));
+    for (int32_t t = 1; t < n; ++t)
+      reserve_.total = std::max(reserve_.total, engine.blocks_for_step(t - 1, t));
+    public_.total -= reserve_.total;
+    if (public_.total < 1)
+      throw Error("scheduler: the reserved slot's " + std::to_string(reserve_.total) +
+                  " blocks leave none of the pool's " + std::to_string(total_blocks_) +
+                  " to other requests");
+    reserved_slot_ = options_.max_sequences;
+  }
   const int32_t min_budget = std::max(block_tokens_, options_.max_sequences);
   if (options_.max_batch_tokens < min_budget)
     throw Error("scheduler: max batch tokens must be at least " + std::to_string(min_budget) +
@@ -121,7 +143,7 @@ Scheduler::Scheduler(StepExecutor& executor, const SchedulerOptions& options)
 
 Scheduler::~Scheduler() = default;
 
-std::string Scheduler::engine_problem(const Request& r) const {
+std::string Scheduler::engine_problem(const Request& r, const BlockLedger& ledger) const {
   for (size_t i = 0; i < r.prompt.size(); ++i)
     if (r.prompt[i] < 0 || r.prompt[i] >= vocab_)
       return "prompt token " + std::to_string(i) + " is id " + std::to_string(r.prompt[i]) +
@@ -133,21 +155,51 @@ std::string Scheduler::engine_problem(const Request& r) const {
   // The first generated token is fed only when a second one is wanted.
   const int32_t first_needed = static_cast<int32_t>(r.max_tokens > 1 ? n + 1 : n);
   const int32_t blocks = executor_.engine().blocks_for_tokens(first_needed);
-  if (blocks > total_blocks_)
+  if (blocks > ledger.total)
     return "the prompt needs " + std::to_string(blocks) + " cache blocks of " +
            std::to_string(block_tokens_) + " tokens; the whole pool holds " +
-           std::to_string(total_blocks_);
+           std::to_string(ledger.total);
   return "";
 }
 
 RequestId Scheduler::submit(Request request) {
+  return submit_to(std::move(request), false);
+}
+
+RequestId Scheduler::submit_reserved(Request request) {
+  return submit_to(std::move(request), true);
+}
+
+RequestId Scheduler::fail_at_submit(RequestId id, const Request& request,
+                                    const std::string& problem) {
+  RequestEvent event;
+  event.kind = RequestEvent::Kind::kFinished;
+  event.id = id;
+  event.reason = FinishReason::kFailed;
+  event.message = problem;
+  event.usage.prompt_tokens = static_cast<int32_t>(request.prompt.size());
+  events_.push_back(std::move(event));
+  return id;
+}
+
+RequestId Scheduler::submit_to(Request request, bool reserved) {
   const RequestId id = next_id_++;
   const auto now = Clock::now();
   std::string problem;
   std::unique_ptr<Sequence> s;
+  BlockLedger& ledger = reserved ? reserve_ : public_;
   try {
     problem = request_field_problem(request);
-    if (problem.empty()) problem = engine_problem(request);
+    if (problem.empty() && reserved) {
+      const int64_t peak = static_cast<int64_t>(request.prompt.size()) + request.max_tokens - 1;
+      if (reserved_slot_ < 0)
+        problem = "the scheduler has no reserved slot";
+      else if (peak > options_.reserved_slot_tokens)
+        problem = "the prompt and max_tokens need " + std::to_string(peak) +
+                  " tokens; the reserved slot holds " +
+                  std::to_string(options_.reserved_slot_tokens);
+    }
+    if (problem.empty()) problem = engine_problem(request, ledger);
     if (problem.empty()) {
       const uint64_t seed = request.seed ? *request.seed : std::random_device{}();
       s = std::make_unique<Sequence>(id, std::move(request), executor_.engine().model().tokenizer(),
@@ -156,26 +208,27 @@ RequestId Scheduler::submit(Request request) {
   } catch (const std::exception& e) {
     problem = e.what();
   }
-  if (!problem.empty()) {
-    RequestEvent event;
-    event.kind = RequestEvent::Kind::kFinished;
-    event.id = id;
-    event.reason = FinishReason::kFailed;
-    event.message = problem;
-    event.usage.prompt_tokens = static_cast<int32_t>(request.prompt.size());
-    events_.push_back(std::move(event));
-    return id;
-  }
+  if (!problem.empty()) return fail_at_submit(id, request, problem);
   s->submitted = now;
   s->max_generated =
       std::min<int32_t>(s->request.max_tokens, context_ - static_cast<int32_t>(s->prompt_tokens));
-  // Behind every preempted request and every request of at least this priority.
-  auto at = std::find_if(waiting_.begin(), waiting_.end(), [&](const Sequence* w) {
-    return !w->resumed && w->request.priority < s->request.priority;
-  });
-  waiting_.insert(at, s.get());
+  s->reserved = reserved;
+  s->ledger = &ledger;
+  if (reserved) {
+    reserved_waiting_.push_back(s.get());
+  } else {
+    // Behind every preempted request and every request of at least this priority.
+    auto at = std::find_if(waiting_.begin(), waiting_.end(), [&](const Sequence* w) {
+      return !w->resumed && w->request.priority < s->request.priority;
+    });
+    waiting_.insert(at, s.get());
+  }
   live_.emplace(id, std::move(s));
   return id;
+}
+
+int32_t Scheduler::free_blocks(const Sequence& s) const {
+  return s.ledger->free();
 }
 
 bool Scheduler::cancel(RequestId id) {
@@ -185,7 +238,8 @@ bool Scheduler::cancel(RequestId id) {
   if (s.slot >= 0) {
     release_slot(s);
   } else {
-    waiting_.erase(std::find(waiting_.begin(), waiting_.end(), &s));
+    std::deque<Sequence*>& queue = s.reserved ? reserved_waiting_ : waiting_;
+    queue.erase(std::find(queue.begin(), queue.end(), &s));
   }
   finish(s, FinishReason::kCancelled, "");
   return true;
@@ -205,9 +259,14 @@ SchedulerStats Scheduler::stats() const {
   SchedulerStats st;
   st.waiting = static_cast<int32_t>(waiting_.size());
   st.running = static_cast<int32_t>(running_.size());
-  st.ledger_blocks = ledger_blocks_;
-  st.reserved_blocks = reserved_blocks_;
-  st.total_blocks = total_blocks_;
+  for (const Sequence* s : waiting_) st.waiting_tokens += s->target();
+  for (const Sequence* s : running_) st.running_tokens += s->cached;
+  st.ledger_blocks = public_.held;
+  st.reserved_slot_held_blocks = reserve_.held;
+  st.reserved_blocks = public_.promised;
+  st.total_blocks = public_.total;
+  st.reserved_slot_blocks = reserve_.total;
+  st.reserved_live = static_cast<int32_t>(reserved_waiting_.size()) + (reserved_running_ ? 1 : 0);
   st.preemptions = preemptions_;
   st.steps = step_count_;
   return st;
@@ -218,11 +277,15 @@ SchedulerStats Scheduler::stats() const {
 // admitted again in that same plan).
 void Scheduler::release_slot(Sequence& s) {
   pending_release_.push_back(s.slot);
-  free_slots_.push_back(s.slot);
-  slot_owner_[static_cast<size_t>(s.slot)] = nullptr;
-  running_.erase(std::find(running_.begin(), running_.end(), &s));
-  ledger_blocks_ -= s.held_blocks;
-  reserved_blocks_ -= s.reserved_blocks;
+  if (s.reserved) {
+    reserved_running_ = nullptr;
+  } else {
+    free_slots_.push_back(s.slot);
+    slot_owner_[static_cast<size_t>(s.slot)] = nullptr;
+    running_.erase(std::find(running_.begin(), running_.end(), &s));
+  }
+  s.ledger->held -= s.held_blocks;
+  s.ledger->promised -= s.reserved_blocks;
   s.held_blocks = 0;
   s.reserved_blocks = 0;
   s.cached = 0;
@@ -268,12 +331,12 @@ bool Scheduler::admissible(const Sequence& s) const {
   Engine& engine = executor_.engine();
   if (options_.policy == AdmissionPolicy::kReserve) {
     const int32_t reserve =
-        std::min(engine.blocks_for_tokens(std::max(s.peak_tokens(), s.target())), total_blocks_);
-    return reserved_blocks_ + reserve <= total_blocks_;
+        std::min(engine.blocks_for_tokens(std::max(s.peak_tokens(), s.target())), public_.total);
+    return public_.promised + reserve <= public_.total;
   }
   // Its whole prefill (or rebuild) beside what the admitted prefills still
   // need, so that admitted prefills can always finish once decodes leave.
-  return engine.blocks_for_tokens(s.target()) <= free_blocks() - outstanding_prefill_blocks();
+  return engine.blocks_for_tokens(s.target()) <= free_blocks(s) - outstanding_prefill_blocks();
 }
 
 void Scheduler::admit(Sequence& s) {
@@ -286,8 +349,8 @@ void Scheduler::admit(Sequence& s) {
   s.held_blocks = 0;
   if (options_.policy == AdmissionPolicy::kReserve) {
     s.reserved_blocks = std::min(
-        executor_.engine().blocks_for_tokens(std::max(s.peak_tokens(), s.target())), total_blocks_);
-    reserved_blocks_ += s.reserved_blocks;
+        executor_.engine().blocks_for_tokens(std::max(s.peak_tokens(), s.target())), public_.total);
+    public_.promised += s.reserved_blocks;
   }
   if (!s.ever_admitted) {
     s.ever_admitted = true;
@@ -332,7 +395,7 @@ int32_t Scheduler::chunk_end(const Sequence& s, int32_t limit) const {
 bool Scheduler::plan_chunk(StepPlan& plan, Sequence& s, int32_t& budget) {
   Engine& engine = executor_.engine();
   // The most tokens its blocks and the free ones hold, at the step's peak.
-  const int32_t room = s.held_blocks + free_blocks();
+  const int32_t room = s.held_blocks + free_blocks(s);
   int32_t fit = s.cached, hi = s.target();
   while (fit < hi) {
     const int32_t mid = fit + (hi - fit + 1) / 2;
@@ -348,8 +411,8 @@ bool Scheduler::plan_chunk(StepPlan& plan, Sequence& s, int32_t& budget) {
   s.planned_step = step_count_;
   budget -= end - s.cached;
   const int32_t held = engine.blocks_for_tokens(end);
-  step_transient_blocks_ += engine.blocks_for_step(s.cached, end) - held;
-  ledger_blocks_ += held - s.held_blocks;
+  s.ledger->transient += engine.blocks_for_step(s.cached, end) - held;
+  s.ledger->held += held - s.held_blocks;
   s.held_blocks = held;
   return true;
 }
@@ -364,8 +427,8 @@ void Scheduler::plan_decodes(StepPlan& plan, int32_t& budget) {
     if (budget == 0) break;
     const int32_t need = engine.blocks_for_step(s->cached, s->cached + 1) - s->held_blocks;
     bool runs = true;
-    while (need > free_blocks()) {
-      if (ledger_blocks_ == s->held_blocks) {
+    while (need > free_blocks(*s)) {
+      if (public_.held == s->held_blocks) {
         // Alone and still too big: the pool can never hold its next token.
         release_slot(*s);
         finish(*s, FinishReason::kLength, "pool");
@@ -404,7 +467,7 @@ bool Scheduler::plan_prefills(StepPlan& plan, int32_t& budget, int32_t max_chunk
   while (!waiting_.empty() && chunks < max_chunks && budget > 0) {
     Sequence& s = *waiting_.front();
     if (options_.policy == AdmissionPolicy::kOptimistic &&
-        executor_.engine().blocks_for_tokens(s.target()) > total_blocks_) {
+        executor_.engine().blocks_for_tokens(s.target()) > public_.total) {
       // A preempted sequence grew past what the pool can rebuild.
       waiting_.pop_front();
       finish(s, FinishReason::kLength, "pool");
@@ -423,9 +486,11 @@ bool Scheduler::plan_prefills(StepPlan& plan, int32_t& budget, int32_t max_chunk
 StepPlan Scheduler::plan_step() {
   StepPlan plan;
   planned_.clear();
-  step_transient_blocks_ = 0;
+  public_.transient = 0;
+  reserve_.transient = 0;
   plan.released.swap(pending_release_);
   int32_t budget = options_.max_batch_tokens;
+  plan_reserved(plan, budget);
   bool prefill_waiting = !waiting_.empty();
   for (const Sequence* s : running_) prefill_waiting |= !s->decoding();
   bool prefill_ran = false;
@@ -440,6 +505,31 @@ StepPlan Scheduler::plan_step() {
       options_.policy == AdmissionPolicy::kOptimistic)
     preempt(*running_.back(), plan);
   return plan;
+}
+
+// The reserved slot's request goes first: admitted as soon as the slot is
+// free (its ledger always holds it), then one chunk or decode per step.
+void Scheduler::plan_reserved(StepPlan& plan, int32_t& budget) {
+  if (!reserved_running_ && !reserved_waiting_.empty()) {
+    Sequence& s = *reserved_waiting_.front();
+    reserved_waiting_.pop_front();
+    s.slot = reserved_slot_;
+    s.admission = next_admission_++;
+    s.cached = 0;
+    s.held_blocks = 0;
+    if (!s.ever_admitted) {
+      s.ever_admitted = true;
+      s.admitted = Clock::now();
+    }
+    reserved_running_ = &s;
+  }
+  if (!reserved_running_ || budget == 0) return;
+  Sequence& s = *reserved_running_;
+  // Planned first, with the whole budget (at least a block), so only its
+  // own ledger can stop it: it outgrew the slot.
+  if (plan_chunk(plan, s, budget)) return;
+  release_slot(s);
+  finish(s, FinishReason::kLength, "pool");
 }
 
 void Scheduler::fail_step(const std::string& message) {

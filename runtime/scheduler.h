@@ -39,6 +39,11 @@
 //     admitted running sequence is preempted: its blocks are released, it goes
 //     back to the front of the queue and is later rebuilt from its prompt and
 //     the tokens it already generated, emitting nothing twice.
+// Reserved slot (SchedulerOptions::reserved_slot_tokens > 0): one sequence
+// slot beyond max_sequences and the blocks of that many tokens are set aside
+// for requests given to submit_reserved() (a server's health probe), so they
+// never wait behind a full replica and public requests can never take them.
+// The reserved pool has its own ledger; its request is planned first.
 // Nothing waits forever: a sequence that alone needs more than the whole pool
 // (its reservation is capped at the pool) finishes with reason length and
 // message "pool" when it cannot grow.
@@ -74,15 +79,25 @@ struct SchedulerOptions {
   // the next step plans one prefill chunk before the decodes.
   int32_t max_decode_only_steps = 8;
   AdmissionPolicy policy = AdmissionPolicy::kReserve;
+  // 0: no reserved slot. N > 0: the engine's slot max_sequences (so it needs
+  // max_sequences + 1 slots) and blocks for a sequence of N tokens are kept
+  // for submit_reserved(); public requests see the pool less those blocks.
+  int32_t reserved_slot_tokens = 0;
 };
 
 // A snapshot for metrics and tests.
+// Counts are of public requests unless named otherwise.
 struct SchedulerStats {
-  int32_t waiting = 0;          // submitted, not admitted (preempted ones included)
-  int32_t running = 0;          // holding a sequence slot
-  int32_t ledger_blocks = 0;    // blocks the admitted sequences hold by the ledger
-  int32_t reserved_blocks = 0;  // kReserve: blocks promised to admitted requests
-  int32_t total_blocks = 0;     // the pool
+  int32_t waiting = 0;               // submitted, not admitted (preempted ones included)
+  int32_t running = 0;               // holding a sequence slot
+  int64_t waiting_tokens = 0;        // tokens the waiting requests must (re)build
+  int64_t running_tokens = 0;        // tokens the running sequences have in the cache
+  int32_t ledger_blocks = 0;         // blocks the admitted sequences hold by the ledger
+  int32_t reserved_blocks = 0;       // kReserve: blocks promised to admitted requests
+  int32_t total_blocks = 0;          // the pool public requests share (less the reserved slot's)
+  int32_t reserved_slot_blocks = 0;  // set aside for submit_reserved()
+  int32_t reserved_slot_held_blocks = 0;  // of which its request holds now
+  int32_t reserved_live = 0;              // reserved requests not yet finished
   int64_t preemptions = 0;
   int64_t steps = 0;  // steps that ran a plan
 };
@@ -100,6 +115,11 @@ class Scheduler {
   // that leaves no room in the context, a prompt the whole pool cannot hold)
   // gets its failed event at once, with the reason as the message.
   RequestId submit(Request request);
+  // The same on the reserved slot (SchedulerOptions::reserved_slot_tokens);
+  // reserved requests run one at a time, in submission order. Also failed at
+  // once when there is no reserved slot or the request's prompt plus
+  // max_tokens exceeds its tokens.
+  RequestId submit_reserved(Request request);
   // Ends a waiting or running request with reason cancelled (its finished
   // event is queued now; its slot goes back in the next step's plan). False
   // when the id is unknown or already finished.
@@ -121,8 +141,20 @@ class Scheduler {
  private:
   struct Sequence;
   using Clock = std::chrono::steady_clock;
+  // A ledger over a share of the pool: the public one, or the reserved slot's.
+  struct BlockLedger {
+    int32_t total = 0;      // blocks of this share
+    int32_t held = 0;       // blocks its admitted sequences hold
+    int32_t transient = 0;  // held only while the planned step runs
+    int32_t promised = 0;   // kReserve: promised to its admitted requests
+    int32_t free() const { return total - held - transient; }
+  };
 
-  std::string engine_problem(const Request& request) const;
+  RequestId submit_to(Request request, bool reserved);
+  RequestId fail_at_submit(RequestId id, const Request& request, const std::string& problem);
+  void plan_reserved(StepPlan& plan, int32_t& budget);
+
+  std::string engine_problem(const Request& request, const BlockLedger& ledger) const;
   StepPlan plan_step();
   void plan_decodes(StepPlan& plan, int32_t& budget);
   bool plan_prefills(StepPlan& plan, int32_t& budget, int32_t max_chunks);
@@ -136,9 +168,9 @@ class Scheduler {
   bool append_text(Sequence& s, const std::string& piece, std::string& out);
   void finish(Sequence& s, FinishReason reason, const std::string& message);
   void fail_step(const std::string& message);
-  // Free by the ledger, less what the steps planned so far hold only while
-  // they run (runtime/cache.h, blocks_for_step).
-  int32_t free_blocks() const { return total_blocks_ - ledger_blocks_ - step_transient_blocks_; }
+  // Free by the sequence's ledger, less what the steps planned so far hold
+  // only while they run (runtime/cache.h, blocks_for_step).
+  int32_t free_blocks(const Sequence& s) const;
   int32_t outstanding_prefill_blocks() const;
 
   StepExecutor& executor_;
@@ -154,15 +186,17 @@ class Scheduler {
   int64_t step_count_ = 0;
   int64_t preemptions_ = 0;
   int32_t starved_steps_ = 0;  // steps in a row where waiting prefills got nothing
-  int32_t ledger_blocks_ = 0;
-  // Blocks the planned step holds beyond its sequences' end counts until its
-  // last layer has run (window pages not yet given back); reset per plan.
-  int32_t step_transient_blocks_ = 0;
-  int32_t reserved_blocks_ = 0;
+  // `transient`: blocks the planned step holds beyond its sequences' end
+  // counts until its last layer has run (window pages not yet given back);
+  // reset per plan.
+  BlockLedger public_, reserve_;
+  int32_t reserved_slot_ = -1;  // the engine slot of the reserved ledger; -1: none
 
   std::unordered_map<RequestId, std::unique_ptr<Sequence>> live_;
   std::deque<Sequence*> waiting_;
-  std::vector<Sequence*> running_;        // holding a slot, in admission order
+  std::vector<Sequence*> running_;  // public, holding a slot, in admission order
+  std::deque<Sequence*> reserved_waiting_;
+  Sequence* reserved_running_ = nullptr;  // on the reserved slot
   std::vector<Sequence*> slot_owner_;     // by slot
   std::vector<int32_t> free_slots_;       // a stack
   std::vector<int32_t> pending_release_;  // slots for the next plan's `released`

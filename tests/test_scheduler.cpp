@@ -683,5 +683,107 @@ TEST(SchedulerRealEngine, Kivi2OptimisticSmallPoolPreemptsAndEqualsSolo) {
   real_engine_matches_solo("kivi-2", AdmissionPolicy::kOptimistic, -1, true);
 }
 
+// The reserved slot: one slot beyond max_sequences and its blocks are kept
+// for submit_reserved(), which runs at once beside a full replica; public
+// requests never get that slot or those blocks.
+TEST(Scheduler, ReservedSlotRunsBesideAFullPoolAndIsNeverPublic) {
+  // 3 slots, 5 blocks of 128: two public slots, 4 public blocks, 1 reserved.
+  FakeEngine engine(3, 5, 512);
+  LocalExecutor executor(engine);
+  SchedulerOptions options{256, 2, 8, AdmissionPolicy::kReserve};
+  options.reserved_slot_tokens = 16;
+  Scheduler scheduler(executor, options);
+  EXPECT_EQ(scheduler.stats().total_blocks, 4);
+  EXPECT_EQ(scheduler.stats().reserved_slot_blocks, 1);
+  std::mt19937 rng(11);
+  std::vector<RequestId> pub;
+  for (int i = 0; i < 3; ++i) {
+    Request r;
+    r.prompt = random_prompt(rng, 100);
+    r.max_tokens = 100;  // 199 tokens at the peak: 2 blocks each, the public pool for two
+    r.ignore_eos = true;
+    pub.push_back(scheduler.submit(r));
+  }
+  scheduler.step();
+  scheduler.step();
+  ASSERT_EQ(scheduler.stats().running, 2);
+  ASSERT_EQ(scheduler.stats().waiting, 1);  // no public slot or block left
+  Request probe;
+  probe.prompt = random_prompt(rng, 3);
+  probe.max_tokens = 1;
+  probe.ignore_eos = true;
+  const RequestId reserved = scheduler.submit_reserved(probe);
+  EXPECT_EQ(scheduler.stats().reserved_live, 1);
+  std::map<RequestId, Outcome> out;
+  collect(scheduler, out);
+  scheduler.step();
+  // Planned first, on the slot past the public ones, and done in one step.
+  ASSERT_FALSE(scheduler.last_plan().segments.empty());
+  EXPECT_EQ(scheduler.last_plan().segments[0].seq, 2);
+  EXPECT_EQ(scheduler.last_plan().segments[0].n, 3);
+  collect(scheduler, out);
+  EXPECT_EQ(out[reserved].finished, 1);
+  EXPECT_EQ(out[reserved].reason, FinishReason::kLength);
+  EXPECT_EQ(out[reserved].tokens.size(), 1u);
+  EXPECT_EQ(scheduler.stats().waiting, 1);  // the public one still waits
+  EXPECT_EQ(scheduler.stats().reserved_live, 0);
+  // Too large for the slot, and a scheduler without one: refused at once.
+  Request big = probe;
+  big.max_tokens = 20;
+  const RequestId refused = scheduler.submit_reserved(big);
+  collect(scheduler, out);
+  EXPECT_EQ(out[refused].reason, FinishReason::kFailed);
+  EXPECT_NE(out[refused].message.find("reserved slot"), std::string::npos) << out[refused].message;
+  while (!scheduler.idle()) {
+    scheduler.step();
+    collect(scheduler, out);
+  }
+  for (RequestId id : pub) {
+    EXPECT_EQ(out[id].finished, 1);
+    EXPECT_EQ(out[id].tokens.size(), 100u);
+  }
+  // No public segment ever ran on the reserved slot, and the pool never
+  // held more than the fake engine's 5 blocks (it throws otherwise).
+  int reserved_segments = 0;
+  for (const FakeEngine::Step& step : engine.steps)
+    for (const Segment& seg : step.segments) reserved_segments += seg.seq == 2;
+  EXPECT_EQ(reserved_segments, 1);
+  EXPECT_EQ(engine.held_blocks(), 0);
+
+  FakeEngine plain_engine(2, 4, 512);
+  LocalExecutor plain_executor(plain_engine);
+  Scheduler plain(plain_executor, SchedulerOptions{256, 2, 8, AdmissionPolicy::kReserve});
+  const RequestId none = plain.submit_reserved(probe);
+  std::map<RequestId, Outcome> plain_out;
+  collect(plain, plain_out);
+  EXPECT_EQ(plain_out[none].reason, FinishReason::kFailed);
+  // The reserved slot needs an engine slot of its own.
+  SchedulerOptions too_many{256, 2, 8, AdmissionPolicy::kReserve};
+  too_many.reserved_slot_tokens = 16;
+  EXPECT_THROW(Scheduler(plain_executor, too_many), Error);
+}
+
+// A cancelled reserved request gives its slot and blocks back like any other.
+TEST(Scheduler, ReservedRequestCancelReleasesItsSlot) {
+  FakeEngine engine(2, 4, 512);
+  LocalExecutor executor(engine);
+  SchedulerOptions options{256, 1, 8, AdmissionPolicy::kReserve};
+  options.reserved_slot_tokens = 16;
+  Scheduler scheduler(executor, options);
+  std::mt19937 rng(3);
+  Request probe;
+  probe.prompt = random_prompt(rng, 4);
+  probe.max_tokens = 8;
+  probe.ignore_eos = true;
+  const RequestId id = scheduler.submit_reserved(probe);
+  scheduler.step();
+  EXPECT_TRUE(scheduler.cancel(id));
+  scheduler.step();
+  EXPECT_EQ(scheduler.last_plan().released, (std::vector<int32_t>{1}));
+  EXPECT_TRUE(scheduler.idle());
+  EXPECT_EQ(engine.held_blocks(), 0);
+  EXPECT_EQ(scheduler.stats().reserved_live, 0);
+}
+
 }  // namespace
 }  // namespace xq
