@@ -1,6 +1,5 @@
 #include "launch/serve/coordinator.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 #include "launch/serve/admission_queue.h"
 #include "launch/serve/circuit_breaker.h"
 #include "launch/serve/generate_request.h"
+#include "launch/serve/standard_services.h"
 #include "launch/serve/write_watch.h"
 
 namespace xq::serve {
@@ -867,8 +867,7 @@ void Coordinator::start() {
     for (const std::string& address : impl.options.static_replicas)
       if (impl.replicas.count(address) == 0) impl.add_replica_locked(address, address, true);
   }
-  grpc::EnableDefaultHealthCheckService(true);
-  if (impl.options.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  enable_standard_services(impl.options.reflection);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(impl.options.listen, server_credentials(impl.options.security), &port_);
   builder.SetMaxReceiveMessageSize(impl.options.max_request_bytes);

@@ -1,6 +1,5 @@
 #include "launch/serve/replica_server.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 
@@ -22,6 +21,7 @@
 #include "kernels/error.h"
 #include "launch/serve/generate_request.h"
 #include "launch/serve/replica_registration.h"
+#include "launch/serve/standard_services.h"
 #include "launch/serve/write_watch.h"
 #include "runtime/communicator.h"
 #include "xquant/v1/xquant.grpc.pb.h"
@@ -264,8 +264,7 @@ ReplicaServer::Impl::~Impl() {
 
 void ReplicaServer::Impl::start() {
   warn_unless_loopback(options_.listen, "replica");
-  grpc::EnableDefaultHealthCheckService(true);
-  if (options_.reflection) grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  enable_standard_services(options_.reflection);
   grpc::ServerBuilder builder;
   builder.AddListeningPort(options_.listen, server_credentials(options_.security), &port_);
   builder.SetMaxReceiveMessageSize(options_.max_request_bytes);
