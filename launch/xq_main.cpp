@@ -28,6 +28,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "launch/client_tool.h"
 #include "launch/engine_factory.h"
 #include "parallel/device_grid.h"
 #include "parallel/grid.h"
@@ -579,7 +580,8 @@ int usage(FILE* out) {
                "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
                "  tokenize     print the token ids of a text\n"
                "  modes        list the attention cache modes\n"
-               "  batch        run a JSONL file of requests through the batch scheduler\n\n"
+               "  batch        run a JSONL file of requests through the batch scheduler\n"
+               "  client       talk to a server: stream a completion, health, load, info\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -594,6 +596,7 @@ int main(int argc, char** argv) {
       {"perplexity", xq::run_perplexity}, {"generate", xq::run_generate},
       {"worker", xq::run_worker},         {"tokenize", xq::run_tokenize},
       {"modes", xq::run_modes},           {"batch", xq::run_batch},
+      {"client", xq::run_client},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);
