@@ -1,7 +1,7 @@
 #include "launch/client_tool.h"
 
+#include <fcntl.h>
 #include <google/protobuf/util/json_util.h>
-#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -31,47 +31,73 @@ namespace v1 = ::xquant::v1;
 
 constexpr int kExitOk = 0, kExitFailed = 1, kExitUsage = 2;
 
-// SIGINT and SIGTERM become a cancel of the calls in progress: they are
-// blocked in every thread (gRPC's included, which inherit the mask when
-// the channel starts them) and taken by one thread that cancels. A second
-// signal while the first cancel is still unwinding ends the process.
+// The write end of the pipe that carries signals to InterruptWatch's thread.
+int interrupt_pipe_write = -1;
+
+extern "C" void forward_interrupt(int signal) {
+  const int saved_errno = errno;
+  const unsigned char byte = static_cast<unsigned char>(signal);
+  [[maybe_unused]] const ssize_t written = write(interrupt_pipe_write, &byte, 1);
+  errno = saved_errno;
+}
+
+// SIGINT and SIGTERM become a cancel of the calls in progress. The handler
+// only writes the signal's number to a pipe (any thread may take the
+// signal: libraries start threads of their own before main); one thread
+// reads it and cancels. A second signal while the first cancel is still
+// unwinding ends the process.
 class InterruptWatch {
  public:
   InterruptWatch() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGINT);
-    sigaddset(&signals_, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &signals_, &previous_);
+    if (pipe2(pipe_, O_CLOEXEC) != 0) throw Error("client: cannot create a pipe");
+    // The handler must never block, whatever is queued.
+    fcntl(pipe_[1], F_SETFL, fcntl(pipe_[1], F_GETFL) | O_NONBLOCK);
+    interrupt_pipe_write = pipe_[1];
+    struct sigaction action {};
+    action.sa_handler = forward_interrupt;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGINT, &action, &previous_int_);
+    sigaction(SIGTERM, &action, &previous_term_);
   }
   ~InterruptWatch() {
     stop();
-    pthread_sigmask(SIG_SETMASK, &previous_, nullptr);
-  }
-  // Ends the watching thread; after it the client may go.
-  void stop() {
-    stop_ = true;
-    if (thread_.joinable()) thread_.join();
+    sigaction(SIGINT, &previous_int_, nullptr);
+    sigaction(SIGTERM, &previous_term_, nullptr);
+    interrupt_pipe_write = -1;
+    close(pipe_[0]);
+    close(pipe_[1]);
   }
   InterruptWatch(const InterruptWatch&) = delete;
   InterruptWatch& operator=(const InterruptWatch&) = delete;
 
   void watch(serve::Client& client) {
     thread_ = std::thread([this, &client] {
-      while (!stop_) {
-        // A short wait so that the destructor is never kept long.
-        const timespec wait{0, 50 * 1000 * 1000};
-        const int signal = sigtimedwait(&signals_, nullptr, &wait);
-        if (signal <= 0) continue;
+      unsigned char signal = 0;
+      while (true) {
+        const ssize_t got = read(pipe_[0], &signal, 1);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0 || signal == kStop) return;
         if (interrupted_.exchange(signal) != 0) std::_Exit(128 + signal);
         client.cancel_all();
       }
     });
   }
+  // Ends the watching thread; after it the client may go.
+  void stop() {
+    if (!thread_.joinable()) return;
+    const unsigned char byte = kStop;
+    while (write(pipe_[1], &byte, 1) < 0 && errno == EINTR) {
+    }
+    thread_.join();
+  }
   int interrupted() const { return interrupted_; }
 
  private:
-  sigset_t signals_{}, previous_{};
-  std::atomic<bool> stop_{false};
+  static constexpr unsigned char kStop = 0;  // no signal has number 0
+  int pipe_[2] = {-1, -1};
+  struct sigaction previous_int_ {};
+  struct sigaction previous_term_ {};
   std::atomic<int> interrupted_{0};
   std::thread thread_;
 };
@@ -437,7 +463,7 @@ int run_client_checked(int argc, char** argv) {
   v1::GenerateRequest request;
   if (actions == 0) request = generate_request(args);
 
-  InterruptWatch interrupts;  // before the client, whose threads inherit the mask
+  InterruptWatch interrupts;
   serve::Client client(args.get("address"), security, max_message_bytes);
   interrupts.watch(client);
   // Declared after the client, so the watch stops before the client goes.
