@@ -28,6 +28,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "launch/client_tool.h"
 #include "launch/coordinator_tool.h"
 #include "launch/engine_factory.h"
 #include "launch/serve_tool.h"
@@ -591,7 +592,8 @@ int usage(FILE* out) {
                "  tokenize     print the token ids of a text\n"
                "  modes        list the attention cache modes\n"
                "  batch        run a JSONL file of requests through the batch scheduler\n"
-               "  coordinator  serve the Generation API, routing requests to replicas\n\n"
+               "  coordinator  serve the Generation API, routing requests to replicas\n"
+               "  client       talk to a server: stream a completion, health, load, info\n\n"
                "'xq <command> --help' lists a command's options.\n");
   return out == stdout ? 0 : 2;
 }
@@ -610,6 +612,7 @@ int main(int argc, char** argv) {
       {"modes", xq::run_modes},
       {"batch", xq::run_batch},
       {"coordinator", xq::run_coordinator},
+      {"client", xq::run_client},
   };
   if (command == "--help" || command == "-h" || command == "help") return xq::usage(stdout);
   auto it = commands.find(command);
