@@ -52,19 +52,7 @@ class Client::Call {
 
 Client::Client(const std::string& address, const Security& security, int max_message_bytes)
     : api_key_(security.api_key) {
-  grpc::ChannelArguments arguments;
-  if (max_message_bytes > 0) {
-    arguments.SetMaxReceiveMessageSize(max_message_bytes);
-    arguments.SetMaxSendMessageSize(max_message_bytes);
-  }
-  if (!security.tls_server_name.empty())
-    arguments.SetSslTargetNameOverride(security.tls_server_name);
-  // gRPC's reconnect backoff grows to two minutes; a client waiting for a
-  // server that is starting should see it within a second of it listening.
-  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
-  arguments.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
-  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
-  channel_ = grpc::CreateCustomChannel(address, channel_credentials(security), arguments);
+  channel_ = make_channel(address, security, max_message_bytes);
   generation_ = v1::Generation::NewStub(channel_);
   control_ = v1::Control::NewStub(channel_);
   registry_ = v1::Registry::NewStub(channel_);

@@ -15,6 +15,7 @@
 #include "kernels/error.h"
 #include "launch/serve/admission_queue.h"
 #include "launch/serve/circuit_breaker.h"
+#include "launch/serve/client.h"
 #include "launch/serve/generate_request.h"
 #include "launch/serve/standard_services.h"
 #include "launch/serve/write_watch.h"
@@ -322,6 +323,10 @@ struct Coordinator::Impl {
     const std::shared_ptr<Replica> replica = waiter.replica;
     std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*context);
     add_api_key(*call, options.security.api_key);
+    // A channel still backing off from a restarted replica would fail the
+    // call at once; waiting is bounded by the client's deadline and by the
+    // replica being marked down, which cancels calls that have not streamed.
+    call->set_wait_for_ready(true);
     Attempt attempt;
     attempt.context = call.get();
     {
@@ -426,6 +431,11 @@ struct Coordinator::Impl {
           retryable);
     }
 
+    if (verdict == Verdict::kFailure)
+      std::fprintf(stderr, "coordinator: request %s failed on replica %s (%s: %s)%s\n",
+                   request.request_id().c_str(), replica->id.c_str(),
+                   status_code_name(replica_status.error_code()),
+                   replica_status.error_message().c_str(), again ? "; routing it elsewhere" : "");
     std::lock_guard<std::mutex> lock(mutex);
     replica->attempts.erase(&attempt);
     const Clock::time_point now = Clock::now();
@@ -599,6 +609,9 @@ struct Coordinator::Impl {
           replica->failed_polls = 0;
           replica->breaker.reset();
           replica->needs_info = true;
+          // Its last load is the old process's: no traffic until a poll
+          // of the new one answers.
+          replica->has_load = false;
         }
       }
       replica->registered = true;
@@ -733,6 +746,7 @@ struct Coordinator::Impl {
     if (start.info) {
       auto poll = std::make_shared<InfoPoll>();
       poll->context.set_deadline(deadline);
+      poll->context.set_wait_for_ready(true);
       add_api_key(poll->context, options.security.api_key);
       replica->control->async()->GetServerInfo(
           &poll->context, &poll->request, &poll->info,
@@ -740,6 +754,9 @@ struct Coordinator::Impl {
     }
     auto poll = std::make_shared<LoadPoll>();
     poll->context.set_deadline(deadline);
+    // Within the deadline, wait for a connection rather than fail on a
+    // channel still backing off from a replica that has just restarted.
+    poll->context.set_wait_for_ready(true);
     add_api_key(poll->context, options.security.api_key);
     poll->dispatched_before = start.dispatched_before;
     replica->control->async()->GetLoad(

@@ -49,6 +49,13 @@ std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const Se
   }
   if (!security.tls_server_name.empty())
     arguments.SetSslTargetNameOverride(security.tls_server_name);
+  // gRPC's reconnect backoff grows to two minutes, and a channel in backoff
+  // fails calls at once: a replica restarted at the same address, or a
+  // server a client waits for, must be reachable within a second of
+  // listening again.
+  arguments.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  arguments.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 100);
+  arguments.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   return grpc::CreateCustomChannel(address, channel_credentials(security), arguments);
 }
 

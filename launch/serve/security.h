@@ -27,8 +27,9 @@ struct Security {
 std::shared_ptr<grpc::ServerCredentials> server_credentials(const Security& security);
 // Insecure without tls_ca; TLS trusting tls_ca with it.
 std::shared_ptr<grpc::ChannelCredentials> channel_credentials(const Security& security);
-// A channel to `address` with the credentials above and no message size
-// limit beyond `max_message_bytes` (0: gRPC's default).
+// A channel to `address` with the credentials above, message limits of
+// `max_message_bytes` (0: gRPC's defaults) and reconnect attempts at most a
+// second apart (a server restarted at the address is seen within a second).
 std::shared_ptr<grpc::Channel> make_channel(const std::string& address, const Security& security,
                                             int max_message_bytes = 0);
 

@@ -327,7 +327,9 @@ def check_kill(c, pb, stubs, prompts, reference, max_tokens):
                (s.status, s.errors))
         expect(s.tokens == reference[i], "request after the restart differs from the reference")
         served[s.finished.replica_id] = served.get(s.finished.replica_id, 0) + 1
-    expect(served.get(victim.replica_id, 0) > 0, "the restarted replica took no traffic: %s" % served)
+    listing = stubs["Registry"].ListReplicas(pb.ListReplicasRequest(), metadata=c.metadata(), timeout=5)
+    expect(served.get(victim.replica_id, 0) > 0, "the restarted replica took no traffic: %s\n%s" %
+           (served, listing))
     print("after the restart, 8 round-robin requests were served as %s, all equal to the reference" % served)
 
 
