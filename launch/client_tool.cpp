@@ -310,7 +310,15 @@ int run_generate(serve::Client& client, const Arguments& args, const v1::Generat
         if (as_json) print_line(line);
         return true;
       });
-  if (!as_json && !text_ends_line && isatty(STDOUT_FILENO)) write_text("\n");
+  // stdout keeps the exact text; when it did not end a line, the summary on
+  // stderr starts a new one (both often share a terminal or a log).
+  const char* summary_break = "";
+  if (!as_json && !text_ends_line) {
+    if (isatty(STDOUT_FILENO))
+      write_text("\n");
+    else
+      summary_break = "\n";
+  }
 
   if (!result.status.ok()) {
     const int code = report_status(result.status, "generate", interrupts.interrupted());
@@ -328,9 +336,9 @@ int run_generate(serve::Client& client, const Arguments& args, const v1::Generat
   const std::string reason = reason_name(finished.reason()) +
                              (finished.detail().empty() ? "" : " (" + finished.detail() + ")");
   std::fprintf(stderr,
-               "finished: %s; %d prompt + %d completion tokens; ttft %.3f s, total %.3f s; "
+               "%sfinished: %s; %d prompt + %d completion tokens; ttft %.3f s, total %.3f s; "
                "server: queue %.3f s, prefill %.3f s, decode %.3f s; replica %s; request %s\n",
-               reason.c_str(), finished.usage().prompt_tokens(),
+               summary_break, reason.c_str(), finished.usage().prompt_tokens(),
                finished.usage().completion_tokens(), first_token, end,
                finished.timings().queue_seconds(), finished.timings().prefill_seconds(),
                finished.timings().decode_seconds(),
