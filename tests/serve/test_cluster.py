@@ -134,6 +134,36 @@ def check_standard_services(c, pb, stubs, replica_channel):
     return info
 
 
+def check_clients(c, pb, stubs, build, source, prompt, reference):
+    """The shipped clients against the cluster: `xq client --json`, the C++
+    example and the Python example; each must give the greedy text the
+    stubs give for the same request."""
+    import json
+    import subprocess
+    request = make_request(pb, prompt, len(reference))
+    want = Stream(stubs["Generation"], pb, request, c.metadata())
+    expect(want.join(60) and want.tokens == reference, "the stub call differs from the reference")
+    text = "".join(want.texts)
+    run = subprocess.run([os.path.join(build, "launch", "xq"), "client", "--address", c.address,
+                          "--api-key", c.api_key, "--prompt", prompt, "--max-tokens", str(len(reference)),
+                          "--json"], capture_output=True, text=True, timeout=60)
+    expect(run.returncode == 0, "xq client failed: %s" % run.stderr)
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    ids = [t for line in lines if "delta" in line for t in line["delta"]["token_ids"]]
+    expect(ids == reference and "finished" in lines[-1], "xq client --json: %s" % run.stdout[-500:])
+    run = subprocess.run([os.path.join(build, "launch", "examples", "xq_client_example"), "--address",
+                          c.address, "--api-key", c.api_key, "--prompt", prompt, "--max-tokens",
+                          str(len(reference))], capture_output=True, text=True, timeout=60)
+    expect(run.returncode == 0 and run.stdout.startswith(text),
+           "the C++ example printed %r, wanted %r (%s)" % (run.stdout, text, run.stderr))
+    run = subprocess.run([sys.executable, os.path.join(source, "tests", "serve", "test_python_example.py"),
+                          "--stubs", os.path.join(build, "proto", "python"), "--address", c.address,
+                          "--api-key", c.api_key, "--prompt", prompt, "--max-tokens", str(len(reference))],
+                         capture_output=True, text=True, timeout=60)
+    expect(run.returncode == 0, "the Python example: %s %s" % (run.stdout, run.stderr))
+    print("xq client --json, the C++ example and the Python example stream the reference text")
+
+
 def check_streams(c, pb, stubs, prompts, reference, max_tokens):
     start = time.time()
     streams = [Stream(stubs["Generation"], pb, make_request(pb, p, max_tokens), c.metadata())
@@ -363,6 +393,7 @@ def main():
             replica_channels = [grpc.insecure_channel("127.0.0.1:%d" % r.port) for r in c.replicas]
             controls = [pb_grpc.ControlStub(ch) for ch in replica_channels]
             info = check_standard_services(c, pb, stubs, replica_channels[0])
+            check_clients(c, pb, stubs, args.build, args.source, prompts[3], reference[3])
             check_streams(c, pb, stubs, prompts, reference, max_tokens)
             check_bad_requests(c, pb, stubs, info, prompts[5], reference[5])
             check_cancel(c, pb, stubs, controls, prompts, 100)
