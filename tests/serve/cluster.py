@@ -87,7 +87,7 @@ def reflection_file_of(channel, symbol, timeout=5.0):
 
 class Cluster:
     def __init__(self, build, source, model, tokenizer, replicas=2, tp=2, api_key="",
-                 worker_args=(), coordinator_args=(), log_dir=None, env=None):
+                 worker_args=(), coordinator_args=(), log_dir=None, env=None, tls=None):
         self.build, self.source = build, source
         self.xq = os.path.join(build, "launch", "xq")
         self.model, self.tokenizer = model, tokenizer
@@ -98,11 +98,18 @@ class Cluster:
         self.env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                         **(env or {}))
         self.procs = []
+        # tls: (certificate, key) of a self-signed certificate for 127.0.0.1
+        # that every server presents and every caller trusts.
+        self.tls_args = []
+        if tls:
+            self.tls_args = ["--tls-cert", tls[0], "--tls-key", tls[1], "--tls-ca", tls[0],
+                             "--tls-server-name", "localhost"]
         self.coordinator_port = free_port()
         self.address = "127.0.0.1:%d" % self.coordinator_port
         key = ["--api-key", api_key] if api_key else []
         self.coordinator = self._start("coordinator", [self.xq, "coordinator", "--listen", self.address,
-                                                       "--reflection", *key, *coordinator_args])
+                                                       "--reflection", *key, *self.tls_args,
+                                                       *coordinator_args])
         self.replicas = []
         for i in range(replicas):
             self.replicas.append(self.start_replica(i))
@@ -121,7 +128,7 @@ class Cluster:
         worker = [self.xq, "worker", "--serve", "--tp", str(self.tp), "--listen", "127.0.0.1:%d" % port,
                   "--coordinator", self.address, "--replica-id", "replica-%d" % index,
                   "--model", self.model, "--tokenizer", self.tokenizer, "--reflection", *key,
-                  *self.worker_args]
+                  *self.tls_args, *self.worker_args]
         supervised = ["bash", os.path.join(self.source, "launch", "supervise.sh"), "--backoff", "1",
                       "--name", "replica-%d" % index, "--"] + mpirun_prefix(self.tp) + worker
         proc = self._start("replica-%d" % index, supervised)
@@ -178,6 +185,15 @@ class Cluster:
                 except ProcessLookupError:
                     pass
                 p.wait()
+
+
+def self_signed_certificate(directory):
+    """A certificate and key for localhost and 127.0.0.1 (openssl)."""
+    cert, key = os.path.join(directory, "server.crt"), os.path.join(directory, "server.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
 
 
 def offline_greedy(build, model, tokenizer, tp, prompts, max_tokens, worker_args=(), env=None):

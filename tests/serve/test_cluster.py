@@ -11,6 +11,8 @@ would.
                 every bad request gets its status while another stream goes
                 on untouched; 100 streams cancelled mid-decode give their
                 cache back within two replica steps (GetLoad).
+--check tls:    one replica, every hop over TLS from a self-signed
+                certificate: streams equal the reference, plaintext is refused.
 --check kill:   one replica's rank 0 SIGKILLed mid-run: every request ends
                 exactly once, either complete and equal to the reference
                 (also those rerouted) or with one retryable UNAVAILABLE error
@@ -363,12 +365,33 @@ def check_kill(c, pb, stubs, prompts, reference, max_tokens):
     print("after the restart, 8 round-robin requests were served as %s, all equal to the reference" % served)
 
 
+def check_tls(c, pb, pb_grpc, cert, prompts, reference):
+    """Every hop over TLS (client -> coordinator -> replica, replica ->
+    coordinator for Register): streams equal the reference; a plaintext
+    client is refused."""
+    with open(cert, "rb") as f:
+        roots = f.read()
+    channel = grpc.secure_channel(c.address, grpc.ssl_channel_credentials(root_certificates=roots))
+    gen = pb_grpc.GenerationStub(channel)
+    streams = [Stream(gen, pb, make_request(pb, p, len(r)), c.metadata()) for p, r in zip(prompts, reference)]
+    for i, s in enumerate(streams):
+        expect(s.join(120) and s.finished is not None and s.tokens == reference[i],
+               "TLS stream %d: %s %s" % (i, s.status, s.errors))
+    plain = pb_grpc.GenerationStub(grpc.insecure_channel(c.address))
+    try:
+        list(plain.Generate(make_request(pb, prompts[0], 4), metadata=c.metadata(), timeout=10))
+        raise AssertionError("a plaintext client was served by a TLS coordinator")
+    except grpc.RpcError as e:
+        expect(e.code() == grpc.StatusCode.UNAVAILABLE, "plaintext client: %s" % e.code())
+    print("%d streams over TLS equal the reference; a plaintext client is refused" % len(streams))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", required=True)
     parser.add_argument("--source", required=True)
     parser.add_argument("--shared", required=True)
-    parser.add_argument("--check", choices=["serve", "kill"], required=True)
+    parser.add_argument("--check", choices=["serve", "kill", "tls"], required=True)
     args = parser.parse_args()
     model = os.path.join(args.shared, "models", "stories260K.bin")
     tokenizer = os.path.join(args.shared, "models", "tok512.bin")
@@ -381,14 +404,22 @@ def main():
     worker_args = ["--max-sequences", "64" if args.check == "serve" else "8"]
     env = {"XQ_COMM_TIMEOUT_SECONDS": "3"} if args.check == "kill" else {}
     reference = cl.offline_greedy(args.build, model, tokenizer, 2, prompts, max_tokens, worker_args, env)
-    c = cl.Cluster(args.build, args.source, model, tokenizer, replicas=2, tp=2, api_key=API_KEY,
-                   worker_args=worker_args, env=env)
+    tls = None
+    if args.check == "tls":
+        import tempfile
+        tls = cl.self_signed_certificate(tempfile.mkdtemp(prefix="xq-tls-"))
+    c = cl.Cluster(args.build, args.source, model, tokenizer, replicas=1 if tls else 2, tp=2,
+                   api_key=API_KEY, worker_args=worker_args, env=env, tls=tls)
     print("logs in", c.log_dir)
     try:
-        channel = grpc.insecure_channel(c.address)
+        if tls:
+            with open(tls[0], "rb") as f:
+                channel = grpc.secure_channel(c.address, grpc.ssl_channel_credentials(f.read()))
+        else:
+            channel = grpc.insecure_channel(c.address)
         stubs = {"channel": channel, "Generation": pb_grpc.GenerationStub(channel),
                  "Registry": pb_grpc.RegistryStub(channel)}
-        c.wait_ready(lambda name: stubs[name], replicas_up=2)
+        c.wait_ready(lambda name: stubs[name], replicas_up=len(c.replicas))
         if args.check == "serve":
             replica_channels = [grpc.insecure_channel("127.0.0.1:%d" % r.port) for r in c.replicas]
             controls = [pb_grpc.ControlStub(ch) for ch in replica_channels]
@@ -397,6 +428,8 @@ def main():
             check_streams(c, pb, stubs, prompts, reference, max_tokens)
             check_bad_requests(c, pb, stubs, info, prompts[5], reference[5])
             check_cancel(c, pb, stubs, controls, prompts, 100)
+        elif args.check == "tls":
+            check_tls(c, pb, pb_grpc, tls[0], prompts[:4], reference[:4])
         else:
             check_kill(c, pb, stubs, prompts, reference, max_tokens)
     except Exception:
