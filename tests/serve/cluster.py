@@ -220,3 +220,34 @@ def offline_greedy(build, model, tokenizer, tp, prompts, max_tokens, worker_args
                     raise RuntimeError("offline reference: " + r["error"])
                 results[r["id"]] = r["token_ids"]
         return [results[i] for i in range(len(prompts))]
+
+
+class ZeroWindowClient:
+    """A raw HTTP/2 client that announces a flow-control window of 0 and
+    never opens it: the server can send nothing of the stream, so its writes
+    stall once gRPC's own buffers are full -- a client that stopped reading,
+    without depending on how much a real client library buffers."""
+
+    def __init__(self, port, method, request_bytes, metadata=()):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        out += self._frame(4, 0, 0, b"\x00\x04\x00\x00\x00\x00")  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+        out += self._frame(4, 1, 0, b"")  # ACK of the server's SETTINGS
+        headers = b""
+        for name, value in [(":method", "POST"), (":scheme", "http"), (":path", method),
+                            (":authority", "127.0.0.1"), ("content-type", "application/grpc"),
+                            ("te", "trailers"), *metadata]:
+            # A literal header field without indexing, new name, no Huffman
+            # coding (names and values here are shorter than 127 bytes).
+            headers += b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+        out += self._frame(1, 0x4, 1, headers)  # END_HEADERS
+        message = b"\x00" + len(request_bytes).to_bytes(4, "big") + request_bytes
+        out += self._frame(0, 0x1, 1, message)  # END_STREAM
+        self.sock.sendall(out)
+
+    @staticmethod
+    def _frame(kind, flags, stream, payload):
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def close(self):
+        self.sock.close()

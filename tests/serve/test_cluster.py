@@ -11,6 +11,8 @@ would.
                 every bad request gets its status while another stream goes
                 on untouched; 100 streams cancelled mid-decode give their
                 cache back within two replica steps (GetLoad).
+--check stall:  one replica; a client of the coordinator that stops reading
+                is cut off after --stall-timeout and its request aborted.
 --check tls:    one replica, every hop over TLS from a self-signed
                 certificate: streams equal the reference, plaintext is refused.
 --check kill:   one replica's rank 0 SIGKILLed mid-run: every request ends
@@ -30,7 +32,8 @@ import grpc
 import cluster as cl
 
 API_KEY = "test-key-7d1f"
-CONTEXT_MARGIN = 8
+# The coordinator's --stall-timeout in the stall check (30 s by default).
+STALL_SECONDS = 1
 
 
 def prompts_from(text_path, count):
@@ -256,7 +259,14 @@ def check_cancel(c, pb, stubs, controls, prompts, count):
         expect(s.first_delta.wait(max(0.1, deadline - time.time())), "a stream got no token in 180 s")
     expect(all(s.finished is None and s.status is None for s in streams),
            "a stream ended before it was cancelled")
-    busy = replica_loads(c, pb, controls)
+    # GetLoad's snapshot is taken after a step's events went out: allow it
+    # a few steps to show every request running.
+    deadline = time.time() + 10
+    while True:
+        busy = replica_loads(c, pb, controls)
+        if sum(l.running_requests for l in busy) == count or time.time() > deadline:
+            break
+        time.sleep(0.01)
     expect(sum(l.running_requests for l in busy) == count,
            "%d requests running on the replicas, wanted %d" % (sum(l.running_requests for l in busy), count))
     for s in streams:
@@ -282,6 +292,49 @@ def check_cancel(c, pb, stubs, controls, prompts, count):
         print("  replica: %d busy -> %d bytes (baseline) %d step(s) after the last abort" %
               (max(used_bytes(l) for l in busy), base, back_step - idle_step))
     print("%d streams cancelled mid-decode; the cache returned to its baseline" % count)
+
+
+def check_stalled_reader(c, pb, stubs, control, prompts, stall_seconds):
+    """A client of the coordinator that stops reading: after --stall-timeout
+    the coordinator ends its call and the replica aborts the request. The
+    request runs beside 63 others of the same length that started before
+    it, so "aborted" means: gone from the replica while all of those still
+    run (a request left to run would end after them)."""
+    background = [Stream(stubs["Generation"], pb, make_request(pb, prompts[i % len(prompts)], 440,
+                                                                ignore_eos=True), c.metadata())
+                  for i in range(63)]
+    for s in background:
+        expect(s.first_delta.wait(120), "a background stream got no token")
+    request = make_request(pb, prompts[0], 440, ignore_eos=True, request_id="stalled-reader")
+    request.output.logprobs = 20  # about 200 bytes a token: the buffers fill sooner
+    started = time.time()
+    client = cl.ZeroWindowClient(c.coordinator_port, "/xquant.v1.Generation/Generate",
+                                 request.SerializeToString(), c.metadata())
+    try:
+        deadline = time.time() + 120
+        while control.GetLoad(pb.GetLoadRequest(), metadata=c.metadata(), timeout=5).running_requests < 64:
+            expect(time.time() < deadline, "the stalled request never ran")
+            time.sleep(0.01)
+        while True:
+            expect(time.time() < deadline, "the stalled request was never aborted")
+            load = control.GetLoad(pb.GetLoadRequest(), metadata=c.metadata(), timeout=5)
+            if load.running_requests < 64:
+                break
+            time.sleep(0.02)
+        # Abort answers found = false: it ended on its own side already.
+        gone = not control.Abort(pb.AbortRequest(request_id="stalled-reader"), metadata=c.metadata(),
+                                 timeout=5).found
+        still_running = sum(1 for s in background if s.status is None)
+        expect(gone and still_running == len(background),
+               "the stalled request ended only with the others (%d of %d still running)" %
+               (still_running, len(background)))
+        print("a client that stopped reading was cut off %.1f s after it started (--stall-timeout %d s) "
+              "while the %d requests begun before it still ran" %
+              (time.time() - started, stall_seconds, still_running))
+    finally:
+        client.close()
+    for s in background:
+        expect(s.join(120) and s.finished is not None, "a background stream failed")
 
 
 def find_rank0(port):
@@ -391,7 +444,7 @@ def main():
     parser.add_argument("--build", required=True)
     parser.add_argument("--source", required=True)
     parser.add_argument("--shared", required=True)
-    parser.add_argument("--check", choices=["serve", "kill", "tls"], required=True)
+    parser.add_argument("--check", choices=["serve", "kill", "tls", "stall"], required=True)
     args = parser.parse_args()
     model = os.path.join(args.shared, "models", "stories260K.bin")
     tokenizer = os.path.join(args.shared, "models", "tok512.bin")
@@ -401,15 +454,18 @@ def main():
     pb, pb_grpc = cl.load_stubs(os.path.join(args.build, "proto", "python"))
     prompts = prompts_from(os.path.join(args.shared, "data", "tinystories-valid.txt"), 32)
     max_tokens = 48
-    worker_args = ["--max-sequences", "64" if args.check == "serve" else "8"]
+    worker_args = ["--max-sequences", "8" if args.check == "kill" else "64"]
     env = {"XQ_COMM_TIMEOUT_SECONDS": "3"} if args.check == "kill" else {}
     reference = cl.offline_greedy(args.build, model, tokenizer, 2, prompts, max_tokens, worker_args, env)
     tls = None
     if args.check == "tls":
         import tempfile
         tls = cl.self_signed_certificate(tempfile.mkdtemp(prefix="xq-tls-"))
-    c = cl.Cluster(args.build, args.source, model, tokenizer, replicas=1 if tls else 2, tp=2,
-                   api_key=API_KEY, worker_args=worker_args, env=env, tls=tls)
+    one_replica = args.check in ("tls", "stall")
+    coordinator_args = ["--stall-timeout", str(STALL_SECONDS)] if args.check == "stall" else []
+    c = cl.Cluster(args.build, args.source, model, tokenizer, replicas=1 if one_replica else 2, tp=2,
+                   api_key=API_KEY, worker_args=worker_args, env=env, tls=tls,
+                   coordinator_args=coordinator_args)
     print("logs in", c.log_dir)
     try:
         if tls:
@@ -428,6 +484,9 @@ def main():
             check_streams(c, pb, stubs, prompts, reference, max_tokens)
             check_bad_requests(c, pb, stubs, info, prompts[5], reference[5])
             check_cancel(c, pb, stubs, controls, prompts, 100)
+        elif args.check == "stall":
+            control = pb_grpc.ControlStub(grpc.insecure_channel("127.0.0.1:%d" % c.replicas[0].port))
+            check_stalled_reader(c, pb, stubs, control, prompts, STALL_SECONDS)
         elif args.check == "tls":
             check_tls(c, pb, pb_grpc, tls[0], prompts[:4], reference[:4])
         else:
