@@ -16,7 +16,7 @@ packages=(
   libopenblas-dev liblapack-dev liblapacke-dev libpcre2-dev
   libgtest-dev libgmock-dev
   libopenmpi-dev openmpi-bin
-  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf
+  libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf openssl
   clang libclang-rt-14-dev clang-format
   nlohmann-json3-dev
 )
