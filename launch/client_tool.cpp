@@ -20,6 +20,7 @@
 
 #include "kernels/error.h"
 #include "launch/arguments.h"
+#include "launch/security_options.h"
 #include "launch/serve/client.h"
 
 namespace xq {
@@ -431,9 +432,7 @@ int run_client_checked(int argc, char** argv) {
   args.flag("ignore-eos", "generate past the end-of-sequence token");
   args.flag("json", "one JSON object a line per stream message");
   args.option("request-id", "", "the request's id (default: the server assigns one)");
-  args.option("api-key", "", "API key (sent as 'authorization: Bearer KEY')");
-  args.option("tls-ca", "", "PEM roots to trust: turns TLS on");
-  args.option("tls-server-name", "", "the name the server's certificate carries");
+  add_security_options(args, SecurityRole::kClient, "", "the server");
   args.option("max-message-bytes", "0", "largest message sent or received (0: gRPC's default)");
   args.option("routing-key", "", "session affinity key (x-routing-key)");
   args.option("priority", "", "integer priority, higher first (x-priority)");
@@ -455,10 +454,7 @@ int run_client_checked(int argc, char** argv) {
     throw UsageError(
         "client: give at most one of --tokenize, --info, --load, --abort and --wait-ready");
 
-  serve::Security security;
-  security.api_key = args.get("api-key");
-  security.tls_ca = args.get("tls-ca");
-  security.tls_server_name = args.get("tls-server-name");
+  const serve::Security security = security_options(args, SecurityRole::kClient, "client");
   serve::CallOptions options;
   options.routing_key = args.get("routing-key");
   options.routing_policy = args.get("routing-policy");

@@ -13,6 +13,7 @@
 
 #include "kernels/error.h"
 #include "launch/arguments.h"
+#include "launch/security_options.h"
 #include "launch/serve/coordinator.h"
 
 namespace xq {
@@ -45,12 +46,8 @@ int run_coordinator(int argc, char** argv) {
   args.option("breaker-cooldown-ms", "5000", "how long an open breaker keeps traffic away");
   args.option("stall-timeout", "30", "seconds a stream write may block before the call ends");
   args.option("max-attempts", "3", "replicas tried for a request that fails before streaming");
-  args.option("api-key", "", "require 'authorization: Bearer KEY' (also sent to replicas)");
-  args.option("tls-cert", "", "PEM certificate: serve TLS (with --tls-key)");
-  args.option("tls-key", "", "PEM private key for --tls-cert");
-  args.option("tls-ca", "", "PEM roots: call replicas over TLS");
-  args.option("tls-server-name", "", "the name replicas' certificates carry");
-  args.option("max-request-bytes", "4194304", "largest request message accepted");
+  add_security_options(args, SecurityRole::kServer, "", "replicas");
+  add_max_request_bytes_option(args, "");
   args.flag("reflection", "serve gRPC reflection");
   if (!args.parse(argc, argv)) return 0;
 
@@ -75,12 +72,8 @@ int run_coordinator(int argc, char** argv) {
   if (stall < 0) throw Error("coordinator: --stall-timeout must be >= 0 (0: off)");
   options.stall_timeout = std::chrono::milliseconds(static_cast<int64_t>(stall * 1000));
   options.max_attempts = static_cast<int>(args.get_int("max-attempts", 1, 100));
-  options.security.api_key = args.get("api-key");
-  options.security.tls_cert = args.get("tls-cert");
-  options.security.tls_key = args.get("tls-key");
-  options.security.tls_ca = args.get("tls-ca");
-  options.security.tls_server_name = args.get("tls-server-name");
-  options.max_request_bytes = static_cast<int>(args.get_int("max-request-bytes", 1024));
+  options.security = security_options(args, SecurityRole::kServer, "coordinator");
+  options.max_request_bytes = max_request_bytes(args, "coordinator");
   options.reflection = args.has("reflection");
 
   serve::warn_unless_loopback(options.listen, "the coordinator");

@@ -16,6 +16,7 @@
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
 #include "launch/engine_factory.h"
+#include "launch/security_options.h"
 #include "launch/serve/replica_server.h"
 #include "parallel/device_grid.h"
 #include "parallel/grid.h"
@@ -45,18 +46,9 @@ serve::ReplicaOptions replica_options(const Arguments& args, int tp, int pp) {
   o.advertise = args.get("advertise");
   o.replica_id = args.get("replica-id");
   o.coordinator = args.get("coordinator");
-  o.security.api_key = args.get("api-key");
-  o.security.tls_cert = args.get("tls-cert");
-  o.security.tls_key = args.get("tls-key");
-  o.security.tls_ca = args.get("tls-ca");
-  o.security.tls_server_name = args.get("tls-server-name");
-  if (o.security.tls_cert.empty() != o.security.tls_key.empty())
-    throw Error("worker: --tls-cert and --tls-key go together");
+  o.security = security_options(args, SecurityRole::kServer, "worker");
   o.reflection = args.has("reflection");
-  const size_t max_bytes = parse_byte_size(args.get("max-request-bytes"), "--max-request-bytes");
-  if (max_bytes < 1024 || max_bytes > static_cast<size_t>(INT_MAX))
-    throw Error("worker: --max-request-bytes must be from 1KiB to 2GiB");
-  o.max_request_bytes = static_cast<int>(max_bytes);
+  o.max_request_bytes = max_request_bytes(args, "worker");
   o.max_prompt_tokens = static_cast<int32_t>(args.get_int("max-prompt-tokens", 0));
   o.step_timeout = seconds_option(args, "step-timeout", true);
   o.canary_interval = seconds_option(args, "canary-interval", false);
@@ -148,13 +140,9 @@ void add_serve_options(Arguments& args) {
               "--serve: address to register with the coordinator (default: --listen)");
   args.option("coordinator", "", "--serve: coordinator to register with (host:port)");
   args.option("replica-id", "", "--serve: this replica's name (default: the advertised address)");
-  args.option("api-key", "", "--serve: require 'authorization: Bearer KEY' on every call");
-  args.option("tls-cert", "", "--serve: PEM certificate chain to serve TLS with (with --tls-key)");
-  args.option("tls-key", "", "--serve: PEM private key of --tls-cert");
-  args.option("tls-ca", "", "--serve: PEM roots to trust when calling the coordinator over TLS");
-  args.option("tls-server-name", "", "--serve: name the coordinator's certificate must carry");
+  add_security_options(args, SecurityRole::kServer, "--serve: ", "the coordinator");
   args.flag("reflection", "--serve: enable gRPC server reflection");
-  args.option("max-request-bytes", "4MiB", "--serve: largest request message");
+  add_max_request_bytes_option(args, "--serve: ");
   args.option("max-prompt-tokens", "0", "--serve: longest prompt accepted (0: the context)");
   args.option("step-timeout", "30",
               "--serve: seconds a step (or the canary) may take before the replica is declared "
