@@ -26,10 +26,11 @@ using namespace std::chrono_literals;
 
 enum class Failure {
   kNone,
-  kStatusBeforeDelta,    // UNAVAILABLE status, nothing streamed
-  kRetryableErrorFirst,  // an `error` message (retryable) as the first message
-  kStatusAfterDelta,     // one delta, then UNAVAILABLE
-  kInvalidArgument,      // the request's own fault
+  kStatusBeforeDelta,     // UNAVAILABLE status, nothing streamed
+  kRetryableErrorFirst,   // an `error` message (retryable) as the first message
+  kStatusAfterDelta,      // one delta, then UNAVAILABLE
+  kBareStatusAfterDelta,  // one delta, then UNAVAILABLE without a message
+  kInvalidArgument,       // the request's own fault
 };
 
 class FakeReplica final : public v1::Generation::Service, public v1::Control::Service {
@@ -103,6 +104,7 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
       }
       if (failure == Failure::kStatusAfterDelta)
         return {grpc::StatusCode::UNAVAILABLE, "fake: died mid-stream"};
+      if (failure == Failure::kBareStatusAfterDelta) return {grpc::StatusCode::UNAVAILABLE, ""};
     }
     v1::GenerateResponse response;
     response.set_request_id(request->request_id());
@@ -418,6 +420,19 @@ TEST_F(CoordinatorTest, AReplicaDyingAfterStreamingEndsTheStreamWithOneRetryable
   EXPECT_NE(s.last().error().message().find("fake-a"), std::string::npos)
       << s.last().error().message();
   // Never replayed elsewhere.
+  EXPECT_EQ(a_->generate_calls + b_->generate_calls, 1);
+}
+
+TEST_F(CoordinatorTest, AFailureStatusWithoutAMessageAfterStreamingStillEndsWithOneError) {
+  a_->failure = b_->failure = Failure::kBareStatusAfterDelta;
+  start();
+  const Stream s = generate(channel_, simple_request());
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.deltas(), 1);
+  ASSERT_EQ(s.terminals(), 1);
+  ASSERT_TRUE(s.last().has_error());
+  EXPECT_EQ(s.last().error().code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(s.last().error().retryable());
   EXPECT_EQ(a_->generate_calls + b_->generate_calls, 1);
 }
 

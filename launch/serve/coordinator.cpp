@@ -9,6 +9,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -389,7 +390,9 @@ struct Coordinator::Impl {
     // What the call says about the replica, and what happens to the request.
     bool again = false;
     *status = grpc::Status::OK;
-    std::string mid_stream_failure;
+    // Set when the stream broke after a delta: the client still needs its
+    // one terminal message, whatever (even nothing) the status says.
+    std::optional<std::string> mid_stream_failure;
     if (terminal) {
       // The stream ended as the protocol says.
     } else if (client_gone) {
@@ -422,12 +425,14 @@ struct Coordinator::Impl {
     } else {
       mid_stream_failure = replica_status.error_message();
     }
-    if (!mid_stream_failure.empty()) {
+    if (mid_stream_failure) {
       const bool retryable = verdict == Verdict::kFailure;
       end_with_error(
           context, writer, request.request_id(),
           retryable ? grpc::StatusCode::UNAVAILABLE : replica_status.error_code(),
-          "replica " + replica->id + " failed after streaming began: " + mid_stream_failure,
+          "replica " + replica->id + " failed after streaming began: " +
+              (mid_stream_failure->empty() ? status_code_name(replica_status.error_code())
+                                           : *mid_stream_failure),
           retryable);
     }
 
