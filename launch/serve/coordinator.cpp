@@ -333,6 +333,13 @@ struct Coordinator::Impl {
     {
       std::lock_guard<std::mutex> lock(mutex);
       replica->attempts.insert(&attempt);
+      // Marked down (or replaced) between routing and here: the cancel that
+      // came with it missed this call, which could wait for a connection
+      // to the lost replica until the client's deadline.
+      if (replica->down || replica->removed) {
+        attempt.reroute = true;
+        call->TryCancel();
+      }
     }
     const double coordinator_queue = seconds_between(waiter.arrived, waiter.dispatched);
 
@@ -643,6 +650,9 @@ struct Coordinator::Impl {
   void remove_replica_locked(const std::string& id) {
     auto found = replicas.find(id);
     if (found == replicas.end()) return;
+    // Nothing polls or marks down a replica out of the table: its calls
+    // still waiting for a connection move now.
+    mark_down_locked(*found->second);
     found->second->removed = true;
     replicas.erase(found);
     router.remove_member(id);
