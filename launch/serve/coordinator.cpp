@@ -811,10 +811,12 @@ struct Coordinator::Impl {
         }
       }
       if (!replica->removed) dispatch_locked();
-      --polls_in_flight;
-      polls_done.notify_all();
     }
     update_health();
+    // Last: once no poll is in flight the coordinator may be destroyed.
+    std::lock_guard<std::mutex> lock(mutex);
+    --polls_in_flight;
+    polls_done.notify_all();
   }
 
   void on_info(const std::shared_ptr<Replica>& replica, InfoPoll& poll,
