@@ -26,10 +26,11 @@ using namespace std::chrono_literals;
 
 enum class Failure {
   kNone,
-  kStatusBeforeDelta,    // UNAVAILABLE status, nothing streamed
-  kRetryableErrorFirst,  // an `error` message (retryable) as the first message
-  kStatusAfterDelta,     // one delta, then UNAVAILABLE
-  kInvalidArgument,      // the request's own fault
+  kStatusBeforeDelta,     // UNAVAILABLE status, nothing streamed
+  kRetryableErrorFirst,   // an `error` message (retryable) as the first message
+  kStatusAfterDelta,      // one delta, then UNAVAILABLE
+  kBareStatusAfterDelta,  // one delta, then UNAVAILABLE without a message
+  kInvalidArgument,       // the request's own fault
 };
 
 class FakeReplica final : public v1::Generation::Service, public v1::Control::Service {
@@ -103,6 +104,7 @@ class FakeReplica final : public v1::Generation::Service, public v1::Control::Se
       }
       if (failure == Failure::kStatusAfterDelta)
         return {grpc::StatusCode::UNAVAILABLE, "fake: died mid-stream"};
+      if (failure == Failure::kBareStatusAfterDelta) return {grpc::StatusCode::UNAVAILABLE, ""};
     }
     v1::GenerateResponse response;
     response.set_request_id(request->request_id());
@@ -421,6 +423,19 @@ TEST_F(CoordinatorTest, AReplicaDyingAfterStreamingEndsTheStreamWithOneRetryable
   EXPECT_EQ(a_->generate_calls + b_->generate_calls, 1);
 }
 
+TEST_F(CoordinatorTest, AFailureStatusWithoutAMessageAfterStreamingStillEndsWithOneError) {
+  a_->failure = b_->failure = Failure::kBareStatusAfterDelta;
+  start();
+  const Stream s = generate(channel_, simple_request());
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  EXPECT_EQ(s.deltas(), 1);
+  ASSERT_EQ(s.terminals(), 1);
+  ASSERT_TRUE(s.last().has_error());
+  EXPECT_EQ(s.last().error().code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_TRUE(s.last().error().retryable());
+  EXPECT_EQ(a_->generate_calls + b_->generate_calls, 1);
+}
+
 TEST_F(CoordinatorTest, TheRequestsOwnFaultPassesThroughUnchanged) {
   a_->failure = b_->failure = Failure::kInvalidArgument;
   start();
@@ -708,6 +723,60 @@ TEST(CoordinatorRegistry, RegisteredReplicasServeGoDownAndComeBackAtANewAddress)
   const Stream again = generate(channel, simple_request());
   ASSERT_TRUE(again.status.ok()) << again.status.error_message();
   EXPECT_EQ(restarted.completed, 1);
+  coordinator.shutdown();
+}
+
+TEST(CoordinatorRegistry, ACallWaitingOnAReplicaReplacedAtANewAddressIsRerouted) {
+  // worker-1 dies; before its failed polls mark it down, a request is routed
+  // to it and waits for a connection that never comes. worker-1 then
+  // registers again from a new address: the old entry is gone from the
+  // table, so the waiting call must move to the new process rather than
+  // wait for its deadline.
+  CoordinatorOptions options;
+  options.listen = "127.0.0.1:0";
+  options.poll_interval = 20ms;
+  options.heartbeat = 10s;
+  options.breaker_failures = 100;
+  Coordinator coordinator(options);
+  coordinator.start();
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(coordinator.port()),
+                                     grpc::InsecureChannelCredentials());
+  auto register_replica = [&](const FakeReplica& replica) {
+    grpc::ClientContext context;
+    v1::RegisterRequest request;
+    request.set_address(replica.address());
+    request.mutable_info()->set_replica_id(replica.id());
+    v1::RegisterResponse response;
+    ASSERT_TRUE(v1::Registry::NewStub(channel)->Register(&context, request, &response).ok());
+  };
+  auto state = [&] {
+    const v1::ListReplicasResponse list = coordinator.list_replicas();
+    return list.replicas_size() == 1 ? list.replicas(0) : v1::ReplicaState();
+  };
+  auto first = std::make_unique<FakeReplica>("worker-1");
+  register_replica(*first);
+  ASSERT_TRUE(eventually([&] { return state().load().ready(); }));
+  first->stop();
+
+  Stream s;
+  std::chrono::steady_clock::duration took{};
+  std::thread client([&] {
+    const auto started = std::chrono::steady_clock::now();
+    s = generate(channel, simple_request());
+    took = std::chrono::steady_clock::now() - started;
+  });
+  ASSERT_TRUE(eventually([&] { return state().in_flight() == 1; }));
+  ASSERT_EQ(state().state(), "up") << "marked down too soon for this test";
+  FakeReplica restarted("worker-1");
+  register_replica(restarted);
+  client.join();
+  ASSERT_TRUE(s.status.ok()) << s.status.error_message();
+  ASSERT_EQ(s.terminals(), 1);
+  ASSERT_TRUE(s.last().has_finished()) << s.last().DebugString();
+  EXPECT_EQ(s.deltas(), 5);
+  EXPECT_EQ(restarted.completed, 1);
+  EXPECT_LT(took, 5s);
+  EXPECT_TRUE(eventually([&] { return state().in_flight() == 0; }));
   coordinator.shutdown();
 }
 

@@ -9,6 +9,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -332,6 +333,13 @@ struct Coordinator::Impl {
     {
       std::lock_guard<std::mutex> lock(mutex);
       replica->attempts.insert(&attempt);
+      // Marked down (or replaced) between routing and here: the cancel that
+      // came with it missed this call, which could wait for a connection
+      // to the lost replica until the client's deadline.
+      if (replica->down || replica->removed) {
+        attempt.reroute = true;
+        call->TryCancel();
+      }
     }
     const double coordinator_queue = seconds_between(waiter.arrived, waiter.dispatched);
 
@@ -389,7 +397,9 @@ struct Coordinator::Impl {
     // What the call says about the replica, and what happens to the request.
     bool again = false;
     *status = grpc::Status::OK;
-    std::string mid_stream_failure;
+    // Set when the stream broke after a delta: the client still needs its
+    // one terminal message, whatever (even nothing) the status says.
+    std::optional<std::string> mid_stream_failure;
     if (terminal) {
       // The stream ended as the protocol says.
     } else if (client_gone) {
@@ -422,12 +432,14 @@ struct Coordinator::Impl {
     } else {
       mid_stream_failure = replica_status.error_message();
     }
-    if (!mid_stream_failure.empty()) {
+    if (mid_stream_failure) {
       const bool retryable = verdict == Verdict::kFailure;
       end_with_error(
           context, writer, request.request_id(),
           retryable ? grpc::StatusCode::UNAVAILABLE : replica_status.error_code(),
-          "replica " + replica->id + " failed after streaming began: " + mid_stream_failure,
+          "replica " + replica->id + " failed after streaming began: " +
+              (mid_stream_failure->empty() ? status_code_name(replica_status.error_code())
+                                           : *mid_stream_failure),
           retryable);
     }
 
@@ -638,6 +650,9 @@ struct Coordinator::Impl {
   void remove_replica_locked(const std::string& id) {
     auto found = replicas.find(id);
     if (found == replicas.end()) return;
+    // Nothing polls or marks down a replica out of the table: its calls
+    // still waiting for a connection move now.
+    mark_down_locked(*found->second);
     found->second->removed = true;
     replicas.erase(found);
     router.remove_member(id);
@@ -796,10 +811,12 @@ struct Coordinator::Impl {
         }
       }
       if (!replica->removed) dispatch_locked();
-      --polls_in_flight;
-      polls_done.notify_all();
     }
     update_health();
+    // Last: once no poll is in flight the coordinator may be destroyed.
+    std::lock_guard<std::mutex> lock(mutex);
+    --polls_in_flight;
+    polls_done.notify_all();
   }
 
   void on_info(const std::shared_ptr<Replica>& replica, InfoPoll& poll,
