@@ -749,6 +749,31 @@ TEST(Registration, AnUnreachableCoordinatorIsLogged) {
   EXPECT_NE(log.find("cannot register with " + coordinator), std::string::npos) << log;
 }
 
+// A replica told to drain while it warms up never serves: it does not
+// announce itself to the coordinator (which would route requests to it) and
+// run() returns 0 once warm.
+TEST_F(ReplicaServerTest, ADrainDuringWarmUpNeverRegisters) {
+  RecordingRegistry registry;
+  grpc::ServerBuilder builder;
+  int coordinator_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &coordinator_port);
+  builder.RegisterService(&registry);
+  std::unique_ptr<grpc::Server> coordinator = builder.BuildAndStart();
+  ASSERT_NE(coordinator_port, 0);
+  serve::ReplicaOptions options = base_options();
+  options.coordinator = "127.0.0.1:" + std::to_string(coordinator_port);
+  options.canary_interval = 100ms;
+  Replica replica(options, 0, /*start_serving=*/false);
+  replica.server().begin_drain();
+  EXPECT_EQ(replica.server().run(), 0);
+  EXPECT_FALSE(replica.server().load().ready());
+  {
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    EXPECT_TRUE(registry.requests.empty());
+  }
+  coordinator->Shutdown();
+}
+
 TEST_F(ReplicaServerTest, TokenizeAndModelInfo) {
   Replica replica(base_options());
   grpc::ClientContext context;
