@@ -359,12 +359,17 @@ void Scheduler::admit(Sequence& s) {
   running_.push_back(&s);
 }
 
-void Scheduler::preempt(Sequence& s, StepPlan& plan) {
+void Scheduler::release_slot_in_plan(Sequence& s, StepPlan& plan) {
   const int32_t slot = s.slot;
   release_slot(s);
-  // release_slot queued the slot for the next plan; this plan releases it.
+  // release_slot queued the slot for the next plan; this plan releases it,
+  // since the plan being built may admit another sequence to it.
   pending_release_.pop_back();
   plan.released.push_back(slot);
+}
+
+void Scheduler::preempt(Sequence& s, StepPlan& plan) {
+  release_slot_in_plan(s, plan);
   s.resumed = true;
   waiting_.push_front(&s);
   ++preemptions_;
@@ -430,7 +435,7 @@ void Scheduler::plan_decodes(StepPlan& plan, int32_t& budget) {
     while (need > free_blocks(*s)) {
       if (public_.held == s->held_blocks) {
         // Alone and still too big: the pool can never hold its next token.
-        release_slot(*s);
+        release_slot_in_plan(*s, plan);
         finish(*s, FinishReason::kLength, "pool");
         runs = false;
         break;
@@ -528,7 +533,7 @@ void Scheduler::plan_reserved(StepPlan& plan, int32_t& budget) {
   // Planned first, with the whole budget (at least a block), so only its
   // own ledger can stop it: it outgrew the slot.
   if (plan_chunk(plan, s, budget)) return;
-  release_slot(s);
+  release_slot_in_plan(s, plan);
   finish(s, FinishReason::kLength, "pool");
 }
 

@@ -164,6 +164,8 @@ class Scheduler {
   void admit(Sequence& s);
   void preempt(Sequence& s, StepPlan& plan);
   void release_slot(Sequence& s);
+  // release_slot while a plan is being built: `plan` releases the slot.
+  void release_slot_in_plan(Sequence& s, StepPlan& plan);
   void sample(Sequence& s, const float* logits);
   bool append_text(Sequence& s, const std::string& piece, std::string& out);
   void finish(Sequence& s, FinishReason reason, const std::string& message);

@@ -23,6 +23,7 @@
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "kernels/error.h"
 #include "launch/serve/generate_request.h"
+#include "launch/serve/replica_registration.h"
 #include "launch/serve/replica_server.h"
 #include "runtime/engine.h"
 #include "runtime/model.h"
@@ -718,6 +719,58 @@ TEST_F(ReplicaServerTest, RegistersWithTheCoordinatorEveryHeartbeat) {
   const size_t after_drain = count();
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(count(), after_drain);  // no heartbeat once drained
+  coordinator->Shutdown();
+}
+
+// A coordinator that cannot be reached is reported on stderr at the first
+// failed call (and then at most every 10 s), so an operator sees why the
+// replica never shows up in ListReplicas.
+TEST(Registration, AnUnreachableCoordinatorIsLogged) {
+  // A port bound but not listening: every connection is refused.
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  socklen_t length = sizeof address;
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length), 0);
+  const std::string coordinator = "127.0.0.1:" + std::to_string(ntohs(address.sin_port));
+  ::testing::internal::CaptureStderr();
+  {
+    serve::Registration registration(coordinator, serve::Security{}, "127.0.0.1:1",
+                                     [] { return v1::ServerInfo(); });
+    registration.start();
+    std::this_thread::sleep_for(1500ms);
+    EXPECT_EQ(registration.registered(), 0);
+  }
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  close(fd);
+  EXPECT_NE(log.find("cannot register with " + coordinator), std::string::npos) << log;
+}
+
+// A replica told to drain while it warms up never serves: it does not
+// announce itself to the coordinator (which would route requests to it) and
+// run() returns 0 once warm.
+TEST_F(ReplicaServerTest, ADrainDuringWarmUpNeverRegisters) {
+  RecordingRegistry registry;
+  grpc::ServerBuilder builder;
+  int coordinator_port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &coordinator_port);
+  builder.RegisterService(&registry);
+  std::unique_ptr<grpc::Server> coordinator = builder.BuildAndStart();
+  ASSERT_NE(coordinator_port, 0);
+  serve::ReplicaOptions options = base_options();
+  options.coordinator = "127.0.0.1:" + std::to_string(coordinator_port);
+  options.canary_interval = 100ms;
+  Replica replica(options, 0, /*start_serving=*/false);
+  replica.server().begin_drain();
+  EXPECT_EQ(replica.server().run(), 0);
+  EXPECT_FALSE(replica.server().load().ready());
+  {
+    std::lock_guard<std::mutex> lock(registry.mutex);
+    EXPECT_TRUE(registry.requests.empty());
+  }
   coordinator->Shutdown();
 }
 

@@ -491,6 +491,43 @@ TEST(Scheduler, SequenceLargerThanThePoolEndsWithLengthPool) {
   }
 }
 
+// The request waiting behind one that outgrows the pool starts in the step
+// where that one ends "pool", on the slot it leaves: that slot must be
+// released in the same step's plan, before the newcomer's prefill runs on it
+// (the fake engine throws for a segment that does not continue its slot, and
+// a release in the next plan would also drop the newcomer's cache).
+TEST(Scheduler, ARequestAdmittedOnTheSlotOfOneThatEndedPoolStartsOnAnEmptySlot) {
+  for (AdmissionPolicy policy : {AdmissionPolicy::kReserve, AdmissionPolicy::kOptimistic}) {
+    FakeEngine engine(2, 2, 512);
+    LocalExecutor executor(engine);
+    Scheduler scheduler(executor, SchedulerOptions{256, 0, 8, policy});
+    std::mt19937 rng(9);
+    Request big;
+    big.prompt = random_prompt(rng, 200);
+    big.max_tokens = 300;
+    big.ignore_eos = true;
+    Request next;
+    next.prompt = random_prompt(rng, 60);
+    next.max_tokens = 20;
+    next.ignore_eos = true;
+    const RequestId a = scheduler.submit(big);
+    scheduler.step();  // a prefilled alone, holding both blocks
+    const RequestId b = scheduler.submit(next);
+    std::map<RequestId, Outcome> out;
+    for (int i = 0; i < 1000 && !scheduler.idle(); ++i) {
+      scheduler.step();
+      collect(scheduler, out);
+    }
+    ASSERT_TRUE(scheduler.idle());
+    EXPECT_EQ(out[a].message, "pool");
+    ASSERT_EQ(out[b].finished, 1);
+    EXPECT_EQ(out[b].reason, FinishReason::kLength) << out[b].message;
+    FakeEngine alone(1, 2, 512);
+    EXPECT_TRUE(MatchesSolo(out[b].tokens, solo(alone, next), next));
+    EXPECT_EQ(engine.held_blocks(), 0);
+  }
+}
+
 // A scripted engine emits the tokens of a known text; the stop string spans
 // token boundaries, text that only looked like a stop string's start is
 // released, and nothing from the stop string on is emitted.

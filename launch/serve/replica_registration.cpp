@@ -1,6 +1,7 @@
 #include "launch/serve/replica_registration.h"
 
 #include <cstdio>
+#include <optional>
 
 #include "xquant/v1/xquant.grpc.pb.h"
 
@@ -46,7 +47,8 @@ void Registration::run() {
   const auto channel = make_channel(coordinator_, security_);
   const auto stub = v1::Registry::NewStub(channel);
   std::chrono::milliseconds interval = kDefaultHeartbeat;
-  Clock::time_point last_log = Clock::time_point::min();
+  // Whether a failure was ever logged: `now - time_point::min()` overflows.
+  std::optional<Clock::time_point> last_log;
   int64_t failures_unlogged = 0;
   for (;;) {
     v1::RegisterRequest request;
@@ -72,7 +74,7 @@ void Registration::run() {
       failures_unlogged = 0;
     } else {
       ++failures_unlogged;
-      if (Clock::now() - last_log >= kLogEvery) {
+      if (!last_log || Clock::now() - *last_log >= kLogEvery) {
         last_log = Clock::now();
         std::fprintf(stderr,
                      "replica: cannot register with %s: %s (code %d); %lld failed call(s), "

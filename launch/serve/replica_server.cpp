@@ -507,17 +507,23 @@ int ReplicaServer::Impl::run() {
   if (!lost_rank()) gather_cache();
   if (!lost_rank()) {
     publish_stats();
+    bool serving = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (phase_ == Phase::kStarting) phase_ = Phase::kServing;
+      serving = phase_ == Phase::kServing;
+      // Under the lock, so that a drain or failure beginning now (which
+      // sets NOT_SERVING once it has changed the phase) comes after it.
+      set_ready(serving);
     }
-    set_ready(admission_status().ok());
-    if (!options_.coordinator.empty()) {
+    // Not after a drain or a failure during warm-up: it never serves, so it
+    // does not announce itself.
+    if (serving && !options_.coordinator.empty()) {
       registration_ = std::make_unique<Registration>(options_.coordinator, options_.security,
                                                      advertise_, [this] { return server_info(); });
       registration_->start();
     }
-    std::fprintf(stderr, "replica %s: ready\n", options_.replica_id.c_str());
+    if (serving) std::fprintf(stderr, "replica %s: ready\n", options_.replica_id.c_str());
   }
   Clock::time_point next_gather = Clock::now() + options_.idle_gather_interval;
   Clock::time_point next_canary = Clock::now() + options_.canary_interval;
