@@ -30,6 +30,9 @@ void Registration::stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
+    // A coordinator that accepts but never answers must not hold up a
+    // drain for a whole heartbeat (the followers' waits have deadlines).
+    if (in_flight_ != nullptr) in_flight_->TryCancel();
   }
   stop_changed_.notify_all();
   if (thread_.joinable()) thread_.join();
@@ -61,7 +64,16 @@ void Registration::run() {
     context.set_deadline(std::chrono::system_clock::now() +
                          std::max(interval, std::chrono::milliseconds(1000)));
     v1::RegisterResponse response;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (stop_) return;
+      in_flight_ = &context;
+    }
     const grpc::Status status = stub->Register(&context, request, &response);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_flight_ = nullptr;
+    }
     if (status.ok()) {
       interval = response.heartbeat_ms() > 0 ? std::chrono::milliseconds(response.heartbeat_ms())
                                              : kDefaultHeartbeat;

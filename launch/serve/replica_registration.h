@@ -41,6 +41,7 @@ class Registration {
   mutable std::mutex mutex_;
   std::condition_variable stop_changed_;
   bool stop_ = false;
+  grpc::ClientContext* in_flight_ = nullptr;  // the Register call under way, for stop()
   int64_t registered_ = 0;
   std::thread thread_;
 };
