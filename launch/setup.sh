@@ -18,7 +18,8 @@ packages=(
   libopenmpi-dev openmpi-bin
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf openssl
   clang libclang-rt-14-dev clang-format
-  nlohmann-json3-dev
+  nlohmann-json3-dev libcpp-httplib-dev libssl-dev
+  python3-venv python3-jinja2 prometheus
 )
 if [ -z "${XQ_SKIP_APT:-}" ]; then
   missing=()
@@ -57,6 +58,16 @@ if ! python3 -c "import gguf, numpy, matplotlib" 2>/dev/null; then
   log "installing gguf, numpy and matplotlib from PyPI (reference test, bench plots)"
   python3 -m pip install --quiet gguf numpy matplotlib 2>/dev/null ||
     python3 -m pip install --quiet --break-system-packages gguf numpy matplotlib
+fi
+# The serving tests drive the OpenAI HTTP front with the official `openai`
+# package from PyPI; it goes into a venv over Debian's python3 so the same
+# interpreter also has python3-grpcio and python3-jinja2.
+openai_version=3.57.0
+if ! .venv/bin/python -c "import openai, grpc, jinja2; assert openai.__version__ == '$openai_version'" 2>/dev/null; then
+  log "creating .venv (Debian python3 + openai==$openai_version from PyPI)"
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+  .venv/bin/python -m pip install --quiet "openai==$openai_version"
 fi
 # The small llama2.c model also lives in models/ so every tool finds both the same way.
 shared=${XQ_SHARED_DIR:-$root/../shared}

@@ -87,6 +87,7 @@ void Model::load_gguf(const std::string& path) {
   format_ = "gguf";
   gguf_ = GgufFile::open(path);
   const GgufFile& f = *gguf_;
+  chat_template_ = f.get_string("tokenizer.chat_template").value_or("");
   ModelConfig& c = config_;
   c.architecture = f.get_string("general.architecture").value_or("");
   if (c.architecture != "llama")

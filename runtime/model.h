@@ -59,6 +59,8 @@ class Model {
   const WeightMatrix& output() const { return output_; }
   const std::string& path() const { return path_; }
   const std::string& format() const { return format_; }
+  // The GGUF's tokenizer.chat_template (a Jinja text), "" where there is none.
+  const std::string& chat_template() const { return chat_template_; }
   // Bytes of weights one decode step reads (all layers, the output head, one embedding row).
   size_t weight_bytes() const;
 
@@ -70,6 +72,7 @@ class Model {
 
   std::string path_;
   std::string format_;
+  std::string chat_template_;
   ModelConfig config_;
   std::unique_ptr<GgufFile> gguf_;
   MappedFile llama2c_map_;

@@ -835,6 +835,7 @@ v1::ServerInfo ReplicaServer::Impl::server_info() const {
   model->set_bos_token_id(tokenizer.bos_id());
   model->set_eos_token_id(tokenizer.eos_id());
   model->set_cache_mode(options_.cache_mode);
+  model->set_chat_template(engine_.model().chat_template());
   return info;
 }
 
