@@ -10,6 +10,7 @@
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
+#include <memory>
 #include <thread>
 
 #include "kernels/error.h"
@@ -17,7 +18,9 @@
 #include "launch/batch_tool.h"
 #include "launch/engine_factory.h"
 #include "launch/security_options.h"
+#include "launch/serve/metrics_http.h"
 #include "launch/serve/replica_server.h"
+#include "launch/serve/security.h"
 #include "parallel/device_grid.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_communicator.h"
@@ -147,6 +150,9 @@ void add_serve_options(Arguments& args) {
   args.option("step-timeout", "30",
               "--serve: seconds a step (or the canary) may take before the replica is declared "
               "hung and exits");
+  args.option("metrics-listen", "",
+              "--serve: also serve Prometheus metrics over HTTP on host:port (/metrics, /health, "
+              "/ready)");
   args.option("canary-interval", "5", "--serve: seconds between one-token health probes (0: off)");
   args.option("stall-timeout", "30",
               "--serve: seconds a stream write may wait on a client that stopped reading before "
@@ -201,6 +207,16 @@ int run_worker_serve(const Arguments& args, int tp, int pp,
   serve::ReplicaServer server(executor, options,
                               [&executor, &local] { return executor.gather_cache(local()); });
   server.start();
+  std::unique_ptr<serve::MetricsHttpServer> metrics;
+  if (const std::string listen = args.get("metrics-listen"); !listen.empty()) {
+    serve::warn_unless_loopback(listen, "the replica's metrics");
+    metrics = std::make_unique<serve::MetricsHttpServer>(
+        listen, [&server] { return server.metrics_text(); },
+        [&server] { return server.load().ready(); });
+    metrics->start();
+    std::fprintf(stderr, "replica: metrics on http://%s (port %d)\n", listen.c_str(),
+                 metrics->port());
+  }
   int status = 0;
   {
     SignalThread signals(server);
@@ -208,6 +224,7 @@ int run_worker_serve(const Arguments& args, int tp, int pp,
   }
   if (status != 0) parallel::abort_job("replica: " + server.failure());
   executor.finish();
+  if (metrics) metrics->stop();
   server.shutdown();
   std::fprintf(stderr, "replica: drained\n");
   return 0;

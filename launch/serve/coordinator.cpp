@@ -18,6 +18,8 @@
 #include "launch/serve/circuit_breaker.h"
 #include "launch/serve/client.h"
 #include "launch/serve/generate_request.h"
+#include "launch/serve/metrics.h"
+#include "launch/serve/request_metrics.h"
 #include "launch/serve/standard_services.h"
 #include "launch/serve/write_watch.h"
 
@@ -145,7 +147,15 @@ struct Waiter {
   uint64_t sequence = 0;             // its entry in replica->unreported
   bool trial = false;                // holds the replica's half-open trial
   Clock::time_point dispatched{};
+  RequestObservation* observation = nullptr;
 };
+
+// The labels a replica's series carry.
+MetricLabels replica_labels(const Replica& replica) {
+  return {{"model", replica.has_info ? replica.info.model().name() : ""},
+          {"replica", replica.id},
+          {"cache_mode", replica.has_info ? replica.info.cache_mode() : ""}};
+}
 
 }  // namespace
 
@@ -153,7 +163,14 @@ struct Coordinator::Impl {
   explicit Impl(CoordinatorOptions o)
       : options(std::move(o)),
         queue(QueueLimits{options.max_queued_requests, options.max_queued_tokens}),
-        watch(options.stall_timeout) {}
+        watch(options.stall_timeout) {
+    declare_request_metrics(metrics);
+    declare_replica_metrics(metrics);
+    metrics.declare_gauge("xq:coordinator_queued_requests",
+                          "Requests in the coordinator's queue, waiting for a replica.");
+    metrics.declare_gauge("xq:coordinator_queued_tokens",
+                          "Tokens (prompt bound + max_tokens) of the coordinator's queue.");
+  }
 
   class GenerationService final : public v1::Generation::Service {
    public:
@@ -201,7 +218,27 @@ struct Coordinator::Impl {
   // ------------------------------------------------------------ Generate
 
   grpc::Status generate(grpc::ServerContext* context, const v1::GenerateRequest& in,
-                        grpc::ServerWriter<v1::GenerateResponse>* writer) {
+                        grpc::ServerWriter<v1::GenerateResponse>* stream) {
+    RequestObservation observation(&metrics, Clock::now());
+    observation.set_labels(unrouted_labels());
+    ObservedWriter writer(stream, observation);
+    grpc::Status status = generate(context, in, &writer, observation);
+    observation.finish(status);
+    return status;
+  }
+
+  // Series for a request no replica has taken: the model's name, no replica.
+  MetricLabels unrouted_labels() const {
+    std::lock_guard<std::mutex> lock(mutex);
+    std::string model;
+    for (const auto& [id, replica] : replicas)
+      if (replica->has_info) model = replica->info.model().name();
+    return {{"model", model}, {"replica", ""}, {"cache_mode", ""}};
+  }
+
+  grpc::Status generate(grpc::ServerContext* context, const v1::GenerateRequest& in,
+                        grpc::ServerWriterInterface<v1::GenerateResponse>* writer,
+                        RequestObservation& observation) {
     if (grpc::Status key = check_api_key(*context, options.security.api_key); !key.ok()) return key;
     Waiter waiter;
     waiter.policy = options.routing;
@@ -231,6 +268,7 @@ struct Coordinator::Impl {
     if (request.request_id().empty()) request.set_request_id(new_request_id());
     waiter.tokens = prompt_token_bound(request) + request.sampling().max_tokens();
     waiter.arrived = Clock::now();
+    waiter.observation = &observation;
 
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -280,7 +318,7 @@ struct Coordinator::Impl {
   }
 
   grpc::Status end_with_error(grpc::ServerContext* context,
-                              grpc::ServerWriter<v1::GenerateResponse>* writer,
+                              grpc::ServerWriterInterface<v1::GenerateResponse>* writer,
                               const std::string& request_id, grpc::StatusCode code,
                               const std::string& message, bool retryable) {
     v1::GenerateResponse response;
@@ -319,7 +357,8 @@ struct Coordinator::Impl {
 
   // Runs one attempt. False: the request has ended (`*status` is what the
   // handler returns). True: it failed before streaming and goes elsewhere.
-  bool forward(grpc::ServerContext* context, grpc::ServerWriter<v1::GenerateResponse>* writer,
+  bool forward(grpc::ServerContext* context,
+               grpc::ServerWriterInterface<v1::GenerateResponse>* writer,
                const v1::GenerateRequest& request, Waiter& waiter, grpc::Status* status) {
     const std::shared_ptr<Replica> replica = waiter.replica;
     std::unique_ptr<grpc::ClientContext> call = grpc::ClientContext::FromServerContext(*context);
@@ -342,6 +381,10 @@ struct Coordinator::Impl {
       }
     }
     const double coordinator_queue = seconds_between(waiter.arrived, waiter.dispatched);
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      waiter.observation->set_labels(replica_labels(*replica));
+    }
 
     enum class Verdict { kNone, kSuccess, kFailure } verdict = Verdict::kNone;
     bool terminal = false, client_gone = false, failed_before_delta = false;
@@ -845,6 +888,44 @@ struct Coordinator::Impl {
     polls_done.notify_all();
   }
 
+  // The registry's text with the gauges set from the replica table now.
+  std::string metrics_text() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      for (const char* name :
+           {"xq:num_requests_running", "xq:num_requests_waiting", "xq:cache_usage_perc",
+            "xq:cache_bytes_used", "xq:cache_bytes_total", "xq:replica_up"})
+        metrics.clear(name);
+      const Clock::time_point now = Clock::now();
+      for (const auto& [id, replica] : replicas) {
+        if (replica->removed) continue;
+        const MetricLabels labels = replica_labels(*replica);
+        const bool up = !replica->down && replica->has_load && replica->load.ready() &&
+                        replica->breaker.state(now) != CircuitBreaker::State::kOpen;
+        metrics.set("xq:replica_up", labels, up ? 1 : 0);
+        if (!replica->has_load) continue;
+        const v1::Load& load = replica->load;
+        metrics.set("xq:num_requests_running", labels, load.running_requests());
+        metrics.set("xq:num_requests_waiting", labels, load.queued_requests());
+        metrics.set("xq:cache_usage_perc", labels,
+                    load.total_blocks() > 0
+                        ? 1.0 - static_cast<double>(load.free_blocks()) / load.total_blocks()
+                        : 0.0);
+        double used = 0, total = 0;
+        for (const v1::RankLoad& rank : load.ranks()) {
+          used += static_cast<double>(rank.cache_bytes_used());
+          total += static_cast<double>(rank.cache_bytes_total());
+        }
+        metrics.set("xq:cache_bytes_used", labels, used);
+        metrics.set("xq:cache_bytes_total", labels, total);
+        metrics.set("xq:num_preemptions_total", labels, static_cast<double>(load.preemptions()));
+      }
+      metrics.set("xq:coordinator_queued_requests", {}, static_cast<double>(queue.size()));
+      metrics.set("xq:coordinator_queued_tokens", {}, static_cast<double>(queue.tokens()));
+    }
+    return metrics.render();
+  }
+
   void update_health() {
     std::lock_guard<std::mutex> health_lock(health_mutex);
     bool ready = false;
@@ -879,6 +960,7 @@ struct Coordinator::Impl {
   bool health_ready = false;
 
   WriteWatch watch;
+  MetricsRegistry metrics;
   std::unique_ptr<GenerationService> generation_service;
   std::unique_ptr<RegistryService> registry_service;
   std::unique_ptr<grpc::Server> server;
@@ -934,6 +1016,10 @@ void Coordinator::shutdown(std::chrono::milliseconds grace) {
   }
   if (impl.poller.joinable()) impl.poller.join();
   if (impl.server) impl.server->Wait();
+}
+
+std::string Coordinator::metrics_text() const {
+  return impl_->metrics_text();
 }
 
 void Coordinator::wait() {

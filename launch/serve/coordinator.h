@@ -80,6 +80,10 @@ class Coordinator {
   // Blocks until shutdown.
   void wait();
 
+  // The Prometheus text of the coordinator's metrics (metrics.h): requests
+  // as the coordinator relayed them, and each replica's load as last polled.
+  std::string metrics_text() const;
+
   // What ListReplicas answers.
   v1::ListReplicasResponse list_replicas() const;
 

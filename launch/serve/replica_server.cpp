@@ -20,7 +20,9 @@
 
 #include "kernels/error.h"
 #include "launch/serve/generate_request.h"
+#include "launch/serve/metrics.h"
 #include "launch/serve/replica_registration.h"
+#include "launch/serve/request_metrics.h"
 #include "launch/serve/standard_services.h"
 #include "launch/serve/write_watch.h"
 #include "runtime/communicator.h"
@@ -141,6 +143,7 @@ class ReplicaServer::Impl final : public v1::Generation::Service, public v1::Con
 
   v1::ServerInfo server_info() const;
   v1::Load load() const;
+  std::string metrics_text();
   std::string failure() const {
     std::lock_guard<std::mutex> lock(mutex_);
     return failure_;
@@ -169,7 +172,12 @@ class ReplicaServer::Impl final : public v1::Generation::Service, public v1::Con
   grpc::Status admission_status() const;
   void watchdog();
   void request_cancel(const std::shared_ptr<Call>& call);
-  bool write(grpc::ServerContext* context, grpc::ServerWriter<v1::GenerateResponse>* writer,
+  grpc::Status generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                        grpc::ServerWriterInterface<v1::GenerateResponse>* writer);
+  // Runs one scheduler step, timing it for the step metrics.
+  void step_and_measure();
+  bool write(grpc::ServerContext* context,
+             grpc::ServerWriterInterface<v1::GenerateResponse>* writer,
              const v1::GenerateResponse& message);
 
   StepExecutor& inner_;
@@ -216,6 +224,13 @@ class ReplicaServer::Impl final : public v1::Generation::Service, public v1::Con
   std::condition_variable watchdog_stop_changed_;
   bool watchdog_stop_ = false;
   std::thread watchdog_thread_;
+
+  MetricsRegistry metrics_;
+  MetricLabels metric_labels() const {
+    return {{"model", options_.model_name},
+            {"replica", options_.replica_id},
+            {"cache_mode", options_.cache_mode}};
+  }
 };
 
 ReplicaServer::Impl::Impl(StepExecutor& executor, ReplicaOptions options, CacheGatherer gather)
@@ -242,6 +257,9 @@ ReplicaServer::Impl::Impl(StepExecutor& executor, ReplicaOptions options, CacheG
   canary_request_.max_tokens = 1;
   canary_request_.temperature = 0;
   canary_request_.ignore_eos = true;
+  declare_request_metrics(metrics_);
+  declare_replica_metrics(metrics_);
+  declare_step_metrics(metrics_);
   if (!options_.on_hung)
     options_.on_hung = [](const std::string& reason) {
       std::fprintf(stderr, "error: replica hung: %s; exiting so that it can be restarted\n",
@@ -490,6 +508,45 @@ void ReplicaServer::Impl::publish_stats() {
   stats_ = stats;
 }
 
+void ReplicaServer::Impl::step_and_measure() {
+  const int64_t before = scheduler_->stats().steps;
+  const Clock::time_point start = Clock::now();
+  scheduler_->step();
+  const double seconds = seconds_between(start, Clock::now());
+  if (scheduler_->stats().steps == before) return;
+  // A one-token segment is a decode; longer ones are prompt chunks (a
+  // one-token prompt remainder counts as a decode too).
+  bool decode = false, prefill = false;
+  for (const Segment& segment : scheduler_->last_plan().segments)
+    (segment.n == 1 ? decode : prefill) = true;
+  const char* phase = decode && prefill ? "mixed" : prefill ? "prefill" : "decode";
+  MetricLabels labels = metric_labels();
+  metrics_.observe("xq:iteration_tokens", labels, scheduler_->last_plan().token_count());
+  labels.emplace_back("phase", phase);
+  metrics_.observe("xq:step_duration_seconds", labels, seconds);
+}
+
+std::string ReplicaServer::Impl::metrics_text() {
+  const v1::Load now = load();
+  const MetricLabels labels = metric_labels();
+  metrics_.set("xq:replica_up", labels, now.ready() ? 1 : 0);
+  metrics_.set("xq:num_requests_running", labels, now.running_requests());
+  metrics_.set("xq:num_requests_waiting", labels, now.queued_requests());
+  metrics_.set("xq:cache_usage_perc", labels,
+               now.total_blocks() > 0
+                   ? 1.0 - static_cast<double>(now.free_blocks()) / now.total_blocks()
+                   : 0.0);
+  double used = 0, total = 0;
+  for (const v1::RankLoad& rank : now.ranks()) {
+    used += static_cast<double>(rank.cache_bytes_used());
+    total += static_cast<double>(rank.cache_bytes_total());
+  }
+  metrics_.set("xq:cache_bytes_used", labels, used);
+  metrics_.set("xq:cache_bytes_total", labels, total);
+  metrics_.set("xq:num_preemptions_total", labels, static_cast<double>(now.preemptions()));
+  return metrics_.render();
+}
+
 void ReplicaServer::Impl::warm_up() {
   gather_cache();
   if (options_.canary_interval.count() == 0) return;
@@ -574,7 +631,7 @@ int ReplicaServer::Impl::run() {
     bool stepped = false;
     if (!scheduler_->idle()) {
       const int64_t before = scheduler_->stats().steps;
-      scheduler_->step();
+      step_and_measure();
       stepped = scheduler_->stats().steps != before;
       // A lost rank failed the step's requests as an engine error; they get
       // the replica's retryable error instead, before any event is routed.
@@ -607,7 +664,7 @@ int ReplicaServer::Impl::run() {
 // ------------------------------------------------------------ handlers
 
 bool ReplicaServer::Impl::write(grpc::ServerContext* context,
-                                grpc::ServerWriter<v1::GenerateResponse>* writer,
+                                grpc::ServerWriterInterface<v1::GenerateResponse>* writer,
                                 const v1::GenerateResponse& message) {
   WriteWatch::Guard guard = write_watch_.writing(context);
   return writer->Write(message);
@@ -623,7 +680,18 @@ void ReplicaServer::Impl::request_cancel(const std::shared_ptr<Call>& call) {
 
 grpc::Status ReplicaServer::Impl::Generate(grpc::ServerContext* context,
                                            const v1::GenerateRequest* request,
-                                           grpc::ServerWriter<v1::GenerateResponse>* writer) {
+                                           grpc::ServerWriter<v1::GenerateResponse>* stream) {
+  RequestObservation observation(&metrics_, Clock::now());
+  observation.set_labels(metric_labels());
+  ObservedWriter writer(stream, observation);
+  const grpc::Status status = generate(context, request, &writer);
+  observation.finish(status);
+  return status;
+}
+
+grpc::Status ReplicaServer::Impl::generate(
+    grpc::ServerContext* context, const v1::GenerateRequest* request,
+    grpc::ServerWriterInterface<v1::GenerateResponse>* writer) {
   grpc::Status status = check_api_key(*context, options_.security.api_key);
   if (!status.ok()) return status;
   {
@@ -895,6 +963,9 @@ v1::ServerInfo ReplicaServer::server_info() const {
 }
 v1::Load ReplicaServer::load() const {
   return impl_->load();
+}
+std::string ReplicaServer::metrics_text() const {
+  return impl_->metrics_text();
 }
 
 }  // namespace xq::serve

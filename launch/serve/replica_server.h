@@ -105,6 +105,9 @@ class ReplicaServer {
   // For tests and the tool: what GetServerInfo and GetLoad answer.
   xquant::v1::ServerInfo server_info() const;
   xquant::v1::Load load() const;
+  // The Prometheus text of the replica's metrics (metrics.h): its requests
+  // as it streamed them, its steps, its load now.
+  std::string metrics_text() const;
 
   class Impl;
 
