@@ -103,6 +103,7 @@ HttpError from_grpc(int code, const std::string& message, int retry_after_second
       error.status = 401;
       error.type = "invalid_request_error";
       error.code = "invalid_api_key";
+      error.message = "a missing or wrong API key: send the header 'Authorization: Bearer KEY'";
       break;
     case grpc::StatusCode::PERMISSION_DENIED:
       error.status = 403;
