@@ -764,6 +764,8 @@ struct OpenAiFront::Impl {
         max_tokens = integer_field(*value, key, kInt32Min, kInt32Max);
     if (max_tokens >= 0) {
       request->set_text(prompt);
+      // The template's markers are control tokens, not text.
+      request->set_parse_special(true);
     } else {
       // OpenAI's default for chat: whatever the context leaves after the
       // prompt, which takes the prompt's length (tokenized as Generate would).
@@ -772,6 +774,7 @@ struct OpenAiFront::Impl {
       tokenize_options.timeout = kUnaryTimeout;
       v1::TokenizeRequest tokenize;
       tokenize.set_text(prompt);
+      tokenize.set_parse_special(true);
       v1::TokenizeResponse tokens;
       if (grpc::Status status = client.tokenize(tokenize, &tokens, tokenize_options); !status.ok())
         throw RequestError(from_status(status));
