@@ -20,6 +20,7 @@
 
 #include "kernels/error.h"
 #include "launch/arguments.h"
+#include "launch/chat_prompt.h"
 #include "launch/security_options.h"
 #include "launch/serve/client.h"
 
@@ -192,6 +193,17 @@ v1::GenerateRequest generate_request(const Arguments& args) {
   v1::GenerateRequest request;
   if (args.has("prompt") == args.has("prompt-ids"))
     throw UsageError("client: give exactly one of --prompt and --prompt-ids (see --help)");
+  if (args.has("chat") && !args.has("prompt"))
+    throw UsageError("client: --chat formats --prompt (not --prompt-ids)");
+  if (!args.has("chat") && (args.has("system") || args.has("chat-template")))
+    throw UsageError("client: --system and --chat-template go with --chat");
+  if (args.has("chat-template")) {
+    try {
+      ChatTemplate::from_name(args.get("chat-template"));
+    } catch (const Error& e) {
+      throw UsageError(std::string("client: ") + e.what());
+    }
+  }
   if (args.has("prompt")) {
     request.set_text(args.get("prompt"));
   } else {
@@ -428,6 +440,13 @@ int run_client_checked(int argc, char** argv) {
   args.option("top-p", "", "sample from the smallest set with this probability mass (default 1)");
   args.option("seed", "", "random seed (default: the server's)");
   args.option("stop", "", "stop string, or a JSON list of them");
+  args.flag("chat",
+            "chat: --prompt is the user's message, formatted with the server model's chat "
+            "template (or --chat-template); generation ends with the assistant's turn");
+  args.option("system", "", "with --chat: a system message before the user's");
+  args.option("chat-template", "",
+              "with --chat: the template family (chatml, llama3, llama2, zephyr, gemma) instead "
+              "of the model's");
   args.option("logprobs", "", "log-probabilities: 0 the chosen token's, N also the top N (--json)");
   args.flag("ignore-eos", "generate past the end-of-sequence token");
   args.flag("json", "one JSON object a line per stream message");
@@ -476,6 +495,18 @@ int run_client_checked(int argc, char** argv) {
     ~StopWatching() { watch.stop(); }
   } stop_watching{interrupts};
   if (actions > 0) return run_action(client, args, options, interrupts);
+  if (args.has("chat")) {
+    // The server's template, formatted here as `xq generate --chat` formats it.
+    v1::ModelInfo model;
+    grpc::Status status = client.model_info(&model, options);
+    if (!status.ok()) return report_status(status, "chat (GetModelInfo)", interrupts.interrupted());
+    const ChatPrompt chat = chat_prompt(
+        chat_template_for(model.chat_template(), args.get("chat-template"), "client --chat"),
+        args.get("system"), args.get("prompt"));
+    request.set_text(chat.text);
+    request.set_parse_special(true);
+    for (const std::string& stop : chat.stop) request.mutable_sampling()->add_stop(stop);
+  }
   return run_generate(client, args, request, options, interrupts);
 }
 

@@ -6,6 +6,7 @@
 #include <csignal>
 #include <cstdio>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -15,6 +16,7 @@
 #include "launch/arguments.h"
 #include "launch/security_options.h"
 #include "launch/serve/coordinator.h"
+#include "launch/serve/openai_front.h"
 
 namespace xq {
 namespace {
@@ -49,6 +51,11 @@ int run_coordinator(int argc, char** argv) {
   add_security_options(args, SecurityRole::kServer, "", "replicas");
   add_max_request_bytes_option(args, "");
   args.flag("reflection", "serve gRPC reflection");
+  args.option("http-listen", "",
+              "also serve the OpenAI-compatible HTTP API on host:port (/v1/completions, "
+              "/v1/chat/completions, /v1/models, /health, /ready, /metrics); same API key, "
+              "TLS files and request size limit");
+  args.option("http-threads", "256", "HTTP worker threads: open HTTP connections served at once");
   if (!args.parse(argc, argv)) return 0;
 
   serve::CoordinatorOptions options;
@@ -76,7 +83,11 @@ int run_coordinator(int argc, char** argv) {
   options.max_request_bytes = max_request_bytes(args, "coordinator");
   options.reflection = args.has("reflection");
 
+  const std::string http_listen = args.get("http-listen");
+  const int http_threads = static_cast<int>(args.get_int("http-threads", 1, 100000));
+
   serve::warn_unless_loopback(options.listen, "the coordinator");
+  if (!http_listen.empty()) serve::warn_unless_loopback(http_listen, "the OpenAI HTTP front");
   // Blocked before any thread starts, so every thread inherits the mask and
   // the signals wait for sigwait below.
   sigset_t stop_signals;
@@ -90,10 +101,28 @@ int run_coordinator(int argc, char** argv) {
   std::fprintf(stderr, "coordinator: listening on %s (port %d), routing %s, %zu static replicas\n",
                options.listen.c_str(), coordinator.port(),
                serve::routing_policy_name(options.routing), options.static_replicas.size());
+  std::unique_ptr<serve::OpenAiFront> http;
+  if (!http_listen.empty()) {
+    serve::OpenAiFrontOptions http_options;
+    http_options.listen = http_listen;
+    http_options.tls_cert = options.security.tls_cert;
+    http_options.tls_key = options.security.tls_key;
+    http_options.max_request_bytes = options.max_request_bytes;
+    http_options.threads = http_threads;
+    if (options.stall_timeout.count() > 0) http_options.write_timeout = options.stall_timeout;
+    http_options.metrics = [&coordinator] { return coordinator.metrics_text(); };
+    http = std::make_unique<serve::OpenAiFront>(coordinator.in_process_channel(), http_options);
+    http->start();
+    std::fprintf(stderr, "coordinator: OpenAI HTTP%s on %s (port %d)\n",
+                 options.security.tls_cert.empty() ? "" : "S", http_listen.c_str(), http->port());
+  }
   int received = 0;
   sigwait(&stop_signals, &received);
   std::fprintf(stderr, "coordinator: %s, draining\n", received == SIGTERM ? "SIGTERM" : "SIGINT");
+  // The HTTP requests are calls of the coordinator's: its drain ends them,
+  // then the HTTP server stops.
   coordinator.shutdown(std::chrono::seconds(10));
+  if (http) http->stop();
   return 0;
 }
 

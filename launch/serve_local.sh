@@ -8,6 +8,8 @@
 #   --port P           the coordinator's port (default 50051)
 #   --replica-port Q   the first replica's port; replica i listens on Q+i
 #                      (default: P+10)
+#   --http-port H      also serve the OpenAI-compatible HTTP API on H
+#                      (default: off)
 #   --replicas N       replicas (default 1)
 #   --tp T, --pp P     ranks per replica: tensor x pipeline (default 2 x 1)
 #   --model PATH       model file (default: xq's default model)
@@ -34,6 +36,7 @@ set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 port=50051
 replica_port=""
+http_port=""
 replicas=1
 tp=2
 pp=1
@@ -51,7 +54,7 @@ dry_run=0
 worker_args=()
 
 usage() {
-  sed -n '6,27p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '6,29p' "$0" | sed 's/^# \{0,1\}//'
   exit "$1"
 }
 need() { [ "$1" -ge 2 ] || { echo "serve_local: $2 needs a value" >&2; exit 2; }; }
@@ -59,6 +62,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --port) need $# "$1"; port=$2; shift 2 ;;
     --replica-port) need $# "$1"; replica_port=$2; shift 2 ;;
+    --http-port) need $# "$1"; http_port=$2; shift 2 ;;
     --replicas) need $# "$1"; replicas=$2; shift 2 ;;
     --tp) need $# "$1"; tp=$2; shift 2 ;;
     --pp) need $# "$1"; pp=$2; shift 2 ;;
@@ -79,7 +83,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 for pair in "port:$port" "replicas:$replicas" "tp:$tp" "pp:$pp" "max-tokens:$max_tokens" \
-            "ready-timeout:$ready_timeout" "replica-port:${replica_port:-1}"; do
+            "ready-timeout:$ready_timeout" "replica-port:${replica_port:-1}" "http-port:${http_port:-1}"; do
   [[ "${pair#*:}" =~ ^[1-9][0-9]*$ ]] || { echo "serve_local: --${pair%%:*} wants a positive integer" >&2; exit 2; }
 done
 [ -n "$replica_port" ] || replica_port=$((port + 10))
@@ -100,6 +104,7 @@ mpirun_args=(mpirun)
 mpirun_args+=(--oversubscribe --mca orte_abort_on_non_zero_status 0 -np $((tp * pp)))
 
 coordinator_cmd=("$xq" coordinator --listen "127.0.0.1:$port" "${auth[@]}")
+[ -n "$http_port" ] && coordinator_cmd+=(--http-listen "127.0.0.1:$http_port")
 replica_cmd() {  # the command of replica $1
   local listen="127.0.0.1:$((replica_port + $1))"
   replica=("$supervise" --name "replica$1" -- "${mpirun_args[@]}" "$xq" worker --serve
@@ -117,7 +122,7 @@ fi
 # A port something already listens on would make a server fail to start;
 # say so now rather than after the ready timeout.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in "$port" $(seq "$replica_port" $((replica_port + replicas - 1))); do
+for p in "$port" $http_port $(seq "$replica_port" $((replica_port + replicas - 1))); do
   if port_in_use "$p"; then
     echo "serve_local: port $p is in use (choose others with --port / --replica-port)" >&2
     exit 1
@@ -196,6 +201,7 @@ until "$xq" client --address "127.0.0.1:$port" "${auth[@]}" --wait-ready 2 > /de
   fi
 done
 echo "serve_local: ready at 127.0.0.1:$port"
+[ -n "$http_port" ] && echo "serve_local: OpenAI-compatible HTTP at http://127.0.0.1:$http_port/v1"
 
 if [ "$keep" -eq 1 ]; then
   echo "serve_local: up until Ctrl-C or SIGTERM (e.g. $xq client --address 127.0.0.1:$port --prompt 'Hello')"

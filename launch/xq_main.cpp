@@ -28,6 +28,7 @@
 #include "kernels/error.h"
 #include "launch/arguments.h"
 #include "launch/batch_tool.h"
+#include "launch/chat_prompt.h"
 #include "launch/client_tool.h"
 #include "launch/coordinator_tool.h"
 #include "launch/engine_factory.h"
@@ -43,6 +44,7 @@
 #include "runtime/model.h"
 #include "runtime/perplexity.h"
 #include "runtime/sampler.h"
+#include "runtime/stop_strings.h"
 
 namespace xq {
 namespace {
@@ -223,9 +225,12 @@ SamplerOptions generation_sampler(const Arguments& args, const char* command) {
   return options;
 }
 
-std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, const char* command) {
+// The prompt's tokens, BOS where the model wants it. parse_special: the texts
+// of control tokens (a chat template's <|im_start|>) become those tokens.
+std::vector<int32_t> encode_prompt(const std::string& text, bool parse_special, const Model& model,
+                                   const char* command) {
   const Tokenizer& tokenizer = model.tokenizer();
-  std::vector<int32_t> prompt = tokenizer.encode(args.get("prompt"), tokenizer.add_bos());
+  std::vector<int32_t> prompt = tokenizer.encode(text, tokenizer.add_bos(), parse_special);
   if (prompt.empty()) throw Error(std::string(command) + ": the prompt has no tokens");
   if (static_cast<int64_t>(prompt.size()) >= model.config().max_seq_len)
     throw Error(std::string(command) + ": the prompt has " + std::to_string(prompt.size()) +
@@ -233,11 +238,14 @@ std::vector<int32_t> encode_prompt(const Arguments& args, const Model& model, co
   return prompt;
 }
 
-// Generates through any engine; only the ranks with `print` write: the text
-// (or ids) on stdout as it comes, the statistics on stderr on a line of
-// their own.
+// Generates through any engine; only the ranks with `print` write: the
+// prompt text and then the generated text (or ids) on stdout as it comes, the
+// statistics on stderr on a line of their own. Generation ends where the text
+// first contains one of `stop` (which is not printed); every rank follows the
+// text, so all of them stop at the same token.
 void generate_and_print(Engine& engine, const Arguments& args,
-                        const SamplerOptions& sampler_options, const std::vector<int32_t>& prompt,
+                        const SamplerOptions& sampler_options, const std::string& prompt_text,
+                        const std::vector<int32_t>& prompt, const std::vector<std::string>& stop,
                         bool print) {
   const Tokenizer& tokenizer = engine.model().tokenizer();
   GenerationOptions options;
@@ -245,22 +253,26 @@ void generate_and_print(Engine& engine, const Arguments& args,
   options.forced_tokens = forced_ids(args);
   options.sampler = sampler_options;
   const bool print_ids = args.has("ids"), print_margins = args.has("margins");
-  if (print && !print_ids) std::fputs(args.get("prompt").c_str(), stdout);
+  if (print && !print_ids) std::fputs(prompt_text.c_str(), stdout);
+  StopStringFilter stop_filter(stop);
+  if (!stop.empty()) options.should_stop = [&stop_filter] { return stop_filter.stopped(); };
   auto on_token = [&](const SampledToken& t) {
+    std::string text = tokenizer.token_to_piece(t.token);
+    if (!stop.empty()) text = stop_filter.push(text);
+    if (!print) return;
     if (print_ids && print_margins) {
       // How close the step was to a tie: explains where two caches diverge.
       std::printf("%d %.4f\n", t.token, t.margin);
     } else if (print_ids) {
       std::printf("%d\n", t.token);
     } else {
-      std::fputs(tokenizer.token_to_piece(t.token).c_str(), stdout);
+      std::fputs(text.c_str(), stdout);
     }
     std::fflush(stdout);
   };
-  const GenerationResult result = generate(
-      engine, prompt, options, print ? on_token : std::function<void(const SampledToken&)>());
+  const GenerationResult result = generate(engine, prompt, options, on_token);
   if (!print) return;
-  if (!print_ids) std::printf("\n");
+  if (!print_ids) std::printf("%s\n", stop_filter.finish().c_str());
   std::fflush(stdout);  // the text ends before the statistics start
   const double generated = static_cast<double>(result.tokens.size());
   std::fprintf(stderr,
@@ -276,12 +288,31 @@ int run_generate(int argc, char** argv) {
                  "Complete a prompt, streaming tokens to stdout; stops at EOS or --max-tokens.");
   add_model_options(args);
   add_generation_options(args);
+  args.flag("chat",
+            "chat: --prompt is the user's message, formatted with the model's chat template "
+            "(or --chat-template); generation ends with the assistant's turn");
+  args.option("system", "", "with --chat: a system message before the user's");
+  args.option("chat-template", "",
+              "with --chat: the template family (chatml, llama3, llama2, zephyr, gemma) instead "
+              "of the model's");
+  args.flag("parse-special",
+            "the texts of control tokens in --prompt (such as <|im_start|>) become those tokens, "
+            "as --chat does");
   if (!args.parse(argc, argv)) return 0;
   const SamplerOptions sampler = generation_sampler(args, "generate");
+  if (!args.has("chat") && (args.has("system") || args.has("chat-template")))
+    throw Error("generate: --system and --chat-template go with --chat");
+  if (args.has("chat-template")) ChatTemplate::from_name(args.get("chat-template"));
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
   const BackendChoice backend = backend_choice(args);
   auto model = Model::load(args.get("model"), args.get("tokenizer"));
-  std::vector<int32_t> prompt = encode_prompt(args, *model, "generate");
+  ChatPrompt chat{args.get("prompt"), {}};
+  if (args.has("chat"))
+    chat = chat_prompt(
+        chat_template_for(model->chat_template(), args.get("chat-template"), "generate --chat"),
+        args.get("system"), args.get("prompt"));
+  std::vector<int32_t> prompt =
+      encode_prompt(chat.text, args.has("chat") || args.has("parse-special"), *model, "generate");
   const std::unique_ptr<Engine> engine = make_engine(
       *model,
       engine_options(args, threads,
@@ -289,7 +320,7 @@ int run_generate(int argc, char** argv) {
       backend);
   std::fprintf(stderr, "%s\ncache %s\n", backend_summary(*engine, threads).c_str(),
                engine->cache_description().c_str());
-  generate_and_print(*engine, args, sampler, prompt, /*print=*/true);
+  generate_and_print(*engine, args, sampler, chat.text, prompt, chat.stop, /*print=*/true);
   // The device's graph counters, once the run has filled them.
   if (backend.backend == Backend::kCuda)
     std::fprintf(stderr, "%s\n", backend_summary(*engine, threads).c_str());
@@ -494,7 +525,7 @@ int run_worker(int argc, char** argv) {
     if (scoring)
       tokens = perplexity_tokens(args, text, *model, scoring_options, "worker", &tokenize_seconds);
     else
-      tokens = encode_prompt(args, *model, "worker");
+      tokens = encode_prompt(args.get("prompt"), /*parse_special=*/false, *model, "worker");
     parallel::PipelineOptions pipeline;
     pipeline.micro_batch = static_cast<int32_t>(args.get_int("micro-batch", 1, 1 << 20));
     const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
@@ -521,7 +552,8 @@ int run_worker(int argc, char** argv) {
           rank == 0 ? print_progress : std::function<void(int32_t, int32_t, double)>());
       if (rank == 0) print_perplexity(result, scoring_options);
     } else {
-      generate_and_print(engine, args, sampler, tokens, /*print=*/rank == 0);
+      generate_and_print(engine, args, sampler, args.get("prompt"), tokens, {},
+                         /*print=*/rank == 0);
     }
     report_ranks(grid, engine, engine.length(0));
   } catch (const LostRank& e) {
@@ -590,6 +622,7 @@ int usage(FILE* out) {
                "  generate     complete a prompt, streamed to stdout\n"
                "  worker       one rank of a tensor/pipeline-parallel run (under mpirun)\n"
                "  tokenize     print the token ids of a text\n"
+               "  chat-template  print a conversation as a chat template formats it\n"
                "  modes        list the attention cache modes\n"
                "  batch        run a JSONL file of requests through the batch scheduler\n"
                "  coordinator  serve the Generation API, routing requests to replicas\n"
@@ -609,6 +642,7 @@ int main(int argc, char** argv) {
       {"generate", xq::run_generate},
       {"worker", xq::run_worker},
       {"tokenize", xq::run_tokenize},
+      {"chat-template", xq::run_chat_template},
       {"modes", xq::run_modes},
       {"batch", xq::run_batch},
       {"coordinator", xq::run_coordinator},

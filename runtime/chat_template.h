@@ -20,11 +20,11 @@ struct ChatMessage {
 };
 
 enum class ChatTemplateFamily {
-  kChatMl,   // <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen, ...)
-  kLlama3,   // <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>
-  kLlama2,   // [INST] ... [/INST] with <<SYS>> blocks
-  kZephyr,   // <|role|>\n...</s>
-  kGemma,    // <start_of_turn>role\n...<end_of_turn>\n
+  kChatMl,  // <|im_start|>role\n...<|im_end|>\n (SmolLM2, Qwen, ...)
+  kLlama3,  // <|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>
+  kLlama2,  // [INST] ... [/INST] with <<SYS>> blocks
+  kZephyr,  // <|role|>\n...</s>
+  kGemma,   // <start_of_turn>role\n...<end_of_turn>\n
 };
 
 class ChatTemplate {

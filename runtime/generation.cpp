@@ -46,6 +46,7 @@ GenerationResult generate(Engine& engine, const std::vector<int32_t>& prompt,
     result.tokens.push_back(step);
     if (on_token) on_token(step);
     if (static_cast<int64_t>(result.tokens.size()) == steps) break;
+    if (options.should_stop && options.should_stop()) break;
     const int32_t next = forced ? options.forced_tokens[result.tokens.size() - 1] : step.token;
     step = engine.forward_sample(options.seq, &next, 1, position, sampler);
     ++position;

@@ -22,6 +22,9 @@ struct GenerationOptions {
   // its margin, so two engines can be compared on the same inputs. Throws
   // xq::Error for an id outside the vocabulary.
   std::vector<int32_t> forced_tokens;
+  // Asked after each generated token has reached on_token; true ends the
+  // generation there (a caller that found a stop string in the text).
+  std::function<bool()> should_stop;
 };
 
 struct GenerationResult {

@@ -680,5 +680,68 @@ TEST_F(Cli, GgufWithoutTokenizer) {
                                 {model, "tokenizer.ggml.tokens"}));
 }
 
+// ---------------------------------------------------------------------------
+// Chat prompts
+
+// `generate --chat` feeds the model the template's text for the message,
+// special tokens and all: the same tokens as that text given as the prompt.
+TEST_F(Cli, GenerateChatIsItsFormattedPrompt) {
+  const std::string model = testing::models_path("SmolLM2-135M-Instruct.Q4_1.gguf");
+  if (!testing::file_exists(model)) GTEST_SKIP() << model << " absent (run launch/setup.sh)";
+  const std::string formatted =
+      "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+      "Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n";
+  const RunResult chat = run(
+      {"generate", "--model", model, "--chat", "--prompt", "What is 2+2?", "--max-tokens", "8"});
+  ASSERT_EQ(chat.exit_code, 0) << chat.err;
+  EXPECT_EQ(chat.out.rfind(formatted, 0), 0u) << chat.out;
+  EXPECT_GT(chat.out.size(), formatted.size() + 1) << chat.out;  // it generated text
+
+  for (const std::vector<std::string>& system :
+       {std::vector<std::string>{}, std::vector<std::string>{"--system", "Be brief."}}) {
+    std::vector<std::string> chat_args = {"generate",     "--model",  model,
+                                          "--chat",       "--prompt", "What is 2+2?",
+                                          "--max-tokens", "8",        "--ids"};
+    chat_args.insert(chat_args.end(), system.begin(), system.end());
+    const std::string text =
+        system.empty() ? formatted
+                       : "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is "
+                         "2+2?<|im_end|>\n<|im_start|>assistant\n";
+    const RunResult by_chat = run(chat_args);
+    const RunResult by_prompt = run({"generate", "--model", model, "--prompt", text,
+                                     "--parse-special", "--max-tokens", "8", "--ids"});
+    ASSERT_EQ(by_chat.exit_code, 0) << by_chat.err;
+    ASSERT_EQ(by_prompt.exit_code, 0) << by_prompt.err;
+    EXPECT_FALSE(by_chat.out.empty());
+    EXPECT_EQ(by_chat.out, by_prompt.out);
+  }
+}
+
+TEST_F(Cli, ChatTemplateErrors) {
+  REQUIRE_STORIES();
+  const std::vector<std::string> stories = {"generate",    "--model",      stories_,
+                                            "--tokenizer", tok512_,        "--prompt",
+                                            "Hi",          "--max-tokens", "4"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = stories;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  };
+  // A llama2.c model has no template: the error says how to choose one.
+  EXPECT_TRUE(FailsWithOneError(run(with({"--chat"})), {"no chat template", "--chat-template"}));
+  EXPECT_TRUE(FailsWithOneError(run(with({"--chat", "--chat-template", "vicuna"})),
+                                {"'vicuna'", "chatml", "llama3", "llama2", "zephyr", "gemma"}));
+  EXPECT_TRUE(FailsWithOneError(run(with({"--system", "S"})), {"--chat"}));
+  EXPECT_TRUE(FailsWithOneError(run(with({"--chat", "--chat-template", "gemma", "--system", "S"})),
+                                {"gemma", "system"}));
+  const RunResult named = run(with({"--chat", "--chat-template", "zephyr"}));
+  EXPECT_EQ(named.exit_code, 0) << named.err;
+  EXPECT_EQ(named.out.rfind("<|user|>\nHi</s>\n<|assistant|>\n", 0), 0u) << named.out;
+  // A template file of no known family.
+  const std::string jinja = write("mistral.jinja", "{{ '[INST] ' + message['content'] }}");
+  EXPECT_TRUE(FailsWithOneError(run({"chat-template", "--jinja", jinja, "--prompt", "Hi"}),
+                                {"no known family", "\"{{ '[INST] '"}));
+}
+
 }  // namespace
 }  // namespace xq

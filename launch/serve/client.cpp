@@ -59,6 +59,14 @@ Client::Client(const std::string& address, const Security& security, int max_mes
   health_ = grpc::health::v1::Health::NewStub(channel_);
 }
 
+Client::Client(std::shared_ptr<grpc::Channel> channel, std::string api_key)
+    : channel_(std::move(channel)), api_key_(std::move(api_key)) {
+  generation_ = v1::Generation::NewStub(channel_);
+  control_ = v1::Control::NewStub(channel_);
+  registry_ = v1::Registry::NewStub(channel_);
+  health_ = grpc::health::v1::Health::NewStub(channel_);
+}
+
 Client::~Client() = default;
 
 grpc::Status Client::prepare(grpc::ClientContext& context, const CallOptions& options) const {

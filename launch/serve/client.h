@@ -102,6 +102,9 @@ class Client {
   // defaults). The channel connects lazily, on the first call.
   explicit Client(const std::string& address, const Security& security = {},
                   int max_message_bytes = 0);
+  // On an existing channel (e.g. Coordinator::in_process_channel()); every
+  // call sends `api_key` as its Bearer token when it is not empty.
+  Client(std::shared_ptr<grpc::Channel> channel, std::string api_key);
   ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;

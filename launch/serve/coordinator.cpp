@@ -1030,4 +1030,9 @@ v1::ListReplicasResponse Coordinator::list_replicas() const {
   return impl_->list_replicas();
 }
 
+std::shared_ptr<grpc::Channel> Coordinator::in_process_channel() {
+  if (!impl_->server) throw Error("coordinator: in_process_channel() before start()");
+  return impl_->server->InProcessChannel(grpc::ChannelArguments());
+}
+
 }  // namespace xq::serve

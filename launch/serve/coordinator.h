@@ -87,6 +87,11 @@ class Coordinator {
   // What ListReplicas answers.
   v1::ListReplicasResponse list_replicas() const;
 
+  // A channel to this coordinator's services inside the process (no socket,
+  // no TLS; the API key is still checked), for a front in the same process.
+  // Throws xq::Error before start().
+  std::shared_ptr<grpc::Channel> in_process_channel();
+
   struct Impl;
 
  private:

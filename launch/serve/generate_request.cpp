@@ -62,7 +62,7 @@ grpc::Status to_request(const v1::GenerateRequest& request, const Tokenizer& tok
   if (grpc::Status fields = check_generate_fields(request); !fields.ok()) return fields;
   Request r;
   if (request.prompt_case() == v1::GenerateRequest::kText) {
-    r.prompt = tokenizer.encode(request.text(), tokenizer.add_bos());
+    r.prompt = tokenizer.encode(request.text(), tokenizer.add_bos(), request.parse_special());
   } else {
     r.prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
     for (int32_t id : r.prompt)

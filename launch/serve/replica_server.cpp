@@ -816,7 +816,7 @@ grpc::Status ReplicaServer::Impl::Tokenize(grpc::ServerContext* context,
   const bool bos =
       request->has_add_special_tokens() ? request->add_special_tokens() : tokenizer.add_bos();
   try {
-    for (int32_t id : tokenizer.encode(request->text(), bos)) {
+    for (int32_t id : tokenizer.encode(request->text(), bos, request->parse_special())) {
       response->add_token_ids(id);
       response->add_pieces(tokenizer.token_to_piece(id));
     }
