@@ -862,10 +862,6 @@ def run(argv):
         "errors": [o.error for o in outputs],
     })
     table = markdown_table(result, percentiles, selected)
-    print("\n" + table)
-    failures = [o.error for o in outputs if not o.success]
-    if failures:
-        print("first failure: %s" % failures[0])
     if args.result_file:
         os.makedirs(os.path.dirname(os.path.abspath(args.result_file)), exist_ok=True)
         with open(args.result_file, "w") as f:
@@ -875,6 +871,10 @@ def run(argv):
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown_file)), exist_ok=True)
         with open(args.markdown_file, "w") as f:
             f.write("`%s`\n\n%s" % (result["command"], table))
+    print("\n" + table)
+    failures = [o.error for o in outputs if not o.success]
+    if failures:
+        print("first failure: %s" % failures[0])
     if args.plot_dir:
         path = plot_cdfs([result], args.plot_dir)
         if path:
