@@ -324,7 +324,7 @@ def main(argv):
     path = plot(sweep, args.out)
     print("plot: %s" % path if path else
           "no plot: matplotlib is missing in %s; draw it with: python3 bench/serve_sweep.py plot %s" %
-          (sys.executable, os.path.relpath(args.out)))
+          (sys.executable, args.out))
     return 0 if all("error" not in m for m in sweep["modes"].values()) else 1
 
 
