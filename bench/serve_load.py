@@ -34,7 +34,6 @@ percentiles (numpy's defaults, as vLLM uses numpy); this file needs only the
 standard library (grpc for --backend grpc and for server-side tokenization;
 matplotlib for plots)."""
 import argparse
-import bisect
 import json
 import math
 import os
