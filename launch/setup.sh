@@ -19,7 +19,7 @@ packages=(
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc python3-grpcio python3-protobuf openssl
   clang libclang-rt-14-dev clang-format
   nlohmann-json3-dev libcpp-httplib-dev libssl-dev
-  python3-venv python3-jinja2 prometheus
+  python3-venv python3-jinja2 python3-matplotlib prometheus
 )
 if [ -z "${XQ_SKIP_APT:-}" ]; then
   missing=()
