@@ -111,6 +111,9 @@ int run_coordinator(int argc, char** argv) {
     http_options.threads = http_threads;
     if (options.stall_timeout.count() > 0) http_options.write_timeout = options.stall_timeout;
     http_options.metrics = [&coordinator] { return coordinator.metrics_text(); };
+    http_options.on_rejected = [&coordinator](const std::string& reason) {
+      coordinator.count_rejected(reason);
+    };
     http = std::make_unique<serve::OpenAiFront>(coordinator.in_process_channel(), http_options);
     http->start();
     std::fprintf(stderr, "coordinator: OpenAI HTTP%s on %s (port %d)\n",

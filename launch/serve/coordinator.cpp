@@ -904,21 +904,7 @@ struct Coordinator::Impl {
                         replica->breaker.state(now) != CircuitBreaker::State::kOpen;
         metrics.set("xq:replica_up", labels, up ? 1 : 0);
         if (!replica->has_load) continue;
-        const v1::Load& load = replica->load;
-        metrics.set("xq:num_requests_running", labels, load.running_requests());
-        metrics.set("xq:num_requests_waiting", labels, load.queued_requests());
-        metrics.set("xq:cache_usage_perc", labels,
-                    load.total_blocks() > 0
-                        ? 1.0 - static_cast<double>(load.free_blocks()) / load.total_blocks()
-                        : 0.0);
-        double used = 0, total = 0;
-        for (const v1::RankLoad& rank : load.ranks()) {
-          used += static_cast<double>(rank.cache_bytes_used());
-          total += static_cast<double>(rank.cache_bytes_total());
-        }
-        metrics.set("xq:cache_bytes_used", labels, used);
-        metrics.set("xq:cache_bytes_total", labels, total);
-        metrics.set("xq:num_preemptions_total", labels, static_cast<double>(load.preemptions()));
+        record_load(metrics, labels, replica->load);
       }
       metrics.set("xq:coordinator_queued_requests", {}, static_cast<double>(queue.size()));
       metrics.set("xq:coordinator_queued_tokens", {}, static_cast<double>(queue.tokens()));
@@ -1020,6 +1006,12 @@ void Coordinator::shutdown(std::chrono::milliseconds grace) {
 
 std::string Coordinator::metrics_text() const {
   return impl_->metrics_text();
+}
+
+void Coordinator::count_rejected(const std::string& reason) {
+  MetricLabels labels = impl_->unrouted_labels();
+  labels.emplace_back("reason", reason);
+  impl_->metrics.add("xq:request_rejected_total", labels);
 }
 
 void Coordinator::wait() {

@@ -83,6 +83,9 @@ class Coordinator {
   // The Prometheus text of the coordinator's metrics (metrics.h): requests
   // as the coordinator relayed them, and each replica's load as last polled.
   std::string metrics_text() const;
+  // Counts a generation request refused in front of the coordinator (the
+  // HTTP front's own checks) in xq:request_rejected_total{reason}.
+  void count_rejected(const std::string& reason);
 
   // What ListReplicas answers.
   v1::ListReplicasResponse list_replicas() const;

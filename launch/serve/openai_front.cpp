@@ -41,7 +41,10 @@ constexpr std::chrono::milliseconds kConnectionCheck{100};
 // Unary calls the front makes on a request's behalf (model info, tokenize).
 constexpr std::chrono::milliseconds kUnaryTimeout{30000};
 constexpr char kEventStream[] = "text/event-stream";
-constexpr char kJson[] = "application/json";
+// With its charset, which also keeps httplib from compressing JSON bodies:
+// its brotli and gzip encoders answer any client that offers them, and
+// some clients' decoders (an httpx with an older brotli module) fail on it.
+constexpr char kJson[] = "application/json; charset=utf-8";
 
 // ------------------------------------------------------------ errors
 
@@ -52,7 +55,25 @@ struct HttpError {
   std::string param;  // empty: null
   std::string code;   // empty: null
   int retry_after_seconds = -1;
+  bool from_coordinator = false;  // a status the coordinator gave (it counted it)
 };
+
+// The xq:request_rejected_total reason of a refusal the front makes itself,
+// named as the coordinator names its gRPC statuses.
+std::string rejection_reason(int http_status) {
+  switch (http_status) {
+    case 400:
+      return "invalid_argument";
+    case 401:
+      return "unauthenticated";
+    case 404:
+      return "not_found";
+    case 413:
+      return "request_too_large";
+    default:
+      return "http_" + std::to_string(http_status);
+  }
+}
 
 HttpError make_error(int status, std::string message, std::string type = "server_error",
                      std::string param = "", std::string code = "") {
@@ -90,6 +111,7 @@ std::string lowercase(std::string text) {
 // the HTTP status and error OpenAI clients expect.
 HttpError from_grpc(int code, const std::string& message, int retry_after_seconds = -1) {
   HttpError error;
+  error.from_coordinator = true;
   error.message = message;
   error.code = lowercase(status_code_name(code));
   switch (static_cast<grpc::StatusCode>(code)) {
@@ -704,6 +726,8 @@ struct OpenAiFront::Impl {
       else
         complete(*call, *connection, shape, response);
     } catch (const RequestError& error) {
+      if (!error.error().from_coordinator && options.on_rejected)
+        options.on_rejected(rejection_reason(error.error().status));
       send_error(response, error.error());
     } catch (const std::exception& error) {
       send_error(response, make_error(500, error.what(), "server_error", "", "internal"));
@@ -1002,6 +1026,8 @@ struct OpenAiFront::Impl {
                                                                     httplib::Response& response) {
       if (!response.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
       HttpError error = make_error(response.status, "", "invalid_request_error");
+      if (request.method == "POST" && options.on_rejected)
+        options.on_rejected(rejection_reason(response.status));
       if (response.status == 404)
         error.message = "no route for " + request.method + " " + request.path;
       else if (response.status == 413)

@@ -49,6 +49,11 @@ struct OpenAiFrontOptions {
   // The text GET /metrics answers (Prometheus exposition format); empty
   // function: 404.
   std::function<std::string()> metrics;
+  // Called with a reason for each generation request the front refuses
+  // itself, before the coordinator sees it (bad JSON, an unsupported field,
+  // an unknown model, a body over the limit), so the coordinator's
+  // xq:request_rejected_total counts those too.
+  std::function<void(const std::string& reason)> on_rejected;
 };
 
 class OpenAiFront {

@@ -530,20 +530,7 @@ std::string ReplicaServer::Impl::metrics_text() {
   const v1::Load now = load();
   const MetricLabels labels = metric_labels();
   metrics_.set("xq:replica_up", labels, now.ready() ? 1 : 0);
-  metrics_.set("xq:num_requests_running", labels, now.running_requests());
-  metrics_.set("xq:num_requests_waiting", labels, now.queued_requests());
-  metrics_.set("xq:cache_usage_perc", labels,
-               now.total_blocks() > 0
-                   ? 1.0 - static_cast<double>(now.free_blocks()) / now.total_blocks()
-                   : 0.0);
-  double used = 0, total = 0;
-  for (const v1::RankLoad& rank : now.ranks()) {
-    used += static_cast<double>(rank.cache_bytes_used());
-    total += static_cast<double>(rank.cache_bytes_total());
-  }
-  metrics_.set("xq:cache_bytes_used", labels, used);
-  metrics_.set("xq:cache_bytes_total", labels, total);
-  metrics_.set("xq:num_preemptions_total", labels, static_cast<double>(now.preemptions()));
+  record_load(metrics_, labels, now);
   return metrics_.render();
 }
 

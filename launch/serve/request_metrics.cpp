@@ -113,6 +113,23 @@ void RequestObservation::finish(const grpc::Status& status) {
                    with("reason", lowercase(status_code_name(status.error_code()))));
 }
 
+void record_load(MetricsRegistry& registry, const MetricLabels& labels, const v1::Load& load) {
+  registry.set("xq:num_requests_running", labels, load.running_requests());
+  registry.set("xq:num_requests_waiting", labels, load.queued_requests());
+  registry.set("xq:cache_usage_perc", labels,
+               load.total_blocks() > 0
+                   ? 1.0 - static_cast<double>(load.free_blocks()) / load.total_blocks()
+                   : 0.0);
+  double used = 0, total = 0;
+  for (const v1::RankLoad& rank : load.ranks()) {
+    used += static_cast<double>(rank.cache_bytes_used());
+    total += static_cast<double>(rank.cache_bytes_total());
+  }
+  registry.set("xq:cache_bytes_used", labels, used);
+  registry.set("xq:cache_bytes_total", labels, total);
+  registry.set("xq:num_preemptions_total", labels, static_cast<double>(load.preemptions()));
+}
+
 bool ObservedWriter::Write(const v1::GenerateResponse& message, grpc::WriteOptions options) {
   if (!writer_->Write(message, options)) return false;
   observation_.on_written(message, RequestObservation::Clock::now());

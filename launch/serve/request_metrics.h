@@ -61,6 +61,10 @@ class RequestObservation {
   bool recorded_ = false;
 };
 
+// Sets the per-replica gauges (declare_replica_metrics) and the preemption
+// count from a replica's load.
+void record_load(MetricsRegistry& registry, const MetricLabels& labels, const v1::Load& load);
+
 // A Generate stream whose successful writes reach an observation.
 class ObservedWriter final : public grpc::ServerWriterInterface<v1::GenerateResponse> {
  public:

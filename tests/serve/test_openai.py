@@ -20,6 +20,7 @@ hundreds of tokens left); chat completions."""
 import argparse
 import http.client
 import json
+import re
 import os
 import socket
 import sys
@@ -171,7 +172,21 @@ def check_raw_stream(port, model_id, prompt):
     print("raw stream: %d events, usage in the last before [DONE]" % len(events))
 
 
+def rejected_by_reason(port):
+    """xq:request_rejected_total from the coordinator's /metrics, summed by reason."""
+    status, _, body = raw_request(port, "GET", "/metrics")
+    expect(status == 200, "/metrics: %s" % status)
+    counts = {}
+    for line in body.decode().splitlines():
+        match = re.match(r'xq:request_rejected_total\{(.*)\} (\S+)$', line)
+        if match:
+            reason = re.search(r'reason="([^"]*)"', match.group(1)).group(1)
+            counts[reason] = counts.get(reason, 0) + float(match.group(2))
+    return counts
+
+
 def check_errors(client, bad_key_client, port, model_id, prompt):
+    rejected_before = rejected_by_reason(port)
     cases = [
         ("wrong API key", bad_key_client, {}, openai.AuthenticationError, 401),
         ("temperature -1", client, {"temperature": -1}, openai.BadRequestError, 400),
@@ -206,6 +221,17 @@ def check_errors(client, bad_key_client, port, model_id, prompt):
     status, _, body = raw_request(port, "GET", "/v1/nothing-here")
     expect(status == 404 and "error" in json.loads(body), "unknown path: %s %s" % (status, body))
     print("malformed JSON 400, a body over --max-request-bytes 413, an unknown path 404: OpenAI error bodies")
+    # Each refused generation request counted once, whether the front or the
+    # coordinator refused it: 5 cases x 2 + the malformed JSON are invalid
+    # arguments, the other model twice not found, the big body once too large
+    # (the wrong key may be refused by the model lookup, which is no
+    # generation request, so it is not checked here).
+    rejected = rejected_by_reason(port)
+    grown = {reason: rejected.get(reason, 0) - rejected_before.get(reason, 0)
+             for reason in ("invalid_argument", "not_found", "request_too_large")}
+    expect(grown == {"invalid_argument": 11, "not_found": 2, "request_too_large": 1},
+           "xq:request_rejected_total grew by %s" % grown)
+    print("xq:request_rejected_total counts each refusal once: %s" % grown)
 
 
 def replica_idle_steps(control, pb, metadata, timeout=30):
