@@ -87,13 +87,17 @@ def reflection_file_of(channel, symbol, timeout=5.0):
 
 class Cluster:
     def __init__(self, build, source, model, tokenizer, replicas=2, tp=2, api_key="",
-                 worker_args=(), coordinator_args=(), log_dir=None, env=None, tls=None):
+                 worker_args=(), coordinator_args=(), log_dir=None, env=None, tls=None,
+                 replica_metrics=False):
         self.build, self.source = build, source
         self.xq = os.path.join(build, "launch", "xq")
         self.model, self.tokenizer = model, tokenizer
         self.api_key = api_key
         self.tp = tp
         self.worker_args = list(worker_args)
+        # Each replica also serves Prometheus metrics (--metrics-listen) on
+        # a port of its own: proc.metrics_port.
+        self.replica_metrics = replica_metrics
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="xq-cluster-")
         self.env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                         **(env or {}))
@@ -125,6 +129,9 @@ class Cluster:
     def start_replica(self, index):
         port = free_port()
         key = ["--api-key", self.api_key] if self.api_key else []
+        metrics_port = free_port() if self.replica_metrics else None
+        if metrics_port:
+            key += ["--metrics-listen", "127.0.0.1:%d" % metrics_port]
         worker = [self.xq, "worker", "--serve", "--tp", str(self.tp), "--listen", "127.0.0.1:%d" % port,
                   "--coordinator", self.address, "--replica-id", "replica-%d" % index,
                   "--model", self.model, "--tokenizer", self.tokenizer, "--reflection", *key,
@@ -133,6 +140,7 @@ class Cluster:
                       "--name", "replica-%d" % index, "--"] + mpirun_prefix(self.tp) + worker
         proc = self._start("replica-%d" % index, supervised)
         proc.port = port
+        proc.metrics_port = metrics_port
         proc.replica_id = "replica-%d" % index
         return proc
 

@@ -2,8 +2,8 @@
 """bench/serve_load.py against a local cluster on stories260K (a coordinator
 and two `mpirun -np 2 xq worker --serve --tp 2` replicas): 40 requests at 20
 per second, wikitext prompts of 16-64 tokens, 8-32 output tokens with
-ignore_eos, through the gRPC backend and, where the coordinator serves HTTP
-(--http-listen), through the OpenAI backend.
+ignore_eos, through the gRPC backend and through the OpenAI backend (the
+coordinator's --http-listen).
 
 Checks, all exact:
 * every request completes; each one's usage shows the prompt tokens sent and
@@ -15,10 +15,10 @@ Checks, all exact:
   requests included on both sides). Counters are read again for up to 10 s
   until they reach the expected values, since a server may count a request
   just after its last message went out; the comparison itself has no
-  tolerance.
-
-Without --http-listen in `xq coordinator --help` the gRPC run and its checks
-still run, and the test then reports SKIP for the Prometheus part."""
+  tolerance;
+* each replica's own /metrics (--metrics-listen): the replicas' counters sum
+  to the coordinator's (each request ran on exactly one replica, none
+  aborted)."""
 import argparse
 import json
 import os
@@ -119,6 +119,23 @@ def check_counters(metrics_url, before, r, name):
     return after
 
 
+def check_replica_counters(cluster, coordinator_sums):
+    """Every replica's own /metrics (--metrics-listen): together they ran
+    what the coordinator relayed, so their counters sum to its counters."""
+    replicas = [p for p in cluster.procs if getattr(p, "metrics_port", None)]
+    expect(len(replicas) == 2, "replicas with metrics: %d" % len(replicas))
+    total = dict.fromkeys(COUNTERS, 0.0)
+    for proc in replicas:
+        sums = prometheus_sums("http://127.0.0.1:%d/metrics" % proc.metrics_port)
+        expect(sums["xq:request_success_total"] > 0, "%s ran no request" % proc.replica_id)
+        for k in COUNTERS:
+            total[k] += sums[k]
+    for k in COUNTERS:
+        expect(total[k] == coordinator_sums[k],
+               "replicas' %s sum to %g, the coordinator's is %g" % (k, total[k], coordinator_sums[k]))
+    print("replicas' own metrics sum to the coordinator's: %s" % total)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--build", required=True)
@@ -144,7 +161,7 @@ def main():
 
     log_dir = tempfile.mkdtemp(prefix="xq-serve-load-")
     c = cl.Cluster(args.build, args.source, model, tokenizer, replicas=2, tp=2, coordinator_args=http_args,
-                   log_dir=log_dir)
+                   log_dir=log_dir, replica_metrics=True)
     try:
         channel = grpc.insecure_channel(c.address)
         stubs = {"Registry": pb_grpc.RegistryStub(channel)}
@@ -154,16 +171,14 @@ def main():
             r = run_load(args.source, args.build, args.shared, ["--backend", "grpc", "--address", c.address],
                          os.path.join(tmp, "grpc.json"))
             check_result(r, "grpc")
-            if not http:
-                print("SKIP: xq coordinator has no --http-listen: the Prometheus comparison and the "
-                      "OpenAI backend did not run")
-                return 0
+            expect(http, "xq coordinator has no --http-listen")
             before = check_counters(metrics_url, before, r, "grpc")
             r = run_load(args.source, args.build, args.shared,
                          ["--backend", "openai", "--base-url", base_url, "--tokenizer-address", c.address],
                          os.path.join(tmp, "openai.json"))
             check_result(r, "openai")
-            check_counters(metrics_url, before, r, "openai")
+            after = check_counters(metrics_url, before, r, "openai")
+            check_replica_counters(c, after)
     except Exception:
         print("logs in %s; coordinator log ends:\n%s" % (log_dir, c.log_tail("coordinator")))
         raise
