@@ -135,6 +135,25 @@ void print_perplexity(const PerplexityResult& result, const PerplexityOptions& o
       result.chunks, options.ctx, result.tokens_evaluated / result.seconds);
 }
 
+void print_kl_divergence(const KlDivergenceResult& r, const SavedLogitsHeader& reference) {
+  const std::string saved =
+      reference.top_k > 0 ? "top " + std::to_string(reference.top_k) + " + rest" : "every logit";
+  std::printf(
+      "kl divergence %.6f +/- %.6f  (median %.6f, p99 %.6f, max %.4f; %lld tokens, reference "
+      "saved as %s)\n",
+      r.mean, r.mean_standard_error, r.median, r.p99, r.max, static_cast<long long>(r.rows),
+      saved.c_str());
+  std::printf("top-1 agreement %.4f%% +/- %.4f%%\n", 100 * r.top1_agreement,
+              100 * r.top1_standard_error);
+  // exp(mean difference) - 1 is the perplexity ratio the paired chunks imply.
+  std::printf(
+      "nll difference %+.6f +/- %.6f per token (paired over %d chunks): perplexity %+.3f%% +/- "
+      "%.3f%% against the reference's %.4f\n",
+      r.nll_difference, r.nll_difference_standard_error, r.chunks,
+      100 * (std::exp(r.nll_difference) - 1),
+      100 * std::exp(r.nll_difference) * r.nll_difference_standard_error, r.reference_perplexity);
+}
+
 int run_perplexity(int argc, char** argv) {
   Arguments args("perplexity",
                  "Perplexity of a text file: chunks of --ctx tokens, each starting with BOS, the "
@@ -142,8 +161,19 @@ int run_perplexity(int argc, char** argv) {
                  "each chunk scored (llama.cpp's protocol).");
   add_model_options(args);
   add_perplexity_options(args);
+  args.option("save-logits", "",
+              "save every scored position's next-token distribution here (a reference for "
+              "--kl-divergence; run it on fp16)");
+  args.option("save-top-k", "32",
+              "with --save-logits: keep the k most likely tokens' log-probabilities and the "
+              "rest's total mass (0 = the whole vocabulary, vocab x 4 bytes a position)");
+  args.option("kl-divergence", "",
+              "compare with logits saved by --save-logits on the same text, --ctx and --score: "
+              "KL divergence, top-1 agreement, paired NLL difference");
   if (!args.parse(argc, argv)) return 0;
   PerplexityOptions options = perplexity_options(args, "perplexity");
+  if (args.has("save-logits") && args.has("kl-divergence"))
+    throw Error("perplexity: --save-logits and --kl-divergence go in separate runs");
   const int threads = static_cast<int>(args.get_int("threads", 1, kMaxThreads));
   const BackendChoice backend = backend_choice(args);
   const std::string text = read_text_file(args.get("file"));
@@ -156,8 +186,31 @@ int run_perplexity(int argc, char** argv) {
   std::fprintf(stderr, "%s: %zu tokens (tokenized in %.2f s), ctx %d, cache %s, %s\n",
                args.get("file").c_str(), tokens.size(), tokenize_seconds, options.ctx,
                engine->cache_description().c_str(), backend_summary(*engine, threads).c_str());
+  const int32_t vocab = model->config().vocab_size;
+  const int32_t rows_per_chunk = options.ctx - 1 - (options.score_all ? 0 : options.ctx / 2);
+  std::unique_ptr<SavedLogitsWriter> writer;
+  std::unique_ptr<KlDivergenceComparer> comparer;
+  if (args.has("save-logits")) {
+    writer = std::make_unique<SavedLogitsWriter>(
+        args.get("save-logits"), vocab, rows_per_chunk,
+        static_cast<int32_t>(args.get_int("save-top-k", 0, vocab)));
+    options.observer = writer.get();
+  } else if (args.has("kl-divergence")) {
+    comparer =
+        std::make_unique<KlDivergenceComparer>(args.get("kl-divergence"), vocab, rows_per_chunk);
+    options.observer = comparer.get();
+  }
   PerplexityResult result = evaluate_perplexity(*engine, tokens, options, print_progress);
   print_perplexity(result, options);
+  if (writer) {
+    writer->close();
+    std::printf("saved logits: %s (%d chunks, %s)\n", args.get("save-logits").c_str(),
+                result.chunks,
+                args.get_int("save-top-k", 0, vocab) > 0
+                    ? ("top " + args.get("save-top-k") + " + rest").c_str()
+                    : "every logit");
+  }
+  if (comparer) print_kl_divergence(comparer->result(), comparer->header());
   // Memory of the mode as the paper reports it: a fraction of the fp16 KV cache.
   std::printf("cache %s: %.1f bytes/token, %.3f of the fp16 KV cache\n",
               engine_cache_mode(*engine).c_str(), engine_cache_bytes_per_token(*engine),

@@ -62,6 +62,7 @@ PerplexityResult evaluate_perplexity(
     if (options.bos_first) chunk[0] = bos_id;
     engine.truncate(0, 0);
     forward_in_pieces(engine, chunk.data(), ctx, logits.data(), first_scored, options.batch);
+    if (options.observer) options.observer->begin_chunk(c, chunk.data(), ctx);
     for (int32_t j = 0; j < scored_per_chunk; ++j) {
       const float* row = logits.data() + static_cast<size_t>(j) * vocab;
       const int32_t target = chunk[first_scored + j + 1];
@@ -69,11 +70,14 @@ PerplexityResult evaluate_perplexity(
       for (int32_t v = 1; v < vocab; ++v) max_logit = std::max(max_logit, row[v]);
       double sum = 0;
       for (int32_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v] - max_logit));
-      const double nll = std::log(sum) + max_logit - row[target];
+      const double log_normalizer = std::log(sum) + max_logit;
+      const double nll = log_normalizer - row[target];
+      if (options.observer) options.observer->row(row, log_normalizer, target);
       nll_sum += nll;
       nll_sq_sum += nll * nll;
       ++count;
     }
+    if (options.observer) options.observer->end_chunk();
     if (progress) progress(c + 1, chunks, std::exp(nll_sum / count));
   }
   PerplexityResult result;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "runtime/engine.h"
+#include "runtime/logit_comparison.h"
 
 namespace xq {
 
@@ -21,6 +22,9 @@ struct PerplexityOptions {
   // Runs each chunk as ceil(ctx / batch) near-equal forward passes (the larger
   // first), as a pipeline cuts a prefill into micro-batches; 0 = one pass.
   int32_t batch = 0;
+  // Sees every scored position's logits (saving them, or comparing them with
+  // saved ones: runtime/logit_comparison.h). Not owned; may be null.
+  ScoredRowObserver* observer = nullptr;
 };
 
 struct PerplexityResult {
